@@ -1,0 +1,166 @@
+"""Command line: ``slidevl preprocess`` and ``slidevl features import``.
+
+Exit codes: 0 = every slide ok or skipped, 1 = some slides failed (the rest completed;
+see the manifest), 2 = usage error (bad option, no slides found, unreadable mpp CSV).
+
+The top-level CLI mounts :func:`preprocess_command` as ``preprocess`` and
+:data:`features_app` as ``features``; :data:`app` bundles both for direct use.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from slidevl.features.config import PreprocessConfig, default_workers, parse_shard
+from slidevl.features.jobs import UsageError
+from slidevl.slide.mpp import MppCsvError, load_mpp_csv
+from slidevl.slide.tissue import TissueParams
+from slidevl.tiling.grid import GridSpec
+
+app = typer.Typer(help="Slides to multi-scale features.", no_args_is_help=True, add_completion=False)
+features_app = typer.Typer(help="Feature store utilities (import features made by other tools).", no_args_is_help=True)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _usage_error(console: Console, message: str) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}")
+    return typer.Exit(EXIT_USAGE)
+
+
+def preprocess_command(
+    slides: List[Path] = typer.Argument(..., help="Slide files and/or folders of slides."),
+    out: Path = typer.Option(..., "--out", "-o", help="Job folder (created if needed; shards may share it)."),
+    encoder: str = typer.Option("handcrafted", help="Tile encoder spec (see slidevl.features.encoders)."),
+    region_encoder: str = typer.Option("mean", help="Region encoder over the 16x16 patch grid: mean, meanmax, vit:/dir."),
+    device: str = typer.Option("cpu", help="Device for the encoders (cpu, cuda, cuda:1, ...)."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="Target microns per pixel of patches [default: 0.5]."),
+    magnification: Optional[float] = typer.Option(None, help="Alias for --mpp: 20 means 0.5 µm/px (mpp = 10 / mag)."),
+    patch_px: int = typer.Option(256, help="Patch edge in pixels at the target mpp."),
+    region_patches: int = typer.Option(16, help="Patches per region edge (16 x 256 px = 4096 px regions)."),
+    pack_size: int = typer.Option(3, help="Patches per pack edge (3 = 3x3 packs)."),
+    min_tissue: float = typer.Option(0.25, help="Keep patches with at least this tissue fraction."),
+    mpp_override: Optional[float] = typer.Option(None, help="Use this slide mpp for every slide, ignoring the files."),
+    mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide_id,mpp: per-slide mpp (wins over the rest)."),
+    seg_downsample: float = typer.Option(16.0, help="Tissue segmentation resolution: level-0 size / this."),
+    seg_level: Optional[int] = typer.Option(None, help="Segment on this pyramid level instead of --seg-downsample."),
+    saturation_threshold: Optional[float] = typer.Option(None, help="Fixed HSV saturation threshold 0-255 (default: Otsu)."),
+    min_saturation: float = typer.Option(20.0, help="Floor under the Otsu threshold (keeps blank glass empty)."),
+    closing_radius_um: float = typer.Option(16.0, help="Morphological closing radius in µm."),
+    min_object_um2: float = typer.Option(20000.0, help="Drop tissue pieces smaller than this (µm²)."),
+    max_hole_um2: float = typer.Option(50000.0, help="Fill holes up to this area (µm²); 0 keeps all holes."),
+    pack_features: bool = typer.Option(True, help="Encode the stitched 3x3 pack images."),
+    global_feature: bool = typer.Option(True, help="Encode the whole-slide thumbnail."),
+    float32: bool = typer.Option(False, "--float32", help="Store features as float32 (default float16)."),
+    batch_size: int = typer.Option(64, help="Tiles per batch."),
+    workers: Optional[int] = typer.Option(None, help="Tile-reading worker processes [default: min(2, cpus)]."),
+    shard: Optional[str] = typer.Option(None, help="Process the i-th of n shards, e.g. 0/4 (sorted slide ids)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Recompute slides that are already complete."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Segment tissue, tile on the global grid and encode patches, regions, packs and thumbnail."""
+    from slidevl.features.pipeline import preprocess
+
+    console = Console()
+    try:
+        if mpp is not None and magnification is not None:
+            raise UsageError("give --mpp or --magnification, not both")
+        target_mpp = 10.0 / magnification if magnification else (mpp if mpp is not None else 0.5)
+        config = PreprocessConfig(
+            grid=GridSpec(target_mpp=target_mpp, patch_px=patch_px, region_patches=region_patches, pack_size=pack_size),
+            tissue=TissueParams(
+                downsample=seg_downsample,
+                level=seg_level,
+                saturation_threshold=saturation_threshold,
+                min_saturation=min_saturation,
+                closing_radius_um=closing_radius_um,
+                min_object_area_um2=min_object_um2,
+                max_hole_area_um2=max_hole_um2,
+            ),
+            min_tissue=min_tissue,
+            encoder=encoder,
+            region_encoder=region_encoder,
+            device=device,
+            mpp_override=mpp_override,
+            mpp_table=load_mpp_csv(mpp_csv) if mpp_csv else None,
+            pack_features=pack_features,
+            global_feature=global_feature,
+            float16=not float32,
+            batch_size=batch_size,
+            workers=default_workers() if workers is None else workers,
+            shard=parse_shard(shard) if shard else None,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        report = preprocess(slides, out, config, console=console)
+    except (UsageError, MppCsvError, ValueError) as exc:
+        raise _usage_error(console, str(exc)) from None
+    console.print(
+        f"[bold]done[/]: {report.n_ok} ok, {report.n_skipped} skipped (already complete), {report.n_failed} failed"
+    )
+    console.print(f"  features: {report.feature_dir}")
+    console.print(f"  tissue:   {report.job_dir / 'tissue'}  (QuPath GeoJSON)")
+    console.print(f"  qc:       {report.job_dir / 'qc'}")
+    console.print(f"  manifest: {report.manifest}")
+    console.print(f"  summary:  {report.summary}")
+    if report.exit_code:
+        console.print(f"[red]{report.n_failed} slide(s) failed[/]; see {report.summary}")
+        raise typer.Exit(report.exit_code)
+
+
+class ImportFormat(str, Enum):
+    clam = "clam"
+    trident = "trident"
+
+
+@features_app.command("import")
+def import_command(
+    src: List[Path] = typer.Argument(..., help="CLAM/TRIDENT .h5 files or folders of them."),
+    fmt: ImportFormat = typer.Option(..., "--format", help="Which tool wrote the files."),
+    out: Path = typer.Option(..., "--out", "-o", help="Job folder to import into."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="Level-0 microns per pixel of the source slides."),
+    mpp_csv: Optional[Path] = typer.Option(None, help="CSV slide_id,mpp (per slide; wins over --mpp)."),
+    patch_size_level0: Optional[float] = typer.Option(None, help="Patch edge in level-0 px (when the attrs lack it)."),
+    patch_px: Optional[int] = typer.Option(None, help="Patch edge in px at extraction (when the attrs lack patch_size)."),
+    encoder: Optional[str] = typer.Option(None, help="Encoder name for the store folder [default: from features_<name>/ or the format]."),
+    region_encoder: str = typer.Option("mean", help="Region pooling over the 16x16 patch grid."),
+    float32: bool = typer.Option(False, "--float32", help="Store features as float32 (default float16)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace slides already imported."),
+) -> None:
+    """Import patch features made by CLAM or TRIDENT (root-level 'features' + 'coords')."""
+    from slidevl.features.importer import import_features
+
+    console = Console()
+    try:
+        if mpp is None and mpp_csv is None:
+            raise UsageError("the source files record no mpp; pass --mpp (or --mpp-csv with columns slide_id,mpp)")
+        if mpp is not None and not mpp > 0:
+            raise UsageError(f"--mpp must be > 0, got {mpp}")
+        results = import_features(
+            src, out, fmt.value, mpp=mpp, mpp_table=load_mpp_csv(mpp_csv) if mpp_csv else None,
+            patch_size_level0=patch_size_level0, patch_px=patch_px, encoder=encoder,
+            region_encoder=region_encoder, float16=not float32, overwrite=overwrite,
+        )
+    except (UsageError, MppCsvError, ValueError) as exc:
+        raise _usage_error(console, str(exc)) from None
+    failed = 0
+    for r in results:
+        if r.status == "ok":
+            console.print(f"[green]ok[/] {r.slide_id}: {r.n_patches} patches -> {r.output}")
+        elif r.status == "skipped":
+            console.print(f"[yellow]skipped[/] {r.slide_id}: {r.error}")
+        else:
+            failed += 1
+            console.print(f"[red]failed[/] {r.slide_id}: {r.error}")
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+app.command("preprocess")(preprocess_command)
+app.add_typer(features_app, name="features")

@@ -1,0 +1,95 @@
+"""Configuration of a preprocessing run (slides -> multi-scale features)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+from slidevl.slide.mpp import load_mpp_csv
+from slidevl.slide.tissue import TissueParams
+from slidevl.tiling.grid import GridSpec
+
+
+def default_workers() -> int:
+    """Tile-reading worker processes: min(2, cpus)."""
+    return min(2, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that decides what `preprocess` writes (and a few knobs that do not).
+
+    Fields that change the outputs enter the completeness fingerprint (see
+    :mod:`slidevl.features.jobs`), so changing them re-runs slides on the next call.
+    """
+
+    grid: GridSpec = field(default_factory=GridSpec)
+    tissue: TissueParams = field(default_factory=TissueParams)
+    min_tissue: float = 0.25  # keep patches with at least this tissue fraction
+    encoder: str = "handcrafted"
+    region_encoder: str = "mean"
+    device: str = "cpu"
+    mpp_override: float | None = None
+    mpp_table: Mapping[str, float] | None = None  # slide_id -> mpp (from --mpp-csv)
+    pack_features: bool = True  # summary features of the stitched 3x3 pack images
+    global_feature: bool = True  # thumbnail feature for the topo-pack encoder
+    float16: bool = True  # feature dtype on disk
+    # Execution knobs: they do not change the results.
+    batch_size: int = 64
+    workers: int = field(default_factory=default_workers)
+    shard: tuple[int, int] | None = None  # (i, n): the i-th (0-based) of n shards
+    overwrite: bool = False
+    qc_max_side: int = 2048
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ValueError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.mpp_override is not None and not self.mpp_override > 0:
+            raise ValueError(f"mpp override must be > 0, got {self.mpp_override}")
+        if self.shard is not None:
+            i, n = self.shard
+            if not (n >= 1 and 0 <= i < n):
+                raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+
+    def with_mpp_csv(self, path: str | Path) -> "PreprocessConfig":
+        """Copy with the per-slide mpp table loaded from a ``slide_id,mpp`` CSV."""
+        return replace(self, mpp_table=load_mpp_csv(path))
+
+    def public_dict(self) -> dict[str, object]:
+        """JSON-able summary for the manifest."""
+        return {
+            "grid": self.grid.as_dict(),
+            "tissue": self.tissue.as_dict(),
+            "min_tissue": self.min_tissue,
+            "encoder": self.encoder,
+            "region_encoder": self.region_encoder,
+            "device": self.device,
+            "mpp_override": self.mpp_override,
+            "mpp_csv_slides": len(self.mpp_table) if self.mpp_table else 0,
+            "pack_features": self.pack_features,
+            "global_feature": self.global_feature,
+            "float16": self.float16,
+            "batch_size": self.batch_size,
+            "workers": self.workers,
+            "shard": list(self.shard) if self.shard else None,
+            "overwrite": self.overwrite,
+        }
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse ``"i/n"`` (0-based i) into a tuple, with a clear error."""
+    try:
+        i_text, n_text = text.split("/")
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text}: need 0 <= i < n (shards are numbered from 0)")
+    return i, n

@@ -1,0 +1,219 @@
+"""Job folders: slide discovery, sharding, per-slide status, manifest and summary.
+
+Shards (processes, Slurm array tasks, torchrun ranks) share one job folder without
+locks: each slide's status is its own file, written atomically by the one shard that
+owns the slide, and ``manifest.json`` / ``summary.md`` are rebuilt from all status files
+(every shard rebuilds when it finishes, so the last one to finish leaves them complete).
+
+A slide is *complete* only when its status says ok, its feature file exists, and the
+file's recorded configuration fingerprint equals the current one: a file that merely
+exists (from a killed run or another configuration) is not done.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from slidevl.atomic import write_json_atomic, write_text_atomic
+from slidevl.features.store import FeatureStoreError, read_slide_attrs
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".qptiff")
+STATUS_DIR = "status"
+MANIFEST = "manifest.json"
+SUMMARY = "summary.md"
+
+
+class UsageError(ValueError):
+    """Bad command-line input (no slides, duplicate ids, bad options): exit code 2."""
+
+
+def slide_id_of(path: Path) -> str:
+    """A slide's id is its file stem."""
+    return Path(path).stem
+
+
+def discover_slides(inputs: Path | str | Sequence[Path | str]) -> list[Path]:
+    """Slide files from files and folders (folders: known slide extensions, not recursive).
+
+    Sorted by slide id. Raises :class:`UsageError` when nothing is found or two files
+    share an id (their outputs would overwrite each other).
+    """
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(p for p in sorted(item.iterdir()) if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+        elif item.exists():
+            found.append(item)
+        else:
+            raise UsageError(f"{item}: no such file or folder")
+    if not found:
+        where = ", ".join(str(p) for p in map(Path, inputs)) or "(nothing given)"
+        raise UsageError(f"no slides found in {where} (looked for {', '.join('*' + e for e in SLIDE_EXTENSIONS)})")
+    by_id: dict[str, Path] = {}
+    for path in found:
+        sid = slide_id_of(path)
+        if sid in by_id and by_id[sid].resolve() != path.resolve():
+            raise UsageError(f"two slides share the id {sid!r}: {by_id[sid]} and {path}; rename one (ids are file stems)")
+        by_id[sid] = path
+    return [by_id[sid] for sid in sorted(by_id)]
+
+
+def shard_slides(slides: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:
+    """The ``i``-th of ``n`` deterministic shards: every ``n``-th slide in sorted-id order."""
+    ordered = sorted(slides, key=slide_id_of)
+    if shard is None:
+        return ordered
+    i, n = shard
+    return ordered[i::n]
+
+
+@dataclass
+class SlideStatus:
+    """The record of one slide in a job (``<job>/status/<slide>.json``)."""
+
+    slide_id: str
+    slide_path: str
+    status: str  # running | ok | failed
+    action: str = "processed"  # processed | skipped (what the latest run did)
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    n_patches: int | None = None
+    n_regions: int | None = None
+    n_packs: int | None = None
+    output: str | None = None
+    tissue: str | None = None
+    qc: str | None = None
+    encoder: str | None = None
+    fingerprint: dict[str, Any] | None = None
+    updated: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SlideStatus":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @property
+    def manifest_status(self) -> str:
+        return "skipped" if self.status == "ok" and self.action == "skipped" else self.status
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def status_path(job: Path, slide_id: str) -> Path:
+    return Path(job) / STATUS_DIR / f"{slide_id}.json"
+
+
+def write_status(job: Path, status: SlideStatus) -> Path:
+    status.updated = now_iso()
+    return write_json_atomic(status_path(job, status.slide_id), status.to_dict())
+
+
+def read_status(job: Path, slide_id: str) -> SlideStatus | None:
+    """The slide's status, or None if absent or unreadable (then it is simply re-run)."""
+    path = status_path(job, slide_id)
+    try:
+        return SlideStatus.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def normalise(obj: Any) -> Any:
+    """JSON round trip, so tuples/lists and numpy scalars compare equal to stored values."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def complete_status(job: Path, slide_id: str, feature_path: Path, fingerprint: dict[str, Any]) -> SlideStatus | None:
+    """The slide's status if it is complete, else None.
+
+    Complete = status ok AND feature file present AND its recorded config equals
+    ``fingerprint`` (a file left by another configuration does not count).
+    """
+    status = read_status(job, slide_id)
+    if status is None or status.status != "ok" or not feature_path.is_file():
+        return None
+    try:
+        stored = read_slide_attrs(feature_path).get("config_fingerprint")
+    except (FeatureStoreError, OSError):
+        return None
+    return status if stored == normalise(fingerprint) else None
+
+
+def rebuild_manifest(job: Path, config: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Rebuild ``manifest.json`` and ``summary.md`` from every status file in the job."""
+    job = Path(job)
+    records = []
+    status_dir = job / STATUS_DIR
+    for path in sorted(status_dir.glob("*.json")) if status_dir.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        try:
+            records.append(SlideStatus.from_dict(json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue  # a status being replaced right now; the next rebuild sees it
+    entries = [
+        {
+            "slide_id": r.slide_id,
+            "status": r.manifest_status,
+            "error": r.error,
+            "timings": r.timings,
+            "n_patches": r.n_patches,
+            "n_regions": r.n_regions,
+            "n_packs": r.n_packs,
+            "output": r.output,
+            "tissue": r.tissue,
+            "qc": r.qc,
+            "encoder": r.encoder,
+            "slide_path": r.slide_path,
+            "updated": r.updated,
+        }
+        for r in records
+    ]
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    manifest = {"job": str(job.resolve()), "updated": now_iso(), "counts": counts, "config": config, "slides": entries}
+    from slidevl import __version__
+
+    manifest["slidevl_version"] = __version__
+    manifest_path = write_json_atomic(job / MANIFEST, manifest)
+    summary_path = write_text_atomic(job / SUMMARY, render_summary(manifest))
+    return manifest_path, summary_path
+
+
+def render_summary(manifest: dict[str, Any]) -> str:
+    """Human summary of a manifest as Markdown."""
+    counts = manifest["counts"]
+    lines = [
+        "# Preprocessing summary",
+        "",
+        f"Job folder: `{manifest['job']}`  ",
+        f"Updated: {manifest['updated']}  ",
+        "Slides: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"),
+        "",
+        "| slide | status | patches | regions | packs | seconds | error |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for e in manifest["slides"]:
+        seconds = sum(e["timings"].values()) if e["timings"] else 0.0
+        error = (e["error"] or "").replace("|", "\\|").replace("\n", " ")
+        lines.append(
+            f"| {e['slide_id']} | {e['status']} | {e['n_patches'] if e['n_patches'] is not None else ''} "
+            f"| {e['n_regions'] if e['n_regions'] is not None else ''} | {e['n_packs'] if e['n_packs'] is not None else ''} "
+            f"| {seconds:.1f} | {error} |"
+        )
+    failed = [e for e in manifest["slides"] if e["status"] == "failed"]
+    if failed:
+        lines += ["", f"{len(failed)} slide(s) failed; fix the cause named above and run the same command again: "
+                  "completed slides are skipped."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,74 @@
+"""``slidevl serve JOB``: run the viewer on a job folder (loopback only unless asked)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import typer
+
+from slidevl.serve.answerer import AnswererUnavailableError, load_checkpoint_answerer
+from slidevl.serve.assets import OSD_MISSING, find_openseadragon
+from slidevl.serve.job import JobError, ServeJob
+
+app = typer.Typer(add_completion=False, help="Web viewer for a slidevl job folder.")
+
+
+class RemoteBindError(ValueError):
+    """A non-loopback bind address was asked for without ``--allow-remote``."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind_host(host: str, allow_remote: bool) -> None:
+    """Refuse to expose the job beyond this machine unless ``allow_remote`` is set."""
+    if not allow_remote and not is_loopback(host):
+        raise RemoteBindError(
+            f"refusing to bind to {host!r}: the viewer serves every slide of the job with no authentication. "
+            "Use --host 127.0.0.1 (default), or add --allow-remote if you really want other machines to reach it."
+        )
+
+
+def serve(
+    job: Path = typer.Argument(..., help="Job folder written by `slidevl preprocess` (holds manifest.json)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; non-loopback needs --allow-remote."),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+    survival_run: Path | None = typer.Option(None, "--survival-run", help="Survival run folder (summary.json, oof_risks.csv, evidence/)."),
+    rois: Path | None = typer.Option(None, "--rois", help="Folder of <slide>.json ROI files (default: JOB/rois)."),
+    encoder: str | None = typer.Option(None, help="Feature encoder folder under JOB/features (default: the only one)."),
+    vqa_checkpoint: Path | None = typer.Option(None, "--vqa-checkpoint", help="Slide VQA checkpoint to answer the chat."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow binding to a non-loopback address."),
+) -> None:
+    """Serve slides, overlays, survival risk and a chat over JOB at http://HOST:PORT/."""
+    import uvicorn
+
+    from slidevl.serve.app import create_app
+
+    try:
+        check_bind_host(host, allow_remote)
+    except RemoteBindError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        serve_job = ServeJob(job, survival_run=survival_run, rois_dir=rois, encoder=encoder)
+        answerer = load_checkpoint_answerer(vqa_checkpoint, serve_job.job_dir) if vqa_checkpoint else None
+    except (JobError, AnswererUnavailableError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if find_openseadragon() is None:
+        typer.echo(f"warning: {OSD_MISSING}; the page will load but cannot show slides", err=True)
+    application = create_app(serve_job, answerer=answerer)
+    typer.echo(f"slidevl viewer for {serve_job.job_dir} at http://{host}:{port}/ "
+               f"(answerer: {application.state.answerer.name}; Ctrl+C to stop)")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+app.command("serve")(serve)

@@ -1,0 +1,439 @@
+"""Open whole-slide images: OpenSlide for every format it reads, tifffile for plain TIFF.
+
+Both backends expose the same small surface (:class:`Slide`): level-0 size, the pyramid
+(level sizes and downsamples), string properties, and ``read_region`` returning an RGB
+``uint8`` array with anything outside the slide (or transparent) painted white.
+
+On top of that, :meth:`Slide.read_box` reads a level-0 box at a requested output size
+from the best pyramid level (the highest level whose downsample is not larger than the
+needed scale) and resizes only when that level's scale does not match, and
+:meth:`Slide.read_downsampled` builds a low-resolution overview band by band so its
+memory is bounded by the output, never by the slide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import MappingProxyType
+from typing import Iterator, Mapping
+
+import numpy as np
+from PIL import Image
+
+# Relative slack when comparing a pyramid downsample with a needed scale: OpenSlide
+# reports downsamples such as 4.000244 for odd level sizes, which must count as 4.
+_SCALE_TOL = 1e-3
+# Pixels per band when building an overview; bounds peak memory of read_downsampled.
+_BAND_PIXELS = 16 * 1024 * 1024
+
+
+class SlideOpenError(RuntimeError):
+    """A file cannot be opened as a slide; the message names the file and the reason."""
+
+
+class SlideReadError(RuntimeError):
+    """Pixels could not be read from an opened slide (truncated or corrupt data)."""
+
+
+def _to_rgb(rgba_or_rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 with transparent pixels composited onto white."""
+    arr = np.asarray(rgba_or_rgb)
+    if arr.ndim == 2:
+        return np.repeat(arr[..., None], 3, axis=2)
+    if arr.shape[2] == 4:
+        alpha = arr[..., 3]
+        rgb = arr[..., :3]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgb)
+        a = alpha[..., None].astype(np.uint16)
+        # OpenSlide returns un-premultiplied RGBA; blend onto white.
+        return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+class Slide(ABC):
+    """A pyramidal slide opened read-only."""
+
+    backend: str = ""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # -- backend surface -------------------------------------------------------------
+    @property
+    @abstractmethod
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of every pyramid level, level 0 first."""
+
+    @property
+    @abstractmethod
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Downsample of every level relative to level 0."""
+
+    @property
+    @abstractmethod
+    def properties(self) -> Mapping[str, str]:
+        """Vendor/TIFF properties as strings."""
+
+    @property
+    @abstractmethod
+    def vendor(self) -> str:
+        """Format name (OpenSlide's vendor, or ``tiff`` for the fallback)."""
+
+    @abstractmethod
+    def native_mpp(self) -> tuple[float, float, str] | None:
+        """(mpp_x, mpp_y, property name) as recorded in the file, or None."""
+
+    @abstractmethod
+    def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3); (x, y) in level-0 pixels."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the file handle."""
+
+    # -- shared behaviour --------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 ``(h, w, 3)`` of ``size`` pixels at ``level``; ``location`` is level-0 x, y."""
+        width, height = int(size[0]), int(size[1])
+        if width < 1 or height < 1:
+            raise ValueError(f"region size must be positive, got {size}")
+        try:
+            return self._read(int(location[0]), int(location[1]), int(level), width, height)
+        except SlideReadError:
+            raise
+        except Exception as exc:  # backend errors come in many types; name the place
+            raise SlideReadError(
+                f"{self.path}: reading {width}x{height} px at level {level}, level-0 {tuple(location)} failed "
+                f"({type(exc).__name__}: {exc}); the file may be truncated or corrupt"
+            ) from exc
+
+    def best_level(self, scale: float) -> int:
+        """Highest level whose downsample is <= ``scale`` (level-0 px per output px)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= scale * (1 + _SCALE_TOL):
+                best = level
+        return best
+
+    def read_box(self, box: tuple[int, int, int, int] | np.ndarray, out_size: int | tuple[int, int],
+                 level: int | None = None) -> np.ndarray:
+        """Read level-0 box ``x0, y0, x1, y1`` (exclusive) as an ``out_size`` RGB image.
+
+        Reads from ``level`` (default: the best level for the box's scale) and resizes with
+        PIL only when the level's pixel size differs from the requested output size.
+        """
+        x0, y0, x1, y1 = (int(v) for v in box)
+        out_w, out_h = (out_size, out_size) if isinstance(out_size, (int, np.integer)) else out_size
+        if level is None:
+            level = self.best_level(min((x1 - x0) / out_w, (y1 - y0) / out_h))
+        ds = self.level_downsamples[level]
+        w = max(1, int(round((x1 - x0) / ds)))
+        h = max(1, int(round((y1 - y0) / ds)))
+        tile = self.read_region((x0, y0), level, (w, h))
+        if (w, h) != (out_w, out_h):
+            tile = np.asarray(Image.fromarray(tile).resize((out_w, out_h), Image.Resampling.BILINEAR))
+        return tile
+
+    def read_downsampled(self, downsample: float | None = None, *, level: int | None = None,
+                         size: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
+        """Whole-slide overview and the level it was read from.
+
+        Give ``downsample`` (output is level-0 size / downsample, read from the best level),
+        ``level`` (that level as-is, resized to ``size`` if given), or ``size`` alone. The
+        level is read in horizontal bands, each resized on its own, so memory stays
+        bounded by the output image plus one band.
+        """
+        w0, h0 = self.dimensions
+        if size is None:
+            if downsample is None:
+                if level is None:
+                    raise ValueError("give downsample, level or size")
+                size = self.level_dimensions[level]
+            else:
+                size = (max(1, int(round(w0 / downsample))), max(1, int(round(h0 / downsample))))
+        out_w, out_h = int(size[0]), int(size[1])
+        if level is None:
+            level = self.best_level(min(w0 / out_w, h0 / out_h))
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        fx, fy = lw / out_w, lh / out_h
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        band_rows = max(1, int(_BAND_PIXELS // max(1, lw) / max(fy, 1.0)))
+        for r0 in range(0, out_h, band_rows):
+            r1 = min(out_h, r0 + band_rows)
+            # Source rows covering output rows [r0, r1), widened to whole pixels.
+            s0 = int(math.floor(r0 * fy))
+            s1 = min(lh, int(math.ceil(r1 * fy)))
+            band = self.read_region((0, int(round(s0 * ds))), level, (lw, max(1, s1 - s0)))
+            if (lw, s1 - s0) == (out_w, r1 - r0):
+                out[r0:r1] = band
+                continue
+            img = Image.fromarray(band)
+            out[r0:r1] = np.asarray(
+                img.resize((out_w, r1 - r0), Image.Resampling.BOX, box=(0.0, r0 * fy - s0, float(lw), r1 * fy - s0))
+            )
+        return out, level
+
+    def describe(self) -> dict[str, object]:
+        """Provenance of the slide: path, backend, vendor, sizes and pyramid."""
+        return {
+            "path": str(self.path.resolve()),
+            "file_bytes": self.path.stat().st_size,
+            "backend": self.backend,
+            "vendor": self.vendor,
+            "width": self.dimensions[0],
+            "height": self.dimensions[1],
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples),
+        }
+
+
+class OpenSlideSlide(Slide):
+    """Any format OpenSlide reads (Aperio, Hamamatsu, Leica, MIRAX, Philips, generic TIFF…)."""
+
+    backend = "openslide"
+
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        super().__init__(path)
+        self._osr = openslide.OpenSlide(str(path))
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self._osr.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._osr.level_downsamples)
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        return self._osr.properties
+
+    @property
+    def vendor(self) -> str:
+        return str(self._osr.properties.get("openslide.vendor", "unknown"))
+
+    def native_mpp(self) -> tuple[float, float, str] | None:
+        props = self._osr.properties
+        if "openslide.mpp-x" not in props:
+            return None
+        mpp_x = float(props["openslide.mpp-x"])
+        mpp_y = float(props.get("openslide.mpp-y", mpp_x))
+        return mpp_x, mpp_y, "openslide.mpp-x"
+
+    def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        return _to_rgb(np.asarray(self._osr.read_region((x, y), level, (width, height))))
+
+    def close(self) -> None:
+        self._osr.close()
+
+
+_APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
+
+
+class TiffSlide(Slide):
+    """Plain (possibly stripped, possibly single-level) TIFF read segment by segment."""
+
+    backend = "tifffile"
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+
+        super().__init__(path)
+        self._tif = tifffile.TiffFile(str(path))
+        try:
+            self._pages = self._find_levels()
+            self._check_complete()
+        except BaseException:
+            self._tif.close()
+            raise
+        base = self._pages[0]
+        self._dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in self._pages)
+        self._ds = tuple(float(base.imagewidth / p.imagewidth + base.imagelength / p.imagelength) / 2 for p in self._pages)
+        self._props = MappingProxyType(self._collect_properties())
+
+    def _find_levels(self) -> list:
+        series = self._tif.series[0] if self._tif.series else None
+        if series is not None and len(series.levels) > 1:
+            pages = [lvl.keyframe for lvl in series.levels]
+        else:
+            base = self._tif.pages[0]
+            pages = [base]
+            aspect = base.imagewidth / base.imagelength
+            # Reduced-resolution pages of the same aspect ratio form the pyramid; thumbnails,
+            # labels and macro images have other aspect ratios or are not smaller.
+            for page in list(self._tif.pages)[1:]:
+                page = page.keyframe if hasattr(page, "keyframe") else page
+                if page.imagewidth >= pages[-1].imagewidth or page.imagelength < 1:
+                    continue
+                if abs(page.imagewidth / page.imagelength - aspect) / aspect > 0.02:
+                    continue
+                pages.append(page)
+        for page in pages:
+            if page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4) or page.planarconfig != 1:
+                raise SlideOpenError(
+                    f"{self.path}: unsupported TIFF pixel layout ({page.dtype}, {page.samplesperpixel} samples, "
+                    f"planar config {page.planarconfig}); convert it to 8-bit RGB, e.g. with `vips tiffsave --tile --pyramid`"
+                )
+        return pages
+
+    def _check_complete(self) -> None:
+        size = self.path.stat().st_size
+        for level, page in enumerate(self._pages):
+            ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+            if not ends:
+                raise SlideOpenError(f"{self.path}: level {level} holds no image data; the file is incomplete")
+            if max(ends) > size:
+                raise SlideOpenError(
+                    f"{self.path}: truncated file: level {level} data ends at byte {max(ends)} but the file has "
+                    f"{size} bytes; copy the slide again"
+                )
+
+    def _collect_properties(self) -> dict[str, str]:
+        page = self._tif.pages[0]
+        props: dict[str, str] = {"tifffile.pages": str(len(self._tif.pages))}
+        for tag in page.tags.values():
+            value = tag.value
+            if isinstance(value, (str, int, float)) or (isinstance(value, tuple) and len(value) <= 4):
+                props[f"tiff.{tag.name}"] = str(value)
+        return props
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._dims  # type: ignore[return-value]
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._ds
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        return self._props
+
+    @property
+    def vendor(self) -> str:
+        return "tiff"
+
+    def native_mpp(self) -> tuple[float, float, str] | None:
+        page = self._pages[0]
+        match = _APERIO_MPP.search(page.description or "")
+        if match:
+            mpp = float(match.group(1))
+            return mpp, mpp, "aperio.MPP"
+        unit = int(page.resolutionunit)
+        per_um = {2: 1 / 25400.0, 3: 1 / 10000.0}.get(unit)  # RESUNIT INCH, CENTIMETER
+        x_res, y_res = page.resolution
+        if per_um is None or not x_res or not y_res:
+            return None
+        return 1 / (x_res * per_um), 1 / (y_res * per_um), "tiff.XResolution"
+
+    def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        page = self._pages[level]
+        ds = self._ds[level]
+        lx, ly = int(math.floor(x / ds)), int(math.floor(y / ds))
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        iw, ih = int(page.imagewidth), int(page.imagelength)
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + width, iw), min(ly + height, ih)
+        if x0 >= x1 or y0 >= y1:
+            return out
+        if page.is_tiled:
+            sw, sh = int(page.tilewidth), int(page.tilelength)
+        else:
+            sw, sh = iw, int(min(page.rowsperstrip, ih))
+        across = -(-iw // sw)
+        fh = self._tif.filehandle
+        for ty in range(y0 // sh, (y1 - 1) // sh + 1):
+            for tx in range(x0 // sw, (x1 - 1) // sw + 1):
+                index = ty * across + tx
+                offset, count = page.dataoffsets[index], page.databytecounts[index]
+                if not count:
+                    continue  # sparse tile: stays white
+                fh.seek(offset)
+                data = fh.read(count)
+                seg, pos, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                seg = _to_rgb(seg[0])
+                sy, sx = pos[2], pos[3]
+                # Intersect this segment with the requested window.
+                ax0, ay0 = max(x0, sx), max(y0, sy)
+                ax1, ay1 = min(x1, sx + seg.shape[1], iw), min(y1, sy + seg.shape[0], ih)
+                if ax0 < ax1 and ay0 < ay1:
+                    out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = seg[ay0 - sy : ay1 - sy, ax0 - sx : ax1 - sx]
+        return out
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    # tifffile logs structural problems (e.g. a truncated page chain) as errors; the
+    # open error we raise already says what is wrong, so keep the screen clean.
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def open_slide(path: str | Path) -> Slide:
+    """Open ``path`` with OpenSlide, falling back to tifffile for TIFFs OpenSlide refuses.
+
+    Raises :class:`SlideOpenError` with the file name and the reason (missing, empty,
+    truncated, not a slide) when neither backend can read it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SlideOpenError(f"{path}: no such file")
+    if path.is_dir():
+        raise SlideOpenError(f"{path}: is a directory, not a slide file")
+    if path.stat().st_size == 0:
+        raise SlideOpenError(f"{path}: file is empty (0 bytes); the copy or scan did not finish")
+    errors: list[str] = []
+    try:
+        import openslide
+
+        try:
+            return OpenSlideSlide(path)
+        except openslide.OpenSlideUnsupportedFormatError:
+            errors.append("OpenSlide: unsupported or unreadable format")
+        except openslide.OpenSlideError as exc:
+            errors.append(f"OpenSlide: {exc}")
+    except ImportError as exc:  # openslide-bin missing: tifffile still reads TIFFs
+        errors.append(f"OpenSlide unavailable ({exc})")
+    try:
+        import tifffile
+
+        try:
+            with _quiet_tifffile():
+                return TiffSlide(path)
+        except SlideOpenError:
+            raise
+        except (tifffile.TiffFileError, ValueError, IndexError, OSError, KeyError) as exc:
+            errors.append(f"tifffile: {exc}")
+    except ImportError as exc:
+        errors.append(f"tifffile unavailable ({exc})")
+    raise SlideOpenError(f"{path}: cannot open as a slide ({'; '.join(errors)}); is it a whole-slide image, and complete?")

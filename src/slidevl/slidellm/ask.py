@@ -1,0 +1,253 @@
+"""Slide in, answer out: load a tuned checkpoint, open a slide, hold a conversation.
+
+A slide is either a slide *file* (features are computed on first use with
+``slidevl.features.pipeline.preprocess`` into a cache job, with the same preprocessing
+settings the checkpoint was trained on) or the *id* of a slide in an existing job.
+The topo-pack encoder runs once per slide; its output is cached next to the features.
+
+A :class:`Conversation` keeps the chat history in the tokenizer's template. The first
+question carries the ``<image>`` placeholder; changing the region (``bbox``) adds a new
+placeholder to the next question, holding the summary tokens of the packs under the box
+(plus the global token), while the earlier turns keep theirs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from rich.console import Console
+
+from slidevl.features.store import FeatureStore, read_slide_attrs
+from slidevl.slidellm.llm import LLMLoadOptions
+from slidevl.slidellm.model import BBox, SlideVLMError, VisualTokens
+from slidevl.slidellm.tokenizer import IMAGE_TOKEN
+from slidevl.slidellm.tuning.checkpoint import LoadedVLM, load_vlm
+from slidevl.slidellm.tuning.stages import CACHE_DIR
+from slidevl.slidellm.tuning.visual import CachedVisuals
+from slidevl.slidellm.vqa_data import user_prompt
+from slidevl.vqa.records import VQARecord
+
+#: Where features of slides given as files are kept when no --job is passed.
+DEFAULT_ASK_JOB = Path("~/.cache/slidevl/ask")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def preprocess_config_from_attrs(attrs: dict[str, Any]) -> Any:
+    """Rebuild the ``PreprocessConfig`` a feature file was made with, from its provenance.
+
+    The pipeline stores everything that decides a feature file under ``config_fingerprint``;
+    a new slide preprocessed with the same values yields features the checkpoint understands.
+    """
+    from slidevl.features.config import PreprocessConfig
+    from slidevl.slide.tissue import TissueParams
+    from slidevl.tiling.grid import GridSpec
+
+    fp = attrs.get("config_fingerprint")
+    if not isinstance(fp, dict):
+        raise SlideVLMError(
+            "the checkpoint's training features carry no preprocessing record (config_fingerprint), e.g. because "
+            "they were imported; preprocess the slide yourself with the same settings and pass its id with --job"
+        )
+    return PreprocessConfig(
+        grid=GridSpec(**fp["grid"]),
+        tissue=TissueParams(**fp["tissue"]),
+        min_tissue=float(fp["min_tissue"]),
+        encoder=str(attrs.get("encoder_spec") or fp["encoder"]),
+        region_encoder=str(fp["region_encoder"]),
+        pack_features=bool(fp["pack_features"]),
+        global_feature=bool(fp["global_feature"]),
+        float16=bool(fp["float16"]),
+        progress=False,
+    )
+
+
+class SlideAssistant:
+    """A tuned checkpoint ready to answer questions about slides."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        llm_options: LLMLoadOptions | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.loaded: LoadedVLM = load_vlm(checkpoint, device=self.device, llm_options=llm_options)
+        self._visuals: dict[str, CachedVisuals] = {}
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    def _visuals_for(self, store: FeatureStore) -> CachedVisuals:
+        key = str(store.root.resolve())
+        if key not in self._visuals:
+            self._visuals[key] = CachedVisuals(self.loaded.encoder, store, store.job_dir / CACHE_DIR, device=self.device)
+        return self._visuals[key]
+
+    def _training_attrs(self) -> dict[str, Any]:
+        info = self.loaded.info
+        if info.job is None or info.feature_encoder is None:
+            raise SlideVLMError(f"{self.loaded.directory}: the checkpoint records no training feature job")
+        store = FeatureStore(info.job, info.feature_encoder)
+        ids = store.slide_ids()
+        if not ids:
+            raise SlideVLMError(
+                f"{store.root}: the checkpoint's training features are gone, so the preprocessing settings for a new "
+                "slide are unknown; preprocess the slide yourself and pass its id with --job"
+            )
+        return read_slide_attrs(store.path(ids[0]))
+
+    def _preprocess(self, path: Path, job: Path, console: Console | None) -> FeatureStore:
+        from slidevl.features.pipeline import preprocess
+
+        config = preprocess_config_from_attrs(self._training_attrs())
+        report = preprocess(path, job, config, console=console or Console(stderr=True, quiet=True))
+        failed = [r for r in report.results if r.status == "failed"]
+        if failed:
+            raise SlideVLMError(f"{path}: preprocessing failed: {failed[0].error}")
+        return FeatureStore(job, report.feature_dir.name)
+
+    def open_slide(self, slide: str | os.PathLike[str], *, job: str | Path | None = None, console: Console | None = None) -> VisualTokens:
+        """Visual tokens of a slide file (preprocessed on first use) or of a slide id in ``job``.
+
+        Without ``job``, a slide id is looked up in the checkpoint's training job and a
+        slide file is preprocessed into ``~/.cache/slidevl/ask``.
+        """
+        path = Path(slide).expanduser()
+        if path.is_file():
+            from slidevl.features.jobs import slide_id_of
+
+            job_dir = Path(job).expanduser() if job is not None else DEFAULT_ASK_JOB.expanduser()
+            store = self._preprocess(path, job_dir, console)
+            slide_id = slide_id_of(path)
+        else:
+            if path.suffix and path.parent != Path("."):
+                raise SlideVLMError(f"{slide}: no such slide file")
+            slide_id = str(slide)
+            job_dir = Path(job).expanduser() if job is not None else Path(self.loaded.info.job or ".")
+            encoder = self.loaded.info.feature_encoder
+            root = job_dir / "features"
+            store = FeatureStore(job_dir, encoder if encoder and (root / encoder).is_dir() else None)
+            if slide_id not in store:
+                raise SlideVLMError(
+                    f"{slide}: neither a slide file nor a slide id with features in {store.root}; pass the slide "
+                    "file, or the job holding its features with --job"
+                )
+        return self._visuals_for(store).get(slide_id)
+
+    def conversation(self, visual: VisualTokens, *, bbox: BBox | None = None) -> "Conversation":
+        return Conversation(self, visual, bbox=bbox)
+
+    def answer_records(
+        self,
+        records: Sequence[VQARecord],
+        visuals: dict[str, VisualTokens],
+        *,
+        max_new_tokens: int = 128,
+        batch_size: int = 8,
+    ) -> list[str]:
+        """Single-turn answers to records (prompted exactly as in training), batched."""
+        answers: list[str] = []
+        model, tok = self.loaded.model, self.loaded.tokenizer
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            encoded = [
+                tok.apply_chat_template([{"role": "user", "content": user_prompt(r)}], add_generation_prompt=True, return_dict=True)[
+                    "input_ids"
+                ]
+                for r in chunk
+            ]
+            images = [[visuals[r.slide].select(r.bbox, use_global=model.use_global).to(self.device)] for r in chunk]
+            answers += self._generate(encoded, images, max_new_tokens)
+        return answers
+
+    def _generate(self, encoded: list[list[int]], images: list[list[torch.Tensor]], max_new_tokens: int) -> list[str]:
+        tok = self.loaded.tokenizer
+        length = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), length), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            ids[i, : len(e)] = torch.tensor(e)
+            mask[i, : len(e)] = 1
+        out = self.loaded.model.generate(
+            ids.to(self.device), mask.to(self.device), images, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id
+        )
+        return [tok.decode(row, skip_special_tokens=True).strip() for row in out]
+
+
+@dataclass
+class Conversation:
+    """A multi-turn chat about one slide; the history stays in the chat template."""
+
+    assistant: SlideAssistant
+    visual: VisualTokens
+    bbox: BBox | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)
+    _region_changed: bool = True
+
+    def set_region(self, bbox: BBox | None) -> None:
+        """Ask the following questions about ``bbox`` (None: the whole slide)."""
+        if bbox is not None:
+            # Fail now, on the command, rather than on the next question.
+            self.visual.select(bbox)
+        self.bbox = bbox
+        self._region_changed = True
+
+    def ask(self, question: str, *, max_new_tokens: int = 128) -> str:
+        """Answer ``question`` (greedy decoding) and append both turns to the history."""
+        question = question.strip()
+        if not question:
+            raise SlideVLMError("empty question")
+        if IMAGE_TOKEN in question:
+            raise SlideVLMError(f"questions cannot contain {IMAGE_TOKEN}; it marks where the slide goes")
+        model = self.assistant.loaded.model
+        images = list(self.images)
+        content = question
+        if self._region_changed:
+            images.append(self.visual.select(self.bbox, use_global=model.use_global).to(self.assistant.device))
+            content = f"{IMAGE_TOKEN}\n{question}"
+        messages = [*self.messages, {"role": "user", "content": content}]
+        tok = self.assistant.tokenizer
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        limit = getattr(model.llm.config, "max_position_embeddings", None)
+        n_visual = sum(img.shape[0] for img in images) if model.connector.config.kind == "mlp" else len(images) * model.connector.config.num_queries
+        if limit is not None and len(ids) + n_visual + max_new_tokens > limit:
+            raise SlideVLMError(
+                f"the conversation no longer fits the LLM's {limit} positions; start a new one (/reset) or ask for fewer tokens"
+            )
+        answer = self.assistant._generate([list(ids)], [images], max_new_tokens)[0]
+        self.messages = [*messages, {"role": "assistant", "content": answer}]
+        self.images = images
+        self._region_changed = False
+        return answer
+
+    def reset(self) -> None:
+        """Forget the history; the region stays."""
+        self.messages, self.images, self._region_changed = [], [], True
+
+
+def ask(
+    slide: str | os.PathLike[str],
+    question: str,
+    *,
+    checkpoint: str | Path,
+    bbox: BBox | None = None,
+    job: str | Path | None = None,
+    max_new_tokens: int = 128,
+    device: torch.device | str | None = None,
+) -> str:
+    """One question about one slide, from a slide file or slide id to an answer."""
+    assistant = SlideAssistant(checkpoint, device=device)
+    conversation = assistant.conversation(assistant.open_slide(slide, job=job), bbox=bbox)
+    if bbox is not None:
+        conversation.set_region(bbox)
+    return conversation.ask(question, max_new_tokens=max_new_tokens)

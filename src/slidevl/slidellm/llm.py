@@ -1,0 +1,164 @@
+"""The language half of the slide LLM: any local Hugging Face causal LM, plus LoRA.
+
+Two ways to get a model, one code path afterwards:
+
+* :func:`load_llm` loads a chat model from a local directory
+  (``AutoModelForCausalLM.from_pretrained(dir, local_files_only=True)``), optionally in
+  bf16 or 4-bit (bitsandbytes, CUDA only) and with gradient checkpointing: this is how a
+  7B model is used.
+* :func:`build_embedded_llm` builds the small Llama-architecture model that ships as
+  the default (nothing can be downloaded). It starts from random weights and is trained
+  by the language warm-up stage, whose output directory is then loaded with
+  :func:`load_llm` like any other model.
+
+:func:`add_lora` wraps a model with peft LoRA adapters (r=128, alpha=256 on every linear
+layer by default, the Hepato-LLaVA setting).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMError(ValueError):
+    """A language model cannot be loaded or configured as asked."""
+
+
+@dataclass
+class EmbeddedLMConfig:
+    """Size of the embedded default LLM (Llama architecture, tied input/output embeddings)."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 688
+    max_positions: int = 2048
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_embedded_llm(tokenizer: PreTrainedTokenizerBase, config: EmbeddedLMConfig | None = None) -> LlamaForCausalLM:
+    """A randomly initialised small causal LM whose vocabulary is ``tokenizer``'s."""
+    config = config or EmbeddedLMConfig()
+    if config.hidden_size % config.num_heads:
+        raise LLMError(f"hidden_size={config.hidden_size} is not divisible by num_heads={config.num_heads}")
+    hf_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(hf_config)
+
+
+@dataclass
+class LLMLoadOptions:
+    """Memory-saving switches for large models; the defaults suit the embedded LLM on CPU."""
+
+    dtype: str = "float32"
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise LLMError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+def load_llm(path: str | Path, options: LLMLoadOptions | None = None) -> PreTrainedModel:
+    """Load a causal LM from a local directory, never touching the network."""
+    options = options or LLMLoadOptions()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LLMError(
+            f"{path}: no config.json; pass the directory of a Hugging Face causal LM (or the output of "
+            "`slidevl slidellm warmup` for the embedded default)"
+        )
+    kwargs: dict[str, Any] = {"dtype": options.torch_dtype, "local_files_only": True}
+    if options.load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+            raise LLMError("4-bit loading needs the bitsandbytes package and a CUDA GPU; drop --load-in-4bit or install bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if options.dtype == "float32" else options.torch_dtype
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LLMError(f"{path}: cannot load a causal LM ({exc})") from exc
+    if options.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+    if options.gradient_checkpointing:
+        # Non-reentrant checkpointing lets gradients reach the visual tokens even though the
+        # text embeddings of a frozen LLM do not require grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA settings; ``target_modules="all-linear"`` adapts every linear layer but the output head."""
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: str | list[str] = field(default="all-linear")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None) -> PeftModel:
+    """Wrap ``model`` with fresh LoRA adapters; only the adapters require grad afterwards."""
+    settings = settings or LoraSettings()
+    if settings.r < 1:
+        raise LLMError(f"LoRA rank must be >= 1, got {settings.r}")
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def load_lora(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool) -> PeftModel:
+    """Attach adapters saved by ``PeftModel.save_pretrained`` (safetensors) to ``model``."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise LLMError(f"{adapter_dir}: no adapter_config.json; this is not a LoRA adapter folder")
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Stop gradients for every parameter of ``module`` and return it."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module

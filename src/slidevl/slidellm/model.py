@@ -1,0 +1,305 @@
+"""The slide LLM: topo-pack encoder tokens → connector → causal LM, and back to text.
+
+Data path of one question::
+
+    SlideFeatures ──encode_slide──▶ VisualTokens (summary tokens, global token, pack boxes)
+                   ──select(bbox)──▶ (T, d) tokens ──connector──▶ (T', llm width)
+    chat text with one <image> ──▶ token embeddings with the T' visual rows spliced in
+                   ──▶ causal LM ──▶ loss on the assistant answer, or generated answer
+
+A region question carries a level-0 bbox: only the summary tokens of packs whose box
+intersects it are kept (the global token stays). The encoder runs once per slide, on the
+whole slide, so the selected summaries still carry slide context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from slidevl.features.store import SlideFeatures
+from slidevl.slidellm.connector import ConnectorOutput, MLPConnector, QFormerConnector
+from slidevl.slidellm.encoder import TopoPackBatch, TopoPackEncoder, batch_from_slide_features
+
+IGNORE_INDEX = -100
+
+BBox = tuple[int, int, int, int]
+
+
+class SlideVLMError(ValueError):
+    """Inputs that the slide LLM cannot use (bad box, missing placeholder, ...)."""
+
+
+def parse_bbox(text: str) -> BBox:
+    """Parse ``"x0,y0,x1,y1"`` (level-0 pixels) into a validated box."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise SlideVLMError(f"bbox {text!r} must be four integers x0,y0,x1,y1 in level-0 pixels, e.g. 0,0,4096,4096")
+    x0, y0, x1, y1 = values
+    if x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
+        raise SlideVLMError(f"bbox {text!r} needs 0 <= x0 < x1 and 0 <= y0 < y1")
+    return values  # type: ignore[return-value]
+
+
+def patch_step_level0(sf: SlideFeatures) -> float:
+    """Level-0 edge of one patch, recovered from the store's coords and lattice positions.
+
+    The grid contract puts patch (col, row) at ``round(col * step), round(row * step)``;
+    a least-squares fit over every patch recovers ``step`` to well under a pixel without
+    relying on which provenance attributes a given store wrote.
+    """
+    grid = np.asarray(sf.patch_grid, dtype=np.float64).ravel()
+    coords = np.asarray(sf.patch_coords, dtype=np.float64).ravel()
+    denom = float(grid @ grid)
+    if denom == 0:
+        raise SlideVLMError(
+            f"slide {sf.slide_id!r}: every patch sits at grid (0, 0), so the patch size in level-0 pixels "
+            "cannot be recovered; region questions need a slide with more than one patch"
+        )
+    step = float(grid @ coords) / denom
+    worst = float(np.abs(np.rint(grid * step) - coords).max())
+    if worst > 1.0:
+        raise SlideVLMError(
+            f"slide {sf.slide_id!r}: patch/coords are not on a regular lattice anchored at (0, 0) "
+            f"(off by {worst:.1f} px); re-run `slidevl preprocess` for this slide"
+        )
+    return step
+
+
+def boxes_intersecting(boxes: Tensor, bbox: Sequence[int]) -> Tensor:
+    """Indices of the (P, 4) ``boxes`` that overlap ``bbox``; all boxes are level-0 with exclusive ends."""
+    x0, y0, x1, y1 = (int(v) for v in bbox)
+    hit = (boxes[:, 0] < x1) & (x0 < boxes[:, 2]) & (boxes[:, 1] < y1) & (y0 < boxes[:, 3])
+    return torch.nonzero(hit).flatten()
+
+
+@dataclass
+class VisualTokens:
+    """Encoder output of one slide, as the connector consumes it.
+
+    ``pack_boxes`` are level-0 ``x0, y0, x1, y1`` (exclusive ends), one per summary token.
+    """
+
+    slide_id: str
+    summary: Tensor  # (P, d)
+    global_token: Tensor  # (d,)
+    pack_boxes: Tensor  # (P, 4) int64
+
+    def __post_init__(self) -> None:
+        p = self.summary.shape[0]
+        if self.summary.dim() != 2 or self.global_token.shape != self.summary.shape[1:] or self.pack_boxes.shape != (p, 4):
+            raise SlideVLMError(
+                f"slide {self.slide_id!r}: inconsistent visual tokens: summary {tuple(self.summary.shape)}, "
+                f"global {tuple(self.global_token.shape)}, pack boxes {tuple(self.pack_boxes.shape)}"
+            )
+
+    @property
+    def dim(self) -> int:
+        return int(self.summary.shape[1])
+
+    def packs_in(self, bbox: Sequence[int]) -> Tensor:
+        """Indices of the packs whose box intersects ``bbox`` (level-0, exclusive ends)."""
+        return boxes_intersecting(self.pack_boxes, bbox)
+
+    def select(self, bbox: Sequence[int] | None = None, *, use_global: bool = True) -> Tensor:
+        """(T, d) connector input: summaries of the packs under ``bbox`` (all when None), then the global token."""
+        summary = self.summary
+        if bbox is not None:
+            index = self.packs_in(bbox)
+            if index.numel() == 0:
+                extent = self.pack_boxes.amin(0)[:2].tolist() + self.pack_boxes.amax(0)[2:].tolist()
+                raise SlideVLMError(
+                    f"slide {self.slide_id!r}: bbox {list(bbox)} intersects no tissue pack; the packs span "
+                    f"level-0 {extent}. Give a box over tissue (level-0 pixels x0,y0,x1,y1)"
+                )
+            summary = summary[index]
+        if use_global:
+            return torch.cat([summary, self.global_token[None]], dim=0)
+        return summary
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Contiguous CPU tensors, for the safetensors cache."""
+        return {
+            "summary": self.summary.detach().cpu().contiguous(),
+            "global_token": self.global_token.detach().cpu().contiguous(),
+            "pack_boxes": self.pack_boxes.detach().cpu().contiguous(),
+        }
+
+    @classmethod
+    def from_tensors(cls, slide_id: str, tensors: dict[str, Tensor]) -> "VisualTokens":
+        return cls(slide_id, tensors["summary"], tensors["global_token"], tensors["pack_boxes"])
+
+
+def encode_slide(encoder: TopoPackEncoder, sf: SlideFeatures, *, device: torch.device | str = "cpu") -> VisualTokens:
+    """Run ``encoder`` over a whole slide; gradients flow when the caller enables them."""
+    batch = batch_from_slide_features(sf)
+    out = encoder(batch.to(device))
+    return VisualTokens(sf.slide_id, out.summary_tokens[0], out.global_token[0], pack_boxes(batch, patch_step_level0(sf)))
+
+
+def pack_boxes(batch: TopoPackBatch, patch_step: float) -> Tensor:
+    """(P, 4) int64 level-0 boxes of a single-slide batch's packs, in the encoder's pack order."""
+    k = batch.pack_size
+    origin = batch.pack_origin[0].to(torch.float64)
+    lo = torch.round(origin * k * patch_step)
+    hi = torch.round((origin + 1) * k * patch_step)
+    return torch.cat([lo, hi], dim=1).to(torch.int64)
+
+
+def slide_pack_boxes(sf: SlideFeatures) -> Tensor:
+    """Pack boxes of a slide without running the encoder."""
+    return pack_boxes(batch_from_slide_features(sf), patch_step_level0(sf))
+
+
+def pad_visual(tokens: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Stack per-sample (T_i, d) tokens into (B, T_max, d) plus a (B, T_max) validity mask."""
+    if not tokens:
+        raise SlideVLMError("no visual tokens to batch")
+    t_max = max(t.shape[0] for t in tokens)
+    out = tokens[0].new_zeros(len(tokens), t_max, tokens[0].shape[1])
+    valid = torch.zeros(len(tokens), t_max, dtype=torch.bool, device=tokens[0].device)
+    for i, t in enumerate(tokens):
+        out[i, : t.shape[0]] = t
+        valid[i, : t.shape[0]] = True
+    return out, valid
+
+
+class SlideVLM(nn.Module):
+    """Connector + causal LM (optionally LoRA-wrapped); the slide encoder is kept outside.
+
+    The encoder usually runs once per slide ahead of training (its outputs are cached),
+    so it is not part of this module's parameters; a trainable encoder is handled by
+    the tuning loop, which calls :func:`encode_slide` inside the step.
+    """
+
+    def __init__(
+        self,
+        connector: QFormerConnector | MLPConnector,
+        llm: nn.Module,
+        *,
+        image_token_id: int,
+        pad_token_id: int,
+    ) -> None:
+        super().__init__()
+        self.connector = connector
+        self.llm = llm
+        self.image_token_id = int(image_token_id)
+        self.pad_token_id = int(pad_token_id)
+
+    @property
+    def use_global(self) -> bool:
+        return self.connector.config.use_global
+
+    def _llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def visual_embeds(self, tokens: Sequence[Tensor]) -> list[Tensor]:
+        """Connector outputs, one (T'_i, llm width) tensor per sample, padding removed."""
+        padded, valid = pad_visual(tokens)
+        out: ConnectorOutput = self.connector(padded, valid)
+        embeds = out.embeds.to(self._llm_dtype())
+        return [embeds[i][out.valid[i]] for i in range(len(tokens))]
+
+    def splice(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        images: Sequence[Sequence[Tensor]],
+        labels: Tensor | None = None,
+        *,
+        left_pad: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Replace each ``<image>`` token with its visual embeddings.
+
+        ``input_ids`` / ``attention_mask`` are (B, L) and right-padded; ``images[b]`` holds
+        one (T, width) tensor per placeholder of row ``b``, in order. Returns
+        ``inputs_embeds`` (B, L', width), the new attention mask and labels (visual rows
+        and padding ignored). ``left_pad`` pads on the left, as batched generation needs.
+        """
+        embed = self.llm.get_input_embeddings()
+        safe_ids = input_ids.masked_fill(input_ids == self.image_token_id, self.pad_token_id)
+        text = embed(safe_ids)
+        rows: list[Tensor] = []
+        row_labels: list[Tensor] = []
+        for b in range(input_ids.shape[0]):
+            n = int(attention_mask[b].sum())
+            if not bool(attention_mask[b, :n].all()):
+                raise SlideVLMError("splice expects right-padded input_ids (padding only at the end of a row)")
+            ids = input_ids[b, :n]
+            where = torch.nonzero(ids == self.image_token_id).flatten().tolist()
+            if len(where) != len(images[b]):
+                raise SlideVLMError(
+                    f"row {b} has {len(where)} <image> placeholder(s) but {len(images[b])} visual input(s) were given"
+                )
+            pieces, lab_pieces, start = [], [], 0
+            lab = labels[b, :n] if labels is not None else None
+            for pos, vis in zip(where, images[b]):
+                pieces += [text[b, start:pos], vis.to(text.dtype)]
+                if lab is not None:
+                    lab_pieces += [lab[start:pos], lab.new_full((vis.shape[0],), IGNORE_INDEX)]
+                start = pos + 1
+            pieces.append(text[b, start:n])
+            rows.append(torch.cat(pieces, dim=0))
+            if lab is not None:
+                lab_pieces.append(lab[start:n])
+                row_labels.append(torch.cat(lab_pieces, dim=0))
+        length = max(r.shape[0] for r in rows)
+        width = text.shape[-1]
+        embeds = text.new_zeros(len(rows), length, width)
+        mask = attention_mask.new_zeros(len(rows), length)
+        out_labels = None if labels is None else labels.new_full((len(rows), length), IGNORE_INDEX)
+        for b, r in enumerate(rows):
+            sl = slice(length - r.shape[0], length) if left_pad else slice(0, r.shape[0])
+            embeds[b, sl] = r
+            mask[b, sl] = 1
+            if out_labels is not None:
+                out_labels[b, sl] = row_labels[b]
+        return embeds, mask, out_labels
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Sequence[Tensor]) -> Tensor:
+        """Mean next-token loss on the labelled (answer) tokens of a batch with one image per row."""
+        vis = self.visual_embeds(visual)
+        embeds, mask, labels = self.splice(input_ids, attention_mask, [[v] for v in vis], labels)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        images: Sequence[Sequence[Tensor]],
+        *,
+        max_new_tokens: int = 128,
+        eos_token_id: int | None = None,
+    ) -> list[list[int]]:
+        """Greedy decoding; ``images[b]`` are the connector inputs (T, d) for row ``b``'s placeholders.
+
+        Returns the generated token ids of each row, without the prompt.
+        """
+        flat = [t for row in images for t in row]
+        embedded = self.visual_embeds(flat) if flat else []
+        it = iter(embedded)
+        nested = [[next(it) for _ in row] for row in images]
+        embeds, mask, _ = self.splice(input_ids, attention_mask, nested, left_pad=True)
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+        results = []
+        for row in out.tolist():
+            if eos_token_id is not None and eos_token_id in row:
+                row = row[: row.index(eos_token_id)]
+            results.append(row)
+        return results

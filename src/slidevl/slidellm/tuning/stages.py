@@ -1,0 +1,252 @@
+"""The tuning stages as Python functions (the CLI is a thin layer over these).
+
+* ``warmup`` (stage 0, embedded LLM only): trains a byte-level BPE tokenizer and the
+  small from-scratch causal LM on the QA text alone (every token of each chat is a
+  target). A pretrained LLM skips this stage. Its output, ``<run>/checkpoint/llm``, is an
+  ordinary Hugging Face model folder that stages 1 and 2 load exactly as they would
+  load a downloaded 7B chat model, so "LLM frozen" in stage 1 means the same thing for
+  both.
+* ``stage1``: caption records; only the connector trains (encoder and LLM frozen).
+* ``stage2``: single/multi/open records; connector + LoRA adapters train. It starts
+  from a stage-1 checkpoint (``init``) or, for the one-stage ablation, from scratch.
+
+The topo-pack encoder is frozen unless ``train_encoder`` is set; frozen outputs are
+computed once per slide and cached (:mod:`slidevl.slidellm.tuning.visual`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+
+from slidevl.features.store import FeatureStore
+from slidevl.slidellm.connector import ConnectorConfig, build_connector
+from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, load_encoder
+from slidevl.slidellm.encoder.io import CONFIG_NAME
+from slidevl.slidellm.llm import add_lora, build_embedded_llm, freeze, load_llm, load_lora
+from slidevl.slidellm.model import SlideVLM
+from slidevl.slidellm.tokenizer import image_token_id, load_tokenizer, train_tokenizer
+from slidevl.slidellm.tuning.checkpoint import (
+    CHECKPOINT_DIR,
+    INFO_NAME,
+    CheckpointInfo,
+    load_checkpoint_encoder,
+    load_connector_weights,
+    resolve_checkpoint,
+    resolve_llm_dir,
+    save_vlm,
+)
+from slidevl.slidellm.tuning.config import TuneConfig, config_differences
+from slidevl.slidellm.tuning.loop import LoopResult, make_accelerator, run_loop
+from slidevl.slidellm.tuning.state import CheckpointError
+from slidevl.slidellm.tuning.visual import CachedVisuals, LiveVisuals, check_regions
+from slidevl.slidellm.vqa_data import ChatBatch, ChatCollator, ChatDataset, corpus_texts, select_records
+from slidevl.vqa.records import read_records
+
+#: Folder inside a feature job where frozen-encoder outputs are cached, per encoder fingerprint.
+CACHE_DIR = "slidellm_cache"
+
+
+class TuningModule(nn.Module):
+    """What the optimiser sees: the slide LLM, plus the encoder when it trains too."""
+
+    def __init__(self, vlm: SlideVLM, visuals: CachedVisuals | LiveVisuals, encoder: TopoPackEncoder | None) -> None:
+        super().__init__()
+        self.vlm = vlm
+        # Registered only when trainable, so a frozen encoder stays out of DDP and the optimiser.
+        self.encoder = encoder
+        self.visuals = visuals
+
+    def forward(self, batch: ChatBatch) -> Tensor:
+        device = next(self.vlm.connector.parameters()).device
+        batch = batch.to(device)
+        slides = {s: self.visuals.get(s) for s in dict.fromkeys(batch.slides)}
+        tokens = [
+            slides[s].select(bbox, use_global=self.vlm.use_global).to(device) for s, bbox in zip(batch.slides, batch.bboxes)
+        ]
+        return self.vlm(batch.input_ids, batch.attention_mask, batch.labels, tokens)
+
+
+def _prepare_run_dir(cfg: TuneConfig, resume: bool) -> Path:
+    run_dir = Path(cfg.out)
+    run_json = run_dir / "run.json"
+    if resume:
+        if not run_json.is_file():
+            raise CheckpointError(f"{run_dir}: no run.json; there is no run to resume here (drop --resume)")
+        diffs = config_differences(TuneConfig.load(run_json), cfg)
+        if diffs:
+            raise CheckpointError(
+                f"{run_dir}: --resume needs the options the run started with; differences:\n  " + "\n  ".join(diffs)
+            )
+        if not (run_dir / CHECKPOINT_DIR).is_dir():
+            raise CheckpointError(f"{run_dir}: the run has no checkpoint yet; start it again without --resume")
+    elif (run_dir / CHECKPOINT_DIR).exists():
+        raise CheckpointError(f"{run_dir}: already holds a checkpoint; pass --resume to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_json)
+    return run_dir
+
+
+def run_warmup(cfg: TuneConfig, *, resume: bool = False) -> LoopResult:
+    """Stage 0: tokenizer + embedded LLM trained on the QA text; writes ``<out>/checkpoint/llm``."""
+    if cfg.stage != "warmup":
+        raise ValueError(f"run_warmup needs stage 'warmup', got {cfg.stage!r}")
+    run_dir = _prepare_run_dir(cfg, resume)
+    set_seed(cfg.train.seed)
+    records = select_records(read_records(cfg.records), "warmup")
+    if resume:
+        llm_dir = run_dir / CHECKPOINT_DIR / "llm"
+        tokenizer = load_tokenizer(llm_dir)
+        llm = load_llm(llm_dir, cfg.llm_options)
+    else:
+        tokenizer = train_tokenizer(corpus_texts(records), vocab_size=cfg.vocab_size)
+        llm = build_embedded_llm(tokenizer, cfg.embedded_lm)
+    dataset = ChatDataset(records, tokenizer, supervise="all", max_tokens=cfg.train.max_tokens)
+    accelerator = make_accelerator(cfg.train)
+
+    def loss_fn(model: nn.Module, batch: ChatBatch) -> Tensor:
+        batch = batch.to(accelerator.device)
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+
+    def save_model(folder: Path) -> None:
+        llm.save_pretrained(folder / "llm")
+        tokenizer.save_pretrained(folder / "llm")
+
+    return run_loop(
+        accelerator=accelerator,
+        module=llm,
+        dataset=dataset,
+        collate=ChatCollator(tokenizer.pad_token_id),
+        loss_fn=loss_fn,
+        settings=cfg.train,
+        lr=cfg.lr,
+        run_dir=run_dir,
+        save_model=save_model,
+        resume=resume,
+        description="warmup",
+    )
+
+
+def _build_encoder(cfg: TuneConfig, store: FeatureStore, init: Path | None, resume_dir: Path | None) -> TopoPackEncoder:
+    if resume_dir is not None:
+        return load_checkpoint_encoder(resume_dir)
+    if init is not None:
+        return load_checkpoint_encoder(init)
+    if cfg.encoder is not None:
+        enc_dir = Path(cfg.encoder)
+        if cfg.encoder_init == "pretrained":
+            return load_encoder(enc_dir)
+        if not (enc_dir / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{enc_dir / CONFIG_NAME}: not found; --encoder must be a topo-pack encoder folder")
+        return TopoPackEncoder(TopoPackConfig.load(enc_dir / CONFIG_NAME))
+    slide_ids = store.slide_ids()
+    if not slide_ids:
+        raise CheckpointError(f"{store.root}: no feature files; run `slidevl preprocess` first")
+    sf = store.load(slide_ids[0])
+    return TopoPackEncoder(
+        TopoPackConfig(
+            patch_dim=int(sf.patch_features.shape[1]),
+            pack_dim=0 if sf.pack_features is None else int(sf.pack_features.shape[1]),
+            global_dim=0 if sf.global_feature is None else int(sf.global_feature.shape[0]),
+            pack_size=sf.pack_size,
+        )
+    )
+
+
+def _llm_width(llm: nn.Module) -> int:
+    return int(llm.get_input_embeddings().weight.shape[1])
+
+
+def run_stage(cfg: TuneConfig, *, resume: bool = False) -> LoopResult:
+    """Stage 1 (connector on captions) or stage 2 (connector + LoRA on VQA)."""
+    if cfg.stage not in ("stage1", "stage2"):
+        raise ValueError(f"run_stage needs stage 'stage1' or 'stage2', got {cfg.stage!r}")
+    init = resolve_checkpoint(cfg.init) if cfg.init else None
+    init_info = CheckpointInfo.load(init / INFO_NAME) if init is not None else None
+    if init_info is not None and cfg.connector:
+        raise ValueError(f"--init {init} fixes the connector; drop the connector options (or start without --init)")
+    llm_dir = Path(init_info.llm) if init_info is not None and cfg.llm is None else None
+    if llm_dir is None:
+        if cfg.llm is None:
+            raise ValueError("pass --llm (a Hugging Face causal-LM folder or a warm-up run) or --init (a stage-1 run)")
+        llm_dir = resolve_llm_dir(cfg.llm)
+    job = cfg.job or (init_info.job if init_info is not None else None)
+    if job is None:
+        raise ValueError("pass --job: the feature job folder holding the slides' features")
+    feature_encoder = cfg.feature_encoder or (init_info.feature_encoder if init_info is not None else None)
+    store = FeatureStore(job, feature_encoder)
+    records = select_records(read_records(cfg.records), cfg.stage)
+    if not records:
+        wanted = "caption" if cfg.stage == "stage1" else "single/multi/open"
+        raise ValueError(f"{cfg.records}: no {wanted} records for {cfg.stage}")
+
+    run_dir = _prepare_run_dir(cfg, resume)
+    resume_dir = run_dir / CHECKPOINT_DIR if resume else None
+    set_seed(cfg.train.seed)
+    accelerator = make_accelerator(cfg.train)
+
+    tokenizer = load_tokenizer((init / "tokenizer") if init is not None else llm_dir)
+    llm = freeze(load_llm(llm_dir, cfg.llm_options))
+    encoder = _build_encoder(cfg, store, init, resume_dir)
+    if cfg.train_encoder:
+        encoder.train()
+    else:
+        freeze(encoder).eval()
+    conn_cfg = (
+        ConnectorConfig.from_dict(init_info.connector)
+        if init_info is not None
+        else cfg.connector_config(encoder.config.d_model, _llm_width(llm))
+    )
+    connector = build_connector(conn_cfg)
+    if cfg.stage == "stage2":
+        llm = load_lora(llm, resume_dir / "adapter", trainable=True) if resume_dir is not None else add_lora(llm, cfg.lora)
+    model = SlideVLM(connector, llm, image_token_id=image_token_id(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if resume_dir is not None:
+        load_connector_weights(model, resume_dir)
+    elif init is not None:
+        load_connector_weights(model, init)
+
+    placed = not cfg.llm_options.load_in_4bit
+    if not placed:
+        connector.to(accelerator.device)
+    encoder.to(accelerator.device)
+    if cfg.train_encoder:
+        visuals: CachedVisuals | LiveVisuals = LiveVisuals(encoder, store, device=accelerator.device)
+    else:
+        visuals = CachedVisuals(encoder, store, store.job_dir / CACHE_DIR, device=accelerator.device)
+    visuals.precompute(r.slide for r in records)
+    check_regions(records, visuals)
+
+    info = CheckpointInfo(
+        stage=cfg.stage,
+        llm=str(llm_dir.resolve()),
+        connector=conn_cfg.to_dict(),
+        has_adapter=cfg.stage == "stage2",
+        llm_options=asdict(cfg.llm_options),
+        job=str(Path(job).resolve()),
+        feature_encoder=store.encoder,
+    )
+    module = TuningModule(model, visuals, encoder if cfg.train_encoder else None)
+    dataset = ChatDataset(records, tokenizer, supervise="answer", max_tokens=cfg.train.max_tokens)
+
+    def save_model(folder: Path) -> None:
+        save_vlm(folder, info, model, encoder, tokenizer)
+
+    return run_loop(
+        accelerator=accelerator,
+        module=module,
+        dataset=dataset,
+        collate=ChatCollator(tokenizer.pad_token_id),
+        loss_fn=lambda m, batch: m(batch),
+        settings=cfg.train,
+        lr=cfg.lr,
+        run_dir=run_dir,
+        save_model=save_model,
+        resume=resume,
+        description=cfg.stage,
+        device_placement=placed,
+    )

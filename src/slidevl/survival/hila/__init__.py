@@ -1,0 +1,1 @@
+"""HiLa: prompt bank, optimal prompt learning, cross-level propagation, mutual contrastive learning."""

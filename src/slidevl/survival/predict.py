@@ -1,0 +1,73 @@
+"""Risk and survival curve of one patient from a saved fold model.
+
+Inputs are feature files (``.h5`` in the slidevl layout) or slide files; slides are
+first run through :func:`slidevl.features.pipeline.preprocess` into a job folder with
+the feature encoder the model was trained on. All inputs are one patient's bag.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from slidevl.features.store import FeatureStore
+from slidevl.survival.checkpoint import load_checkpoint
+from slidevl.survival.data import BagCache, FeatureFiles
+from slidevl.survival.labels import SurvivalBins
+from slidevl.survival.train import predict_bag
+
+FEATURE_SUFFIXES = (".h5", ".hdf5")
+
+
+class PredictInputError(ValueError):
+    """The inputs of a prediction cannot be turned into a bag."""
+
+
+def _feature_paths(inputs: Sequence[Path], job: Path | None, encoder: str) -> list[Path]:
+    features = [p for p in inputs if p.suffix.lower() in FEATURE_SUFFIXES]
+    slides = [p for p in inputs if p.suffix.lower() not in FEATURE_SUFFIXES]
+    for p in inputs:
+        if not p.exists():
+            raise PredictInputError(f"{p}: file not found")
+    if slides:
+        if job is None:
+            raise PredictInputError(
+                f"{', '.join(map(str, slides))}: slide files need a job folder for their features; pass --job DIR "
+                "(or give the slides' .h5 feature files)"
+            )
+        from slidevl.features.config import PreprocessConfig
+        from slidevl.features.jobs import slide_id_of
+        from slidevl.features.pipeline import preprocess
+
+        report = preprocess(slides, job, PreprocessConfig(encoder=encoder))
+        failed = [r for r in report.results if r.status == "failed"]
+        if failed:
+            raise PredictInputError("preprocessing failed: " + "; ".join(f"{r.slide_id}: {r.error}" for r in failed))
+        store = FeatureStore(job, encoder)
+        features += [store.path(slide_id_of(p)) for p in slides]
+    return features
+
+
+def predict_patient(checkpoint: str | Path, inputs: Sequence[str | Path], *, job: str | Path | None = None, device: str = "cpu") -> dict:
+    """Risk (−ΣS), hazards and the survival curve over the model's bins (edges in months)."""
+    model, config = load_checkpoint(checkpoint, device)
+    if not inputs:
+        raise PredictInputError("give at least one feature file or slide")
+    paths = _feature_paths([Path(p) for p in inputs], None if job is None else Path(job), config.get("feature_encoder", "handcrafted"))
+    bins = SurvivalBins(tuple(config["bins"]["edges"]), config["bins"]["mode"])
+    files = FeatureFiles(paths)
+    if len(files.paths) != len(paths):
+        raise PredictInputError("two inputs have the same slide id (file stem); give each slide once")
+    # One prediction reads each file once: no cache needed.
+    bag = BagCache(files, config["region_tokens"], max_cache_bytes=0).bag("patient", list(files.paths))
+    pred = predict_bag(model, bag, device)
+    return {
+        "checkpoint": str(checkpoint),
+        "model": config["model"]["name"],
+        "slides": [s.slide_id for s in bag.spans],
+        "risk": pred.risk,
+        "hazards": pred.hazards.tolist(),
+        "survival": pred.survival.tolist(),
+        "bin_edges_months": list(bins.edges),
+        "bins_mode": bins.mode,
+    }

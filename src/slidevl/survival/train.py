@@ -1,0 +1,160 @@
+"""Training and inference of one model on patient bags, through ``accelerate``.
+
+One patient per step with gradient accumulation (32 by default, as in HiLa), Adam,
+a fixed number of epochs, no early stopping and no selection on validation data: the
+model of the last epoch is the model. The same code runs on CPU, one GPU or several
+(``accelerate launch``); with several processes each keeps its own HiLa memory queue
+and evaluation is repeated on every process, written once by the main one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from slidevl.survival.data import BagCache, PatientBag
+from slidevl.survival.loss import hazards_and_survival, nll_loss, risk_from_survival
+from slidevl.survival.models.base import SurvivalModel
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A training or cross-validation option is invalid."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    grad_accum: int = 32
+    alpha: float = 0.0  # NLL weight of the uncensored term, as MCAT's alpha_surv
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PatientRecord:
+    """What a dataset item needs besides the features."""
+
+    patient_id: str
+    slides: list[str]
+    key: int
+    label: int = 0
+    censored: int = 0
+
+
+class BagDataset(Dataset):
+    """Patient bags with their bin label and censorship, read through the slide cache."""
+
+    def __init__(self, cache: BagCache, records: Sequence[PatientRecord]) -> None:
+        self.cache = cache
+        self.records = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.records[i]
+        return {
+            "bag": self.cache.bag(r.patient_id, r.slides, r.key),
+            "y": torch.tensor([r.label], dtype=torch.long),
+            "c": torch.tensor([r.censored], dtype=torch.float32),
+        }
+
+
+def _single(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    # One patient per step: bags differ in size, so they are never stacked.
+    return batch[0]
+
+
+def make_accelerator(device: str = "auto", grad_accum: int = 32):
+    """An ``Accelerator`` for ``device`` (``auto`` lets accelerate pick) with gradient accumulation."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if device not in DEVICES:
+        raise ConfigError(f"--device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is visible; use --device cpu or auto")
+    # HiLa's top-r selection and ablations leave some parameters without gradient on a step.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=device == "cpu", gradient_accumulation_steps=grad_accum, kwargs_handlers=[ddp])
+
+
+def train_model(
+    model: SurvivalModel,
+    dataset: BagDataset,
+    config: TrainConfig,
+    accelerator: Any,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[SurvivalModel, list[dict[str, float]]]:
+    """Train for ``config.epochs`` epochs; return the unwrapped final model and per-epoch stats."""
+    optimizer = torch.optim.Adam(
+        (p for p in model.parameters() if p.requires_grad), lr=config.lr, weight_decay=config.weight_decay
+    )
+    loader = DataLoader(dataset, batch_size=1, shuffle=True, collate_fn=_single, num_workers=0)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    history = []
+    for epoch in range(config.epochs):
+        model.train()
+        started = time.perf_counter()
+        total = surv_total = aux_total = 0.0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                out = model(batch["bag"])
+                hazards, survival = hazards_and_survival(out.logits.unsqueeze(0))
+                surv_loss = nll_loss(hazards, survival, batch["y"], batch["c"], alpha=config.alpha)
+                loss = surv_loss if out.aux_loss is None else surv_loss + out.aux_loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            total += float(loss.detach())
+            surv_total += float(surv_loss.detach())
+            aux_total += 0.0 if out.aux_loss is None else float(out.aux_loss.detach())
+        n = max(1, len(loader))
+        stats = {
+            "epoch": epoch + 1,
+            "loss": total / n,
+            "nll": surv_total / n,
+            "aux": aux_total / n,
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, stats)
+    unwrapped = accelerator.unwrap_model(model)
+    accelerator.free_memory()
+    return unwrapped, history
+
+
+@dataclass
+class Prediction:
+    patient_id: str
+    hazards: np.ndarray
+    survival: np.ndarray
+    risk: float
+    evidence: dict[str, Any]
+
+
+@torch.no_grad()
+def predict_bag(model: SurvivalModel, bag: PatientBag, device: torch.device | str, *, evidence: bool = False) -> Prediction:
+    """Hazards, survival curve and risk (−ΣS) of one patient with the model in eval mode."""
+    model.eval()
+    out = model(bag.to(device), evidence=evidence)
+    hazards, survival = hazards_and_survival(out.logits.float())
+    return Prediction(
+        bag.patient_id,
+        hazards.cpu().numpy(),
+        survival.cpu().numpy(),
+        float(risk_from_survival(survival)),
+        out.evidence,
+    )

@@ -1,0 +1,79 @@
+"""``slidevl vqa``: commands for slide VQA data and evaluation.
+
+The typer ``app`` is mounted by the top-level CLI as ``slidevl vqa``; each command
+is a thin wrapper over a Python function (``eval`` -> :func:`slidevl.vqa.evaluate.evaluate`).
+Add further commands with ``@app.command(...)`` in their own module and import it
+where the app is mounted, or here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+
+app = typer.Typer(help="Slide VQA: question data and evaluation.", no_args_is_help=True)
+
+
+@app.callback()
+def _vqa() -> None:
+    """Slide VQA: question data and evaluation."""
+    # A callback keeps `eval` a named subcommand even while it is the only one.
+
+
+@app.command("eval")
+def eval_command(
+    pred: Path = typer.Option(..., "--pred", help="Predictions JSONL: one {\"id\", \"answer\"} per line."),
+    gold: Path = typer.Option(..., "--gold", help="Gold VQA records JSONL."),
+    out: Path = typer.Option(..., "--out", help="Where to write the metrics JSON."),
+    llm_url: Optional[str] = typer.Option(
+        None, "--llm-url", help="OpenAI-compatible base URL for the LLM judge, e.g. http://127.0.0.1:8001/v1."
+    ),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Judge model name as the server knows it."),
+    llm_cache: Optional[Path] = typer.Option(
+        None, "--llm-cache", help="Folder caching judge replies, so reruns send no requests."
+    ),
+    llm_concurrency: int = typer.Option(4, "--llm-concurrency", min=1, help="Judge requests in flight at once."),
+) -> None:
+    """Score predictions: choice accuracy, METEOR/BLEU/ROUGE-L, and an LLM judge when --llm-url is given."""
+    from rich.console import Console
+
+    from slidevl.llmclient import LLMClient, LLMError
+    from slidevl.vqa.evaluate import evaluate, report_table
+    from slidevl.vqa.predictions import PredictionError
+    from slidevl.vqa.records import VQARecordError
+    from slidevl.vqa.textmetrics import MetricsError
+
+    if (llm_url is None) != (llm_model is None):
+        _fail("--llm-url and --llm-model go together: give both to run the judge, or neither to skip it")
+    if llm_cache is not None and llm_url is None:
+        _fail("--llm-cache needs --llm-url and --llm-model")
+    client = None
+    if llm_url is not None:
+        try:
+            client = LLMClient(llm_url, llm_model, cache_dir=llm_cache, max_concurrency=llm_concurrency)
+        except ValueError as exc:
+            _fail(str(exc))
+    try:
+        report = evaluate(pred, gold, client, out=out)
+    except (VQARecordError, PredictionError, LLMError, MetricsError) as exc:
+        _fail(str(exc))
+    finally:
+        if client is not None:
+            client.close()
+    console = Console()
+    console.print(report_table(report))
+    judge = report["judge"]
+    if judge["status"] == "skipped":
+        console.print(f"judge skipped: {judge['reason']}", soft_wrap=True)
+    elif judge["n_errors"]:
+        console.print(
+            f"judge: {judge['n_errors']} record(s) had unusable replies (see 'judge_error' in {out})", soft_wrap=True
+        )
+    console.print(f"metrics written to {out}", soft_wrap=True)
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)

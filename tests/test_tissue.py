@@ -1,0 +1,119 @@
+"""Tissue segmentation, exact patch tissue fractions, GeoJSON export and the QC picture."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from slide_fixtures import Blob, blob_mask, tissue_image, write_aperio_slide
+from slidevl.slide.geojson import mask_polygons, tissue_geojson
+from slidevl.slide.qc import render_qc
+from slidevl.slide.reader import open_slide
+from slidevl.slide.tissue import TissueMask, TissueParams, segment_image, segment_slide
+from slidevl.tiling.grid import GridSpec, SlideGrid
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_segmentation_finds_the_blobs(tmp_path):
+    path = write_aperio_slide(tmp_path / "s.svs", 2048, 1536, mpp=0.5)
+    with open_slide(path) as slide:
+        tissue, overview = segment_slide(slide, 0.5, TissueParams(downsample=8))
+    assert overview.shape == (192, 256, 3) and tissue.mask.shape == (192, 256)
+    assert tissue.scale_x == pytest.approx(8.0) and tissue.level == 1
+    assert _iou(tissue.mask, blob_mask(256, 192)) > 0.9
+
+
+def test_blank_glass_stays_empty():
+    blank = tissue_image(400, 300, blobs=())
+    tissue = segment_image(blank, 8.0, TissueParams())
+    assert not tissue.mask.any()
+    assert tissue.threshold >= TissueParams().min_saturation
+
+
+def test_saturation_threshold_override():
+    img = tissue_image(400, 300)
+    assert not segment_image(img, 8.0, TissueParams(saturation_threshold=250)).mask.any()
+    assert segment_image(img, 8.0, TissueParams(saturation_threshold=30)).mask.any()
+
+
+def test_small_objects_removed_and_small_holes_filled():
+    img = np.full((200, 200, 3), 245, np.uint8)
+    img[20:120, 20:120] = (200, 100, 160)  # 100x100 px tissue
+    img[60:66, 60:66] = 245  # 6x6 hole (36 px)
+    img[150:154, 150:154] = (200, 100, 160)  # 4x4 speck (16 px)
+    params = TissueParams(median_size=0, closing_radius_um=0, min_object_area_um2=20 * 64.0, max_hole_area_um2=40 * 64.0)
+    tissue = segment_image(img, 8.0, params)  # 8 µm/px: 64 µm² per pixel
+    assert tissue.mask[60:66, 60:66].all()  # hole (36 px <= 40) filled
+    assert not tissue.mask[150:154, 150:154].any()  # speck (16 px < 20) removed
+    keep = segment_image(img, 8.0, TissueParams(median_size=0, closing_radius_um=0, min_object_area_um2=0, max_hole_area_um2=0))
+    assert not keep.mask[60:66, 60:66].any() and keep.mask[150:154, 150:154].all()
+
+
+@pytest.mark.parametrize("mpp", [0.5, 0.25, 0.2527])
+def test_patch_fractions_are_exact_area_coverage(mpp):
+    # Mask pixels are 7.3 level-0 px; coverage computed by brute force at level 0.
+    mask = np.zeros((60, 80), bool)
+    mask[10:37, 13:55] = True
+    mask[40:52, 5:9] = True
+    tissue = TissueMask(mask=mask, scale_x=7.3, scale_y=7.3, threshold=0, level=0, params=TissueParams())
+    grid = SlideGrid(GridSpec(target_mpp=0.5, patch_px=32), width=584, height=438, mpp=mpp)
+    fractions = tissue.patch_fractions(grid)
+    assert fractions.shape == (grid.n_rows, grid.n_cols)
+    ys, xs = np.mgrid[0:438, 0:584]
+    fine = mask[np.minimum((ys + 0.5) / 7.3, 59).astype(int), np.minimum((xs + 0.5) / 7.3, 79).astype(int)]
+    for col, row in grid.all_patches()[::7]:
+        x0, y0, x1, y1 = grid.patch_boxes(np.array([[col, row]]))[0]
+        assert fractions[row, col] == pytest.approx(fine[y0:y1, x0:x1].mean(), abs=0.03)
+
+
+def _ring_area(ring) -> float:
+    r = np.asarray(ring)
+    return 0.5 * float(np.dot(r[:-1, 0], r[1:, 1]) - np.dot(r[1:, 0], r[:-1, 1]))
+
+
+def test_geojson_is_qupath_shaped():
+    img = np.full((120, 160, 3), 245, np.uint8)
+    img[10:90, 10:90] = (200, 100, 160)
+    img[30:60, 30:60] = 245  # a large hole that is kept
+    img[20:60, 110:150] = (200, 100, 160)
+    params = TissueParams(median_size=0, closing_radius_um=0, min_object_area_um2=0, max_hole_area_um2=10)
+    tissue = segment_image(img, 1.0, params, scale=(4.0, 4.0))
+    gj = json.loads(json.dumps(tissue_geojson(tissue, "slide")))
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 2
+    areas = []
+    for feature in gj["features"]:
+        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Polygon"
+        props = feature["properties"]
+        assert props["objectType"] == "annotation" and props["classification"]["name"] == "Tissue"
+        rings = feature["geometry"]["coordinates"]
+        for ring in rings:
+            assert len(ring) >= 4 and ring[0] == ring[-1]
+            xs, ys = np.asarray(ring).T
+            assert xs.min() >= 0 and ys.min() >= 0 and xs.max() <= 640 and ys.max() <= 480
+        assert _ring_area(rings[0]) > 0 and all(_ring_area(h) < 0 for h in rings[1:])
+        areas.append(sum(_ring_area(r) for r in rings))
+    # Level-0 areas: (80*80 - 30*30) and 40*40 mask px of 16 level-0 px², within outline slack.
+    assert sorted(areas) == pytest.approx(sorted([(80 * 80 - 30 * 30) * 16, 40 * 40 * 16]), rel=0.06)
+    assert len(gj["features"][0]["geometry"]["coordinates"]) + len(gj["features"][1]["geometry"]["coordinates"]) == 3
+    assert tissue_geojson(tissue, "slide") == tissue_geojson(tissue, "slide")  # deterministic ids
+
+
+def test_qc_picture_highlights_kept_patches():
+    img = tissue_image(512, 384, blobs=(Blob(0.5, 0.5, 0.3, 0.3),))
+    tissue = segment_image(img, 4.0, TissueParams(), scale=(8.0, 8.0))
+    grid = SlideGrid(GridSpec(), width=4096, height=3072, mpp=0.5)
+    kept = np.array([[5, 5], [6, 5]])
+    picture = np.asarray(render_qc(img, grid, kept, mask_polygons(tissue), max_side=512))
+    assert picture.shape == (384, 512, 3)
+    x0, y0, x1, y1 = (grid.patch_boxes(kept[:1])[0] / 8).astype(int)
+    inside = picture[y0 + 3 : y1 - 3, x0 + 3 : x1 - 3].astype(int)
+    original = img[y0 + 3 : y1 - 3, x0 + 3 : x1 - 3].astype(int)
+    assert (inside[..., 2] - original[..., 2]).mean() > 5  # tinted blue
+    far = grid.patch_boxes(np.array([[1, 10]]))[0] // 8
+    assert np.abs(picture[far[1] + 3 : far[3] - 3, far[0] + 3 : far[2] - 3].astype(int)
+                  - img[far[1] + 3 : far[3] - 3, far[0] + 3 : far[2] - 3].astype(int)).max() == 0
