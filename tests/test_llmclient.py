@@ -83,7 +83,7 @@ def test_timeout_is_retried_then_reported() -> None:
         return "late"
 
     with FakeChatServer(slow) as server, make_client(server, timeout=0.2, max_retries=1) as client:
-        with pytest.raises(LLMError, match="timed out after 0.2 s"):
+        with pytest.raises(LLMError, match=r"timed out after 0\.2 s"):
             client.chat(user("x"))
     assert len(server.requests) == 2
 

@@ -53,6 +53,8 @@ TEN = [f"Pattern {i}" for i in range(10)]  # letters A-J: "I" is a valid option
         ("(C) Fibrosis with bridging", "C"),
         ("A) Steatosis\nC) Fibrosis", "A,C"),
         ("B - ballooning of hepatocytes", "B"),
+        ("B\n\nExplanation: A large fat droplet displaces the nucleus.", "B"),
+        ("Answer: C\nReason: I see bridging fibrosis.", "C"),
         # option texts restated
         ("Fibrosis", "C"),
         ("fibrosis.", "C"),
@@ -119,7 +121,7 @@ def test_option_count_only_still_parses_letters() -> None:
 
 
 def test_parse_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="1..26 options"):
+    with pytest.raises(ValueError, match=r"1\.\.26 options"):
         parse_choice("A", 0)
     with pytest.raises(TypeError):
         parse_choice(None, 4)  # type: ignore[arg-type]

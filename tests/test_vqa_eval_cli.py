@@ -56,7 +56,7 @@ def test_eval_cli_end_to_end_with_judge(tmp_path: Path, monkeypatch: pytest.Monk
 
     class CountingMeteor(meteor_module.Meteor):
         def __init__(self) -> None:
-            starts.append(1)
+            starts.append(self)
             super().__init__()
 
     monkeypatch.setattr(meteor_module, "Meteor", CountingMeteor)
@@ -71,7 +71,8 @@ def test_eval_cli_end_to_end_with_judge(tmp_path: Path, monkeypatch: pytest.Monk
         )
     assert result.exit_code == 0, result.output
     assert "overall" in result.output and f"metrics written to {out}" in result.output
-    assert len(starts) == 1  # one METEOR process for the whole evaluation
+    assert len(starts) == 1  # one METEOR process for the whole evaluation...
+    assert starts[0].meteor_p.poll() is not None  # ...stopped when it is done
     report = json.loads(out.read_text())
 
     overall = report["overall"]
@@ -132,7 +133,9 @@ def test_missing_and_extra_ids_are_named(choice_files, tmp_path: Path) -> None:
     assert f"2 gold id(s) from {gold} have no prediction: 'q2', 'q3'" in message
     assert "7 predicted id(s) are not in" in message and "'x0', 'x1', 'x2', 'x3', 'x4', ... (2 more)" in message
 
-    result = CliRunner().invoke(app, ["eval", "--pred", str(bad), "--gold", str(gold), "--out", str(tmp_path / "m.json")])
+    result = CliRunner().invoke(
+        app, ["eval", "--pred", str(bad), "--gold", str(gold), "--out", str(tmp_path / "m.json")]
+    )
     assert result.exit_code == 2
     assert "have no prediction: 'q2', 'q3'" in result.output
     assert not (tmp_path / "m.json").exists()
@@ -162,7 +165,9 @@ def test_invalid_gold_exits_with_line_and_field(choice_files, tmp_path: Path) ->
     bad["level"] = "tile"
     lines[1] = json.dumps(bad)
     gold.write_text("\n".join(lines) + "\n")
-    result = CliRunner().invoke(app, ["eval", "--pred", str(pred), "--gold", str(gold), "--out", str(tmp_path / "m.json")])
+    result = CliRunner().invoke(
+        app, ["eval", "--pred", str(pred), "--gold", str(gold), "--out", str(tmp_path / "m.json")]
+    )
     assert result.exit_code == 2
     assert f"{gold}:2 (id 'q2'): field 'level'" in result.output
 

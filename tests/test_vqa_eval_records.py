@@ -99,7 +99,7 @@ def test_open_records_take_text_answers_and_no_options() -> None:
 def test_missing_field_is_named() -> None:
     obj = dict(GOOD)
     del obj["slide"]
-    with pytest.raises(VQARecordError, match="missing required field.*'slide'"):
+    with pytest.raises(VQARecordError, match=r"missing required field.*'slide'"):
         VQARecord.from_dict(obj)
 
 

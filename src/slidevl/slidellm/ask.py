@@ -129,8 +129,6 @@ class SlideAssistant:
             store = self._preprocess(path, job_dir, console)
             slide_id = slide_id_of(path)
         else:
-            if path.suffix and path.parent != Path("."):
-                raise SlideVLMError(f"{slide}: no such slide file")
             slide_id = str(slide)
             job_dir = Path(job).expanduser() if job is not None else Path(self.loaded.info.job or ".")
             encoder = self.loaded.info.feature_encoder
@@ -144,7 +142,10 @@ class SlideAssistant:
         return self._visuals_for(store).get(slide_id)
 
     def conversation(self, visual: VisualTokens, *, bbox: BBox | None = None) -> "Conversation":
-        return Conversation(self, visual, bbox=bbox)
+        """A new chat about ``visual``, optionally about the region ``bbox``."""
+        conversation = Conversation(self, visual)
+        conversation.set_region(bbox)
+        return conversation
 
     def answer_records(
         self,
@@ -248,6 +249,4 @@ def ask(
     """One question about one slide, from a slide file or slide id to an answer."""
     assistant = SlideAssistant(checkpoint, device=device)
     conversation = assistant.conversation(assistant.open_slide(slide, job=job), bbox=bbox)
-    if bbox is not None:
-        conversation.set_region(bbox)
     return conversation.ask(question, max_new_tokens=max_new_tokens)

@@ -69,8 +69,11 @@ _POSTFIX_MARKER = re.compile(
     r"\s+(?:is|are)\s+(?:the\s+)?(?:(?:correct|right|true|best)\b|answers?\b)", re.I
 )
 _LINE_LABEL = re.compile(
-    r"^[ \t]*(?:[-*•][ \t]*)?(?:[(\[][ \t]*(?P<a>[A-Za-z])[ \t]*[)\]]|(?P<b>[A-Za-z])[ \t]*(?:[.):]|[ \t][-–—])(?=\s|$))",
-    re.M,
+    r"""^[ \t]*(?:[-*•][ \t]*)?(?:
+        [(\[][ \t]*(?P<a>[A-Za-z])[ \t]*[)\]]
+      | (?P<b>[A-Za-z])[ \t]*(?:[.):]|[ \t][-–—])(?=\s|$)
+    )""",
+    re.M | re.X,
 )
 _OPTION_WORD_BEFORE = re.compile(r"\b(?:options?|choices?)\s*[:：]?\s*$", re.I)
 _CLAUSE_END = re.compile(r"\s*(?:[.,;:!?)\]]|$)")

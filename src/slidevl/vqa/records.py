@@ -300,9 +300,8 @@ def read_records(path: str | os.PathLike[str]) -> list[VQARecord]:
                 errors.append(f"{path}:{lineno}{where}: {prefix}{exc}")
                 continue
             if record.id in first_line:
-                errors.append(
-                    f"{path}:{lineno}: field 'id': duplicate id {record.id!r} (first seen on line {first_line[record.id]})"
-                )
+                first = first_line[record.id]
+                errors.append(f"{path}:{lineno}: field 'id': duplicate id {record.id!r} (first seen on line {first})")
                 continue
             first_line[record.id] = lineno
             records.append(record)

@@ -1,0 +1,30 @@
+"""The ``slidevl`` command line: one entry point that mounts each part's commands.
+
+Every command is also a Python function in its own package; this module only wires
+them together, so each part can be used without the others.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from slidevl.demo import demo_command
+from slidevl.features.cli import features_app, preprocess_command
+from slidevl.serve.cli import serve
+from slidevl.survival.cli import app as survival_app
+from slidevl.synth.cli import app as synth_app
+from slidevl.vqa.cli import app as vqa_app
+
+app = typer.Typer(
+    name="slidevl",
+    help="Vision-language analysis of whole-slide images: survival risk with evidence, and questions answered in words.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command("demo")(demo_command)
+app.add_typer(synth_app, name="synth")
+app.command("preprocess")(preprocess_command)
+app.add_typer(features_app, name="features")
+app.add_typer(survival_app, name="survival")
+app.add_typer(vqa_app, name="vqa")
+app.command("serve")(serve)

@@ -1,0 +1,256 @@
+"""`preprocess`: a batch with good and bad slides, the feature files, resume and re-run rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slide_fixtures import (
+    make_encoders,
+    write_aperio_slide,
+    write_blank_slide,
+    write_corrupt_slide,
+    write_not_a_slide,
+    write_plain_tiff,
+    write_truncated_slide,
+    write_zero_byte,
+)
+from slidevl.features import jobs
+from slidevl.features.config import PreprocessConfig
+from slidevl.features.pipeline import preprocess
+from slidevl.features.store import FeatureStore, read_slide_attrs
+from slidevl.tiling.grid import GridSpec, SlideGrid
+
+FAST = PreprocessConfig(workers=0, batch_size=32, progress=False)
+
+BAD = {
+    "nompp": "--mpp-override",
+    "blank": "no tissue found",
+    "zero": "empty (0 bytes)",
+    "text": "cannot open as a slide",
+    "trunc": "truncated",
+    "corrupt": "reading patch tiles failed",
+}
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    slides = root / "slides"
+    slides.mkdir()
+    write_aperio_slide(slides / "good.svs", 2048, 1536, mpp=0.5)
+    write_aperio_slide(slides / "fine.svs", 2048, 1536, mpp=0.25, seed=1)
+    write_plain_tiff(slides / "plain.tif", 1024, 768)
+    write_aperio_slide(slides / "nompp.svs", 1024, 768, mpp=None)
+    write_blank_slide(slides / "blank.svs", 1024, 768)
+    write_zero_byte(slides / "zero.svs")
+    write_not_a_slide(slides / "text.svs")
+    write_truncated_slide(slides / "trunc.svs", 1024, 768)
+    write_corrupt_slide(slides / "corrupt.svs")
+    (slides / "notes.txt").write_text("not a slide extension: ignored")
+    job = root / "job"
+    encoders = make_encoders()
+    report = preprocess(slides, job, replace(FAST, workers=2, batch_size=16), encoders=encoders)
+    return {"slides": slides, "job": job, "report": report, "encoders": encoders}
+
+
+def test_batch_completes_despite_bad_slides(batch):
+    report = batch["report"]
+    by_id = {r.slide_id: r for r in report.results}
+    assert sorted(by_id) == sorted(["good", "fine", "plain", *BAD])
+    for sid in ("good", "fine", "plain"):
+        assert by_id[sid].status == "ok" and by_id[sid].n_patches > 0
+    for sid, message in BAD.items():
+        assert by_id[sid].status == "failed"
+        assert message in by_id[sid].error and sid in by_id[sid].error
+    assert report.exit_code == 1
+
+
+def test_manifest_summary_and_status_files(batch):
+    job = batch["job"]
+    manifest = json.loads((job / "manifest.json").read_text())
+    entries = {e["slide_id"]: e for e in manifest["slides"]}
+    assert manifest["counts"] == {"ok": 3, "failed": len(BAD)}
+    assert entries["good"]["output"] == "features/handcrafted/good.h5"
+    assert set(entries["good"]["timings"]) == {"open", "tissue", "tiles", "regions", "write"}
+    assert entries["corrupt"]["error"] and entries["corrupt"]["status"] == "failed"
+    summary = (job / "summary.md").read_text()
+    assert "| good | ok |" in summary and "truncated" in summary
+    for sid in entries:
+        assert json.loads((job / "status" / f"{sid}.json").read_text())["slide_id"] == sid
+
+
+def test_outputs_written_for_good_slides_only(batch):
+    job = batch["job"]
+    assert sorted(p.stem for p in (job / "features" / "handcrafted").glob("*.h5")) == ["fine", "good", "plain"]
+    for sid in ("good", "fine", "plain", "blank"):  # blank: still a mask and a QC picture to look at
+        assert (job / "tissue" / f"{sid}.geojson").is_file() and (job / "qc" / f"{sid}.png").is_file()
+    assert not list(job.rglob("*.partial"))
+
+
+def test_feature_file_contents_and_provenance(batch):
+    store = FeatureStore(batch["job"])
+    encoder = batch["encoders"].tile
+    sf = store.load("fine")
+    a = sf.attrs
+    assert a["mpp"] == 0.25 and a["mpp_source"] == "property" and a["target_mpp"] == 0.5
+    assert a["patch_size_level0"] == 512.0 and a["region_size_level0"] == 8192.0 and a["pack_size"] == 3
+    assert a["region_patches"] == 16 and a["read_level_patch"] == 0 and a["patch_resized"] is True
+    assert a["encoder"] == "handcrafted" and a["encoder_revision"] == encoder.revision
+    assert a["encoder_provenance"]["name"] == "handcrafted" and a["input_size"] == encoder.input_size
+    assert a["segmentation"]["downsample"] == 16.0 and "threshold_used" in a["segmentation"]
+    assert a["grid_spec"] == GridSpec().as_dict() and a["slide_vendor"] == "aperio"
+    assert a["slide_width"] == 2048 and a["slidevl_version"] and a["created"]
+    assert a["config_fingerprint"]["tissue"]["downsample"] == 16.0
+    n, d = sf.patch_features.shape
+    assert d == encoder.feature_dim and n > 0
+    assert (sf.patch_tissue >= 0.25).all() and (sf.patch_tissue <= 1).all()
+    grid = SlideGrid(GridSpec(), 2048, 1536, 0.25)
+    assert np.array_equal(sf.patch_coords, grid.patch_edges(sf.patch_grid))
+    # Row-major order and the pooled regions equal the mean of their patches (float16 on disk).
+    assert np.array_equal(np.lexsort((sf.patch_grid[:, 0], sf.patch_grid[:, 1])), np.arange(n))
+    for r in range(len(sf.region_grid)):
+        members = sf.patch_features[sf.patch_region == r]
+        np.testing.assert_allclose(sf.region_features[r], members.mean(0), rtol=2e-3, atol=2e-3)
+    assert sf.pack_features.shape == (len(sf.pack_grid), d) and np.isfinite(sf.pack_features).all()
+    assert sf.global_feature.shape == (d,)
+    assert np.array_equal(sf.pack_grid[sf.patch_pack], sf.patch_grid // 3)
+
+
+def test_plain_tiff_goes_through_tifffile(batch):
+    attrs = read_slide_attrs(FeatureStore(batch["job"]).path("plain"))
+    assert attrs["slide_backend"] == "tifffile" and attrs["mpp_read_property"] == "tiff.XResolution"
+
+
+def test_workers_give_the_same_features_as_in_process(batch, tmp_path):
+    report = preprocess(batch["slides"] / "good.svs", tmp_path, FAST, encoders=batch["encoders"])
+    assert report.exit_code == 0
+    a = FeatureStore(tmp_path).load("good")
+    b = FeatureStore(batch["job"]).load("good")
+    for name in ("patch_features", "patch_coords", "region_features", "pack_features", "global_feature", "patch_tissue"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_rerun_skips_complete_slides_and_reruns_changed_ones(tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_aperio_slide(slides / "s1.svs", 1024, 1024)
+    write_aperio_slide(slides / "s2.svs", 1024, 1024, seed=3)
+    job = tmp_path / "job"
+    encoders = make_encoders()
+    first = preprocess(slides, job, FAST, encoders=encoders)
+    assert [r.status for r in first.results] == ["ok", "ok"]
+    h5 = FeatureStore(job).path("s1")
+    stamp = h5.stat().st_mtime_ns
+
+    again = preprocess(slides, job, FAST, encoders=encoders)
+    assert [r.status for r in again.results] == ["skipped", "skipped"] and again.exit_code == 0
+    assert h5.stat().st_mtime_ns == stamp
+    assert {e["status"] for e in json.loads((job / "manifest.json").read_text())["slides"]} == {"skipped"}
+
+    # A different configuration makes the existing file stale: "file exists" is not "done".
+    changed = preprocess(slides, job, replace(FAST, min_tissue=0.5), encoders=encoders)
+    assert [r.status for r in changed.results] == ["ok", "ok"]
+    assert read_slide_attrs(h5)["min_tissue"] == 0.5
+
+    # A missing file or a status that is not ok re-runs the slide; leftovers of a killed write go.
+    h5.unlink()
+    stale = h5.parent / f".{h5.name}.abc123.partial"
+    stale.write_bytes(b"half a file")
+    status = jobs.read_status(job, "s2")
+    status.status = "running"
+    jobs.write_status(job, status)
+    rerun = preprocess(slides, job, replace(FAST, min_tissue=0.5), encoders=encoders)
+    assert [r.status for r in rerun.results] == ["ok", "ok"]
+    assert h5.is_file() and not stale.exists()
+
+    forced = preprocess(slides, job, replace(FAST, min_tissue=0.5, overwrite=True), encoders=encoders)
+    assert [r.status for r in forced.results] == ["ok", "ok"]
+
+
+def test_failed_rerun_leaves_previous_outputs_intact(tmp_path):
+    slide = write_aperio_slide(tmp_path / "s.svs", 1024, 1024)
+    job = tmp_path / "job"
+    encoders = make_encoders()
+    assert preprocess(slide, job, FAST, encoders=encoders).exit_code == 0
+    h5 = FeatureStore(job).path("s")
+    before = {p: p.read_bytes() for p in (h5, job / "tissue" / "s.geojson")}
+    write_corrupt_slide(slide, 1024, 1024)  # the slide gets damaged; re-run forced
+    report = preprocess(slide, job, replace(FAST, overwrite=True), encoders=encoders)
+    assert report.results[0].status == "failed" and report.exit_code == 1
+    assert h5.read_bytes() == before[h5]
+    assert FeatureStore(job).load("s").n_patches > 0
+    assert not list(job.rglob("*.partial"))
+
+
+def test_mpp_override_and_csv_rescue_a_slide_without_mpp(tmp_path):
+    slide = write_aperio_slide(tmp_path / "nompp.svs", 2048, 2048, mpp=None)
+    encoders = make_encoders()
+    over = preprocess(slide, tmp_path / "a", replace(FAST, mpp_override=0.5), encoders=encoders)
+    assert over.exit_code == 0
+    attrs = read_slide_attrs(FeatureStore(tmp_path / "a").path("nompp"))
+    assert (attrs["mpp"], attrs["mpp_source"], attrs["mpp_read_x"]) == (0.5, "override", None)
+    csv = tmp_path / "mpp.csv"
+    csv.write_text("slide_id,mpp\nnompp,0.25\n")
+    viacsv = preprocess(slide, tmp_path / "b", FAST.with_mpp_csv(csv), encoders=encoders)
+    assert viacsv.exit_code == 0
+    attrs = read_slide_attrs(FeatureStore(tmp_path / "b").path("nompp"))
+    assert (attrs["mpp"], attrs["mpp_source"], attrs["patch_size_level0"]) == (0.25, "csv", 512.0)
+
+
+def test_shards_cover_every_slide_exactly_once(tmp_path):
+    names = [tmp_path / f"slide_{c}.svs" for c in "gbfadce"]
+    for n in range(1, 5):
+        parts = [jobs.shard_slides(names, (i, n)) for i in range(n)]
+        flat = [p for part in parts for p in part]
+        assert sorted(flat) == sorted(names) and len(flat) == len(set(flat))
+        assert parts == [jobs.shard_slides(list(reversed(names)), (i, n)) for i in range(n)]  # order-independent
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(3):
+        write_aperio_slide(slides / f"s{i}.svs", 768, 768, seed=i)
+    encoders = make_encoders()
+    reports = [preprocess(slides, tmp_path / "job", replace(FAST, shard=(i, 2)), encoders=encoders) for i in range(2)]
+    done = sorted(r.slide_id for rep in reports for r in rep.results)
+    assert done == ["s0", "s1", "s2"]
+    manifest = json.loads((tmp_path / "job" / "manifest.json").read_text())
+    assert [e["slide_id"] for e in manifest["slides"]] == ["s0", "s1", "s2"]
+    assert manifest["counts"] == {"ok": 3}
+
+
+def test_discovery_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(jobs.UsageError, match="no slides found"):
+        jobs.discover_slides(tmp_path / "empty")
+    with pytest.raises(jobs.UsageError, match="no such file"):
+        jobs.discover_slides(tmp_path / "missing")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_zero_byte(tmp_path / "a" / "x.svs")
+    write_zero_byte(tmp_path / "b" / "x.tif")
+    with pytest.raises(jobs.UsageError, match="share the id 'x'"):
+        jobs.discover_slides([tmp_path / "a", tmp_path / "b"])
+
+
+def test_status_survives_garbage(tmp_path):
+    path = jobs.status_path(tmp_path, "s")
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert jobs.read_status(tmp_path, "s") is None
+    jobs.rebuild_manifest(tmp_path)  # ignores it rather than failing
+    assert json.loads((tmp_path / "manifest.json").read_text())["slides"] == []
+
+
+def test_copying_a_job_keeps_it_complete(tmp_path):
+    slide = write_aperio_slide(tmp_path / "s.svs", 768, 768)
+    encoders = make_encoders()
+    preprocess(slide, tmp_path / "job", FAST, encoders=encoders)
+    shutil.copytree(tmp_path / "job", tmp_path / "moved")
+    os.utime(FeatureStore(tmp_path / "moved").path("s"))
+    assert preprocess(slide, tmp_path / "moved", FAST, encoders=encoders).results[0].status == "skipped"
