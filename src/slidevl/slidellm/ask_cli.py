@@ -1,0 +1,104 @@
+"""``slidevl ask``: a question about a slide, answered by a tuned checkpoint.
+
+One-shot::
+
+    slidevl ask slide.svs "Is there a tumour?" --checkpoint runs/stage2
+    slidevl ask TCGA-XX-0001 "Describe this region." --bbox 0,0,4096,4096 --checkpoint runs/stage2 --job jobs/tcga
+
+Interactive (the slide stays loaded; the history is kept)::
+
+    slidevl ask slide.svs --interactive --checkpoint runs/stage2
+    > /bbox 0,0,4096,4096      ask about a region from now on (/bbox alone: whole slide)
+    > /reset                   forget the history
+    > /quit
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+from rich.console import Console
+
+_out = Console()
+_err = Console(stderr=True)
+
+
+def _fail(message: str) -> NoReturn:
+    _err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+def ask_command(
+    slide: Annotated[str, typer.Argument(help="A slide file, or the id of a slide in --job (or in the checkpoint's training job).")],
+    question: Annotated[Optional[str], typer.Argument(help="The question; for choice questions put the options in the text.")] = None,
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Stage-2 (or stage-1) run folder.")] = Path("."),
+    bbox: Annotated[Optional[str], typer.Option("--bbox", help="Region in level-0 pixels: x0,y0,x1,y1.")] = None,
+    job: Annotated[Optional[Path], typer.Option("--job", help="Job folder holding (or caching) the slide's features; default ~/.cache/slidevl/ask for slide files.")] = None,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read questions from stdin until /quit.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens (greedy decoding).")] = 128,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available).")] = None,
+) -> None:
+    """Answer a question about a slide, from the slide file (or id) to the answer in one command."""
+    from transformers.utils import logging as hf_logging
+
+    from slidevl.features.store import FeatureStoreError
+    from slidevl.slidellm.ask import SlideAssistant
+    from slidevl.slidellm.llm import LLMError
+    from slidevl.slidellm.model import SlideVLMError, parse_bbox
+    from slidevl.slidellm.tokenizer import TokenizerError
+    from slidevl.slidellm.tuning.state import CheckpointError
+
+    hf_logging.disable_progress_bar()
+    if question is None and not interactive:
+        _fail("give a QUESTION, or --interactive to read questions from stdin")
+    try:
+        region = parse_bbox(bbox) if bbox else None
+        assistant = SlideAssistant(checkpoint, device=device)
+        conversation = assistant.conversation(assistant.open_slide(slide, job=job, console=_err), bbox=region)
+        if question is not None:
+            _out.print(conversation.ask(question, max_new_tokens=max_new_tokens), markup=False, highlight=False)
+    except (ValueError, CheckpointError, FeatureStoreError, LLMError, SlideVLMError, TokenizerError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if interactive:
+        _chat(conversation, max_new_tokens)
+
+
+def _chat(conversation: "object", max_new_tokens: int) -> None:
+    from slidevl.slidellm.ask import Conversation
+    from slidevl.slidellm.model import SlideVLMError, parse_bbox
+
+    assert isinstance(conversation, Conversation)
+    prompt = sys.stdin.isatty()
+    while True:
+        if prompt:
+            _err.print("[bold]>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line:
+            return
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line in ("/quit", "/exit"):
+                return
+            if line == "/reset":
+                conversation.reset()
+                _err.print("history cleared")
+            elif line == "/bbox" or line.startswith("/bbox "):
+                arg = line[len("/bbox"):].strip()
+                conversation.set_region(parse_bbox(arg) if arg else None)
+                _err.print(f"region: {arg or 'whole slide'}")
+            elif line.startswith("/"):
+                _err.print("commands: /bbox x0,y0,x1,y1 | /bbox | /reset | /quit")
+            else:
+                _out.print(conversation.ask(line, max_new_tokens=max_new_tokens), markup=False, highlight=False)
+        except SlideVLMError as exc:
+            _err.print(f"[bold red]error:[/] {exc}")
+
+
+#: A one-command app, so the command can be run and tested on its own.
+app = typer.Typer(add_completion=False)
+app.command("ask")(ask_command)
