@@ -1,30 +1,41 @@
-"""A tiny but complete job folder for the viewer tests.
+"""A tiny but complete job folder for the viewer tests, made by the real pipeline.
 
-The job holds two real pyramidal Aperio-style TIFF slides (readable by OpenSlide), a
-feature file per slide written through :mod:`slidevl.features.store`, QuPath-style
-tissue contours, a VQA ROI file, a manifest, and a survival run folder with OOF risks,
-a summary and per-slide evidence. Everything is derived from the same synthetic tissue
-mask so the numbers the tests check (patch counts, tissue areas) are known exactly.
+Two pyramidal Aperio-style TIFF slides (tissue is one known rectangle on glass, so areas
+are known) and one corrupt slide go through :func:`slidevl.features.pipeline.preprocess`,
+which writes the features, tissue contours, status files and the manifest (the corrupt
+slide is listed as failed). Added on top: a VQA ROI file in the viewer's format and a
+survival run folder in the format of ``slidevl survival cv`` (OOF risks, summary with the
+run's stratification, HiLa-style evidence, one real fold checkpoint).
+
+:func:`shared_job` builds it once per test session.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
+import torch
+from rich.console import Console
 
 from slidevl.atomic import write_json_atomic
-from slidevl.features.store import SlideFeatures, write_slide_features
+from slidevl.features.config import PreprocessConfig
+from slidevl.features.pipeline import preprocess
+from slidevl.features.store import FeatureStore, SlideFeatures
+from slidevl.survival.checkpoint import save_checkpoint
 from slidevl.survival.evidence import prompt_table
-from slidevl.tiling.grid import GridSpec, SlideGrid, index_cells
+from slidevl.survival.metrics import c_index, stratify
+from slidevl.survival.registry import build_model
 
 MPP = 0.5
 TILE = 256
-ENCODER = "toy"
+ENCODER = "handcrafted"  # the pipeline's default encoder
 PROMPTS = ["dense tumour nests", "lymphocyte-rich stroma", "necrosis"]
 
 
@@ -72,136 +83,121 @@ def write_aperio_tiff(path: Path, image: np.ndarray, mpp: float = MPP) -> Path:
     return path
 
 
-def _features(slide: ToySlide, seed: int) -> SlideFeatures:
-    grid = SlideGrid(GridSpec(target_mpp=MPP), width=slide.width, height=slide.height, mpp=MPP)
-    cells = grid.all_patches()
-    boxes = grid.patch_boxes(cells)
-    x0, y0, x1, y1 = slide.tissue_box
-    inside = (boxes[:, 0] >= x0) & (boxes[:, 1] >= y0) & (boxes[:, 2] <= x1) & (boxes[:, 3] <= y1)
-    cells = cells[inside]
-    regions, region_index = index_cells(grid.region_of(cells))
-    packs, pack_index = index_cells(grid.pack_of(cells))
-    rng = np.random.default_rng(seed)
-    return SlideFeatures(
-        slide_id=slide.slide_id,
-        patch_features=rng.normal(size=(len(cells), 8)).astype(np.float32),
-        patch_coords=grid.patch_edges(cells),
-        patch_grid=cells,
-        patch_region=region_index,
-        patch_pack=pack_index,
-        patch_tissue=np.ones(len(cells), np.float32),
-        region_coords=grid.cell_boxes(regions, 16)[:, :2],
-        region_grid=regions,
-        pack_coords=grid.cell_boxes(packs, 3)[:, :2],
-        pack_grid=packs,
-        attrs={
-            "encoder": ENCODER,
-            "mpp": MPP,
-            "target_mpp": MPP,
-            "patch_size_level0": grid.patch_step,
-            "region_size_level0": grid.region_step,
-            "pack_size": 3,
-        },
-    )
-
-
-def _tissue_geojson(slide: ToySlide) -> dict:
-    x0, y0, x1, y1 = slide.tissue_box
-    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-    return {
-        "type": "FeatureCollection",
-        "features": [{
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}},
-        }],
-    }
-
-
-def _evidence(slide: ToySlide, sf: SlideFeatures, seed: int) -> dict:
-    """An evidence record in the survival run's format (:mod:`slidevl.survival.evidence`)."""
+def _evidence(slide: ToySlide, sf: SlideFeatures, seed: int, patient_id: str, risk: float) -> dict:
+    """An evidence record as :func:`slidevl.survival.evidence.write_evidence` writes it for HiLa."""
     rng = np.random.default_rng(seed)
     n = sf.n_patches
     alignment = rng.random(n)
     kept = alignment >= np.quantile(alignment, 0.4)
     n_regions = len(sf.region_coords)
+    # Level 0 is the shortest-survival bin, as in the real prompt banks.
+    scale_texts = ((PROMPTS[2],), tuple(PROMPTS[:2]))
+    prompts = {scale: prompt_table(scale_texts, ("high risk", "low risk")) for scale in ("patch", "region")}
     return {
-        "slide_id": slide.slide_id, "patient_id": f"P{seed:02d}", "model": "hila", "fold": seed,
-        "prompts": prompt_table((tuple(PROMPTS[:2]), (PROMPTS[2],)), ("low risk", "high risk")),
+        "slide_id": slide.slide_id, "patient_id": patient_id, "model": "hila", "fold": seed, "risk": risk,
+        "prompts": prompts,
         "patch": {"index": list(range(n)), "coords": sf.patch_coords.tolist(), "kept": kept.tolist(),
-                  "prompt_index": [(0, 1, 2)[i % 3] for i in range(n)], "alignment": alignment.round(4).tolist()},
+                  "prompt_index": [(0, 2, 3)[i % 3] for i in range(n)], "alignment": alignment.round(4).tolist()},
+        "patch_level_scores": [0.4, 0.6],
         "region": {"coords": sf.region_coords.tolist(), "kept": [True] * n_regions,
-                   "prompt_index": [2] * n_regions, "alignment": [0.5] * n_regions},
+                   "prompt_index": [0] * n_regions, "alignment": [0.5] * n_regions},
+        "region_level_scores": [0.3, 0.7],
     }
 
 
-def _survival_run(run: Path) -> None:
-    """OOF risks for a 40-patient cohort that includes the toy slides, plus a summary."""
+BIN_EDGES = [0.0, 12.0, 30.0, 60.0, 120.0]
+
+
+def _survival_run(root: Path, features: dict[str, SlideFeatures]) -> Path:
+    """A run folder as `slidevl survival cv` writes it, for a 40-patient cohort holding the toy slides.
+
+    Patient ``P00`` (TOY-01) was validated in fold 0, whose checkpoint is a real (untrained)
+    ABMIL model; ``P01`` (TOY-02) in fold 1, whose checkpoint is absent. TOY-01 carries HiLa
+    evidence (OPL tokens), TOY-02 attention-model evidence.
+    """
     rng = np.random.default_rng(7)
-    rows = []
+    run = root / "run"
+    rows, clinical = [], []
     for i in range(40):
-        slide_id = SLIDES[i].slide_id if i < len(SLIDES) else f"COH-{i:02d}"
+        pid = f"P{i:02d}"
         risk = float(rng.normal())
         t = float(np.clip(rng.exponential(30 * np.exp(-0.5 * risk)), 1, 120))
-        surv = np.cumprod(1 - np.clip(rng.uniform(0.05, 0.3, 4) * np.exp(0.3 * risk), 0, 0.95))
-        rows.append({"patient_id": f"P{i:02d}", "slide_ids": slide_id, "fold": i % 5, "risk": round(risk, 4),
-                     "e": int(rng.random() < 0.6), "t": round(t, 2),
-                     **{f"surv_{k}": round(float(s), 4) for k, s in enumerate(surv)}})
+        e = int(rng.random() < 0.6)
+        rows.append({"patient_id": pid, "fold": i % 5, "risk": round(risk, 4), "t": round(t, 2), "e": e})
+        clinical.append({"pathology_id": SLIDES[i].slide_id if i < len(SLIDES) else f"COH-{i:02d}", "patient_id": pid, "e": e, "t": round(t, 2)})
     run.mkdir(parents=True, exist_ok=True)
-    with open(run / "oof_risks.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    for name, table in (("oof_risks.csv", rows), ("clinical.csv", clinical)):
+        with open((run if name.startswith("oof") else root) / name, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    t, e, risk, fold = (np.array([r[k] for r in rows]) for k in ("t", "e", "risk", "fold"))
+    folds = [c_index(t[fold == k], e[fold == k], risk[fold == k]) for k in range(5)]
+    strat = stratify(t, e, risk)
     write_json_atomic(run / "summary.json", {
-        "model": "hila", "c_index_mean": 0.64, "c_index_std": 0.05, "n_folds": 5,
-        "bin_edges": [0.0, 12.0, 30.0, 60.0, 120.0],
+        "model": "hila", "variant": "full",
+        "c_index": {"folds": folds, "mean": float(np.mean(folds)), "std": float(np.std(folds)), "std_ddof": 0},
+        "logrank_p": strat.p_value, "stratification": strat.as_dict(),
+        "bins": {"mode": "all", "n_bins": 4, "edges": [BIN_EDGES] * 5},
+        "cohort": {"clinical": str(root / "clinical.csv"), "patients": 40, "slides": 40, "events": sum(r["e"] for r in rows)},
     })
-
-
-def _manifest_entry(slide_id: str, path: Path, status: str, *, n_patches: int | None = None, output: str | None = None,
-                    tissue: str | None = None, error: str | None = None) -> dict:
-    """One entry in the format of :func:`slidevl.features.jobs.rebuild_manifest`."""
-    return {"slide_id": slide_id, "status": status, "error": error, "timings": {"open": 0.01},
-            "n_patches": n_patches, "n_regions": None, "n_packs": None, "output": output, "tissue": tissue,
-            "qc": None, "encoder": ENCODER, "slide_path": str(path), "updated": "2026-01-01T00:00:00+0000"}
+    torch.manual_seed(0)
+    dim = next(iter(features.values())).patch_features.shape[1]
+    model = build_model("abmil", in_dim=dim, region_dim=dim, n_bins=len(BIN_EDGES) - 1)
+    save_checkpoint(run / "fold_0", model, {"fold": 0, "bins": {"edges": BIN_EDGES, "mode": "all"}, "region_tokens": "auto",
+                                            "feature_encoder": FeatureStore(root / "job").encoder, "scaler": None})
+    toy1, toy2 = SLIDES
+    write_json_atomic(run / "evidence" / f"{toy1.slide_id}.json",
+                      _evidence(toy1, features[toy1.slide_id], 0, rows[0]["patient_id"], rows[0]["risk"]))
+    # An attention model's evidence: one weight per patch, summing to 1 over the bag.
+    attention = np.random.default_rng(1).dirichlet(np.ones(features[toy2.slide_id].n_patches))
+    write_json_atomic(run / "evidence" / f"{toy2.slide_id}.json", {
+        "slide_id": toy2.slide_id, "patient_id": rows[1]["patient_id"], "model": "abmil", "fold": 1, "risk": rows[1]["risk"],
+        "patch": {"index": list(range(len(attention))), "coords": features[toy2.slide_id].patch_coords.tolist(),
+                  "attention": attention.round(6).tolist()},
+    })
+    return run
 
 
 def make_job(root: Path, *, with_survival: bool = True) -> dict[str, Path]:
     """Create ``root/job`` (and ``root/run`` if asked); return the paths the tests need."""
     job = root / "job"
     slides_dir = root / "slides"
-    entries = []
     for k, slide in enumerate(SLIDES):
-        src = write_aperio_tiff(slides_dir / f"{slide.slide_id}.tiff", _render(slide, k))
-        sf = _features(slide, k)
-        write_slide_features(job / "features" / ENCODER / f"{slide.slide_id}.h5", sf)
-        write_json_atomic(job / "tissue" / f"{slide.slide_id}.geojson", _tissue_geojson(slide))
-        entries.append(_manifest_entry(slide.slide_id, src, "ok", n_patches=sf.n_patches,
-                                       output=f"features/{ENCODER}/{slide.slide_id}.h5",
-                                       tissue=f"tissue/{slide.slide_id}.geojson"))
-    # A failed slide shows in the list with its error but has nothing to view.
-    entries.append(_manifest_entry("BROKEN-03", slides_dir / "BROKEN-03.svs", "failed",
-                                   error="OpenSlideUnsupportedFormatError: Unsupported or missing image file"))
-    write_json_atomic(job / "manifest.json", {"job": str(job.resolve()), "counts": {"ok": 2, "failed": 1},
-                                              "config": {}, "slides": entries})
+        write_aperio_tiff(slides_dir / f"{slide.slide_id}.tiff", _render(slide, k))
+    # Not a slide at all: preprocessing records it as failed, the viewer lists it with its error.
+    (slides_dir / "BROKEN-03.svs").write_bytes(b"this is not a slide\n" * 64)
+    report = preprocess(slides_dir.resolve(), job, PreprocessConfig(workers=0, progress=False), console=Console(quiet=True))
+    status = {r.slide_id: r.status for r in report.results}
+    if status != {"TOY-01": "ok", "TOY-02": "ok", "BROKEN-03": "failed"}:
+        raise RuntimeError(f"preprocessing the viewer fixture went wrong: {[(r.slide_id, r.status, r.error) for r in report.results]}")
     write_json_atomic(job / "rois" / f"{SLIDES[0].slide_id}.json", {
         "slide": SLIDES[0].slide_id,
         "rois": [{"id": "roi-1", "bbox": [600, 300, 1400, 900], "label": "tumour nest"},
-                 {"id": "roi-2", "bbox": [1600, 1000, 2400, 1700], "label": "stroma"}],
+                 {"id": "roi-2", "bbox": [1600, 1000, 2400, 1700], "label": "stroma",
+                  "polygon": [[1600, 1000], [2400, 1000], [2400, 1700], [1600, 1000]]}],
     })
     paths = {"job": job, "slides": slides_dir}
     if with_survival:
-        run = root / "run"
-        _survival_run(run)
-        for k, slide in enumerate(SLIDES):
-            sf = _features(slide, k)
-            write_json_atomic(run / "evidence" / f"{slide.slide_id}.json", _evidence(slide, sf, k))
-        paths["run"] = run
+        store = FeatureStore(job)
+        paths["run"] = _survival_run(root, {s.slide_id: store.load(s.slide_id) for s in SLIDES})
     return paths
 
 
+def shared_job(factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The fixture job, built on first use and shared by every module of the session (read-only)."""
+    root = factory.getbasetemp() / "serve_shared"
+    done = root / "paths.json"
+    if not done.is_file():
+        if root.exists():
+            shutil.rmtree(root)  # a half-built job from an interrupted earlier attempt
+        paths = make_job(root)
+        write_json_atomic(done, {k: str(v) for k, v in paths.items()})
+    return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+
+
 def tissue_area_mm2(slide: ToySlide, bbox: tuple[int, int, int, int] | None = None) -> float:
-    """Exact tissue area of a toy slide (inside ``bbox`` if given), in mm²."""
+    """True tissue area of a toy slide (inside ``bbox`` if given), in mm²; contours approximate it."""
     x0, y0, x1, y1 = slide.tissue_box
     if bbox is not None:
         x0, y0 = max(x0, bbox[0]), max(y0, bbox[1])

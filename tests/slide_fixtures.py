@@ -132,28 +132,6 @@ def write_not_a_slide(path: Path) -> Path:
     return Path(path)
 
 
-class MeanRegion:
-    """Throwaway mean-pooling region encoder used until the encoder registry lands."""
-
-    name = "mean"
-    revision = "test"
-
-    def output_dim(self, dim: int) -> int:
-        return dim
-
-    def encode(self, grid: np.ndarray, present: np.ndarray) -> np.ndarray:
-        count = present.sum(axis=(1, 2))[:, None]
-        return (grid * present[..., None]).sum(axis=(1, 2)) / np.maximum(count, 1)
-
-
-def make_encoders():
-    """The default tile encoder with a mean region encoder."""
-    from slidevl.features.encoders.handcrafted import HandcraftedEncoder
-    from slidevl.features.pipeline import Encoders
-
-    return Encoders(HandcraftedEncoder(), MeanRegion())
-
-
 def write_corrupt_slide(path: Path, width: int = 2048, height: int = 1536) -> Path:
     """A slide that opens but whose level-0 tiles in the tissue are zeroed (unreadable JPEG)."""
     write_aperio_slide(path, width, height)

@@ -6,13 +6,11 @@ import json
 import os
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from slide_fixtures import (
-    make_encoders,
     write_aperio_slide,
     write_blank_slide,
     write_corrupt_slide,
@@ -22,6 +20,7 @@ from slide_fixtures import (
     write_zero_byte,
 )
 from slidevl.features import jobs
+from slidevl.features.encoders import get_encoder
 from slidevl.features.config import PreprocessConfig
 from slidevl.features.pipeline import preprocess
 from slidevl.features.store import FeatureStore, read_slide_attrs
@@ -35,7 +34,7 @@ BAD = {
     "zero": "empty (0 bytes)",
     "text": "cannot open as a slide",
     "trunc": "truncated",
-    "corrupt": "reading patch tiles failed",
+    "corrupt": "the file may be truncated or corrupt",
 }
 
 
@@ -55,9 +54,8 @@ def batch(tmp_path_factory):
     write_corrupt_slide(slides / "corrupt.svs")
     (slides / "notes.txt").write_text("not a slide extension: ignored")
     job = root / "job"
-    encoders = make_encoders()
-    report = preprocess(slides, job, replace(FAST, workers=2, batch_size=16), encoders=encoders)
-    return {"slides": slides, "job": job, "report": report, "encoders": encoders}
+    report = preprocess(slides, job, replace(FAST, workers=2, batch_size=16))
+    return {"slides": slides, "job": job, "report": report}
 
 
 def test_batch_completes_despite_bad_slides(batch):
@@ -96,13 +94,14 @@ def test_outputs_written_for_good_slides_only(batch):
 
 def test_feature_file_contents_and_provenance(batch):
     store = FeatureStore(batch["job"])
-    encoder = batch["encoders"].tile
+    encoder = get_encoder("handcrafted")
     sf = store.load("fine")
     a = sf.attrs
     assert a["mpp"] == 0.25 and a["mpp_source"] == "property" and a["target_mpp"] == 0.5
     assert a["patch_size_level0"] == 512.0 and a["region_size_level0"] == 8192.0 and a["pack_size"] == 3
     assert a["region_patches"] == 16 and a["read_level_patch"] == 0 and a["patch_resized"] is True
     assert a["encoder"] == "handcrafted" and a["encoder_revision"] == encoder.revision
+    assert a["encoder_spec"] == "handcrafted" and a["region_encoder_spec"] == "mean"
     assert a["encoder_provenance"]["name"] == "handcrafted" and a["input_size"] == encoder.input_size
     assert a["segmentation"]["downsample"] == 16.0 and "threshold_used" in a["segmentation"]
     assert a["grid_spec"] == GridSpec().as_dict() and a["slide_vendor"] == "aperio"
@@ -129,7 +128,7 @@ def test_plain_tiff_goes_through_tifffile(batch):
 
 
 def test_workers_give_the_same_features_as_in_process(batch, tmp_path):
-    report = preprocess(batch["slides"] / "good.svs", tmp_path, FAST, encoders=batch["encoders"])
+    report = preprocess(batch["slides"] / "good.svs", tmp_path, FAST)
     assert report.exit_code == 0
     a = FeatureStore(tmp_path).load("good")
     b = FeatureStore(batch["job"]).load("good")
@@ -143,19 +142,18 @@ def test_rerun_skips_complete_slides_and_reruns_changed_ones(tmp_path):
     write_aperio_slide(slides / "s1.svs", 1024, 1024)
     write_aperio_slide(slides / "s2.svs", 1024, 1024, seed=3)
     job = tmp_path / "job"
-    encoders = make_encoders()
-    first = preprocess(slides, job, FAST, encoders=encoders)
+    first = preprocess(slides, job, FAST)
     assert [r.status for r in first.results] == ["ok", "ok"]
     h5 = FeatureStore(job).path("s1")
     stamp = h5.stat().st_mtime_ns
 
-    again = preprocess(slides, job, FAST, encoders=encoders)
+    again = preprocess(slides, job, FAST)
     assert [r.status for r in again.results] == ["skipped", "skipped"] and again.exit_code == 0
     assert h5.stat().st_mtime_ns == stamp
     assert {e["status"] for e in json.loads((job / "manifest.json").read_text())["slides"]} == {"skipped"}
 
     # A different configuration makes the existing file stale: "file exists" is not "done".
-    changed = preprocess(slides, job, replace(FAST, min_tissue=0.5), encoders=encoders)
+    changed = preprocess(slides, job, replace(FAST, min_tissue=0.5))
     assert [r.status for r in changed.results] == ["ok", "ok"]
     assert read_slide_attrs(h5)["min_tissue"] == 0.5
 
@@ -166,23 +164,22 @@ def test_rerun_skips_complete_slides_and_reruns_changed_ones(tmp_path):
     status = jobs.read_status(job, "s2")
     status.status = "running"
     jobs.write_status(job, status)
-    rerun = preprocess(slides, job, replace(FAST, min_tissue=0.5), encoders=encoders)
+    rerun = preprocess(slides, job, replace(FAST, min_tissue=0.5))
     assert [r.status for r in rerun.results] == ["ok", "ok"]
     assert h5.is_file() and not stale.exists()
 
-    forced = preprocess(slides, job, replace(FAST, min_tissue=0.5, overwrite=True), encoders=encoders)
+    forced = preprocess(slides, job, replace(FAST, min_tissue=0.5, overwrite=True))
     assert [r.status for r in forced.results] == ["ok", "ok"]
 
 
 def test_failed_rerun_leaves_previous_outputs_intact(tmp_path):
     slide = write_aperio_slide(tmp_path / "s.svs", 1024, 1024)
     job = tmp_path / "job"
-    encoders = make_encoders()
-    assert preprocess(slide, job, FAST, encoders=encoders).exit_code == 0
+    assert preprocess(slide, job, FAST).exit_code == 0
     h5 = FeatureStore(job).path("s")
     before = {p: p.read_bytes() for p in (h5, job / "tissue" / "s.geojson")}
     write_corrupt_slide(slide, 1024, 1024)  # the slide gets damaged; re-run forced
-    report = preprocess(slide, job, replace(FAST, overwrite=True), encoders=encoders)
+    report = preprocess(slide, job, replace(FAST, overwrite=True))
     assert report.results[0].status == "failed" and report.exit_code == 1
     assert h5.read_bytes() == before[h5]
     assert FeatureStore(job).load("s").n_patches > 0
@@ -191,14 +188,13 @@ def test_failed_rerun_leaves_previous_outputs_intact(tmp_path):
 
 def test_mpp_override_and_csv_rescue_a_slide_without_mpp(tmp_path):
     slide = write_aperio_slide(tmp_path / "nompp.svs", 2048, 2048, mpp=None)
-    encoders = make_encoders()
-    over = preprocess(slide, tmp_path / "a", replace(FAST, mpp_override=0.5), encoders=encoders)
+    over = preprocess(slide, tmp_path / "a", replace(FAST, mpp_override=0.5))
     assert over.exit_code == 0
     attrs = read_slide_attrs(FeatureStore(tmp_path / "a").path("nompp"))
     assert (attrs["mpp"], attrs["mpp_source"], attrs["mpp_read_x"]) == (0.5, "override", None)
     csv = tmp_path / "mpp.csv"
     csv.write_text("slide_id,mpp\nnompp,0.25\n")
-    viacsv = preprocess(slide, tmp_path / "b", FAST.with_mpp_csv(csv), encoders=encoders)
+    viacsv = preprocess(slide, tmp_path / "b", FAST.with_mpp_csv(csv))
     assert viacsv.exit_code == 0
     attrs = read_slide_attrs(FeatureStore(tmp_path / "b").path("nompp"))
     assert (attrs["mpp"], attrs["mpp_source"], attrs["patch_size_level0"]) == (0.25, "csv", 512.0)
@@ -215,8 +211,7 @@ def test_shards_cover_every_slide_exactly_once(tmp_path):
     slides.mkdir()
     for i in range(3):
         write_aperio_slide(slides / f"s{i}.svs", 768, 768, seed=i)
-    encoders = make_encoders()
-    reports = [preprocess(slides, tmp_path / "job", replace(FAST, shard=(i, 2)), encoders=encoders) for i in range(2)]
+    reports = [preprocess(slides, tmp_path / "job", replace(FAST, shard=(i, 2))) for i in range(2)]
     done = sorted(r.slide_id for rep in reports for r in rep.results)
     assert done == ["s0", "s1", "s2"]
     manifest = json.loads((tmp_path / "job" / "manifest.json").read_text())
@@ -249,8 +244,32 @@ def test_status_survives_garbage(tmp_path):
 
 def test_copying_a_job_keeps_it_complete(tmp_path):
     slide = write_aperio_slide(tmp_path / "s.svs", 768, 768)
-    encoders = make_encoders()
-    preprocess(slide, tmp_path / "job", FAST, encoders=encoders)
+    preprocess(slide, tmp_path / "job", FAST)
     shutil.copytree(tmp_path / "job", tmp_path / "moved")
     os.utime(FeatureStore(tmp_path / "moved").path("s"))
-    assert preprocess(slide, tmp_path / "moved", FAST, encoders=encoders).results[0].status == "skipped"
+    assert preprocess(slide, tmp_path / "moved", FAST).results[0].status == "skipped"
+
+
+@pytest.mark.parametrize("sid, source", [("good", "mosaic"), ("fine", "pack box")])
+def test_pack_features_equal_a_direct_read_of_the_pack_box(batch, sid, source):
+    from slidevl.slide.reader import open_slide
+
+    sf = FeatureStore(batch["job"]).load(sid)
+    assert source in sf.attrs["pack_feature_source"]
+    encoder = get_encoder("handcrafted")
+    grid = SlideGrid(GridSpec(), sf.attrs["slide_width"], sf.attrs["slide_height"], sf.attrs["mpp"])
+    boxes = grid.cell_boxes(sf.pack_grid, 3)
+    with open_slide(batch["slides"] / f"{sid}.svs") as slide:
+        images = np.stack([slide.read_box(b, encoder.input_size, sf.attrs["read_level_pack"]) for b in boxes])
+    expected = encoder.encode_tiles(images).astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(sf.pack_features, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_thumbnail_is_padded_to_a_white_square():
+    from slidevl.features.pipeline import thumbnail_square
+
+    overview = np.zeros((100, 300, 3), np.uint8)  # a black, wide slide
+    thumb = thumbnail_square(overview, 60)
+    assert thumb.shape == (60, 60, 3)
+    assert (thumb[:20] == 255).all() and (thumb[40:] == 255).all()  # padding above and below
+    assert (thumb[21:39] == 0).all()  # the slide, centred

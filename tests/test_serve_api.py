@@ -6,26 +6,29 @@ import asyncio
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import skimage.draw
 from fastapi.testclient import TestClient
 from PIL import Image
-from serve_fixtures import ENCODER, MPP, SLIDES, make_job, tissue_area_mm2
+from serve_fixtures import ENCODER, MPP, SLIDES, shared_job, tissue_area_mm2
 
 from slidevl.features.store import read_slide_features
 from slidevl.serve.app import create_app
 from slidevl.serve.job import ServeJob
 from slidevl.serve.server import background_server
+from slidevl.survival.predict import predict_patient
 
 TOY = SLIDES[0]
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_job(tmp_path_factory.mktemp("serve_api"))
+    return shared_job(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +42,28 @@ def _features(paths: dict[str, Path], slide_id: str = TOY.slide_id):
     return read_slide_features(paths["job"] / "features" / ENCODER / f"{slide_id}.h5")
 
 
+def _rasterised_tissue(paths: dict[str, Path]) -> np.ndarray:
+    """Level-0 pixel mask of the tissue contours, drawn independently of the viewer's geometry code."""
+    geojson = json.loads((paths["job"] / "tissue" / f"{TOY.slide_id}.geojson").read_text())
+    mask = np.zeros((TOY.height, TOY.width), bool)
+    for feature in geojson["features"]:
+        for k, ring in enumerate(feature["geometry"]["coordinates"]):
+            xy = np.asarray(ring)
+            rr, cc = skimage.draw.polygon(xy[:, 1], xy[:, 0], mask.shape)
+            mask[rr, cc] = k == 0  # holes are cleared
+    return mask
+
+
+def _mm2(answer: str) -> float:
+    return float(re.search(r"Tissue covers ([0-9.]+) mm²", answer).group(1))
+
+
 # -- content ---------------------------------------------------------------------------------
-def test_slide_list_comes_from_the_manifest(client: TestClient) -> None:
+def test_slide_list_comes_from_the_manifest(client: TestClient, paths: dict[str, Path]) -> None:
     slides = {s["id"]: s for s in client.get("/api/slides").json()}
     assert set(slides) == {"TOY-01", "TOY-02", "BROKEN-03"}
-    assert slides["TOY-01"]["status"] == "ok" and slides["TOY-01"]["n_patches"] == 48
-    assert slides["BROKEN-03"]["status"] == "failed" and "Unsupported" in slides["BROKEN-03"]["error"]
+    assert slides["TOY-01"]["status"] == "ok" and slides["TOY-01"]["n_patches"] == _features(paths).n_patches
+    assert slides["BROKEN-03"]["status"] == "failed" and "cannot open as a slide" in slides["BROKEN-03"]["error"]
     thumb = client.get(slides["TOY-01"]["thumbnail"], params={"size": 64})
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) == 64
@@ -80,8 +99,11 @@ def test_deep_zoom_descriptor_and_tiles(client: TestClient) -> None:
 def test_overlays_match_the_job_outputs(client: TestClient, paths: dict[str, Path]) -> None:
     sf = _features(paths)
     tissue = client.get(f"/api/slides/{TOY.slide_id}/overlays/tissue").json()
-    x0, y0, x1, y1 = TOY.tissue_box
-    assert tissue["polygons"] == [[[[x0, y0], [x1, y0], [x1, y1], [x0, y1]]]]
+    geojson = json.loads((paths["job"] / "tissue" / f"{TOY.slide_id}.geojson").read_text())
+    rings = [[np.rint(np.asarray(r)[:-1]).astype(int).tolist() for r in f["geometry"]["coordinates"]] for f in geojson["features"]]
+    assert tissue["polygons"] == rings and len(rings) == 1
+    xs, ys = np.asarray(rings[0][0]).T  # the contour hugs the known tissue rectangle
+    assert np.allclose([xs.min(), ys.min(), xs.max(), ys.max()], TOY.tissue_box, atol=16)
     grid = client.get(f"/api/slides/{TOY.slide_id}/overlays/grid", params={"kind": "patch"}).json()
     assert grid["size"] == 256.0 and grid["coords"] == sf.patch_coords.tolist()
     region = client.get(f"/api/slides/{TOY.slide_id}/overlays/grid", params={"kind": "region"}).json()
@@ -93,9 +115,13 @@ def test_overlays_match_the_job_outputs(client: TestClient, paths: dict[str, Pat
     assert set(layers) == {"patch_opl_tokens", "patch_alignment", "region_opl_tokens", "region_alignment"}
     tokens = layers["patch_opl_tokens"]
     assert tokens["coords"] == sf.patch_coords.tolist() and tokens["size"] == 256.0
-    assert tokens["prompt"][:3] == [0, 1, 2]  # flat prompt index → position in the prompt list
-    assert ev["prompts"][2] == "high risk: necrosis"
+    assert tokens["prompt"][:3] == [0, 1, 2]  # flat prompt index → position in the scale's prompt list
+    assert ev["prompts"]["patch"][2] == {"text": "low risk: lymphocyte-rich stroma", "label": "low risk", "level": 1}
+    assert ev["model"] == "hila"
     assert layers["region_opl_tokens"]["size"] == 4096.0
+    attention = client.get("/api/slides/TOY-02/overlays/evidence").json()
+    assert [(l["name"], l["kind"]) for l in attention["layers"]] == [("patch_attention", "heatmap")]
+    assert sum(attention["layers"][0]["score"]) == pytest.approx(1.0, abs=1e-3) and attention["model"] == "abmil"
 
 
 def test_patch_click_returns_scores_and_matched_prompt(client: TestClient, paths: dict[str, Path]) -> None:
@@ -108,22 +134,32 @@ def test_patch_click_returns_scores_and_matched_prompt(client: TestClient, paths
     patch_ev = next(e for e in d["evidence"] if e["level"] == "patch")
     assert patch_ev["alignment"] == evidence["patch"]["alignment"][i]
     assert patch_ev["kept"] == evidence["patch"]["kept"][i]
-    assert patch_ev["prompt_text"] == ["low risk: dense tumour nests", "low risk: lymphocyte-rich stroma", "high risk: necrosis"][i % 3]
+    assert patch_ev["prompt_text"] == ["high risk: necrosis", "low risk: dense tumour nests", "low risk: lymphocyte-rich stroma"][i % 3]
     glass = client.get(f"/api/slides/{TOY.slide_id}/patch", params={"x": 10, "y": 10}).json()
     assert glass["patch"] is None and [e["level"] for e in glass["evidence"]] == ["region"]
 
 
 def test_survival_panel_reads_the_run_folder(client: TestClient, paths: dict[str, Path]) -> None:
     rows = list(csv.DictReader(open(paths["run"] / "oof_risks.csv")))
-    mine = next(r for r in rows if r["slide_ids"] == TOY.slide_id)
+    mine = next(r for r in rows if r["patient_id"] == "P00")  # named by TOY-01's evidence file
     d = client.get(f"/api/slides/{TOY.slide_id}/survival").json()
     risks = np.array([float(r["risk"]) for r in rows])
-    assert d["patient"]["risk"] == float(mine["risk"]) and d["patient"]["patient_id"] == mine["patient_id"]
+    assert d["patient"]["risk"] == float(mine["risk"]) and d["patient"]["fold"] == 0
     assert d["patient"]["group"] == ("high" if float(mine["risk"]) > np.median(risks) else "low")
-    assert d["patient"]["curve"]["t"] == [0.0, 12.0, 30.0, 60.0, 120.0] and d["patient"]["curve"]["s"][0] == 1.0
-    assert set(d["cohort"]["km"]) == {"high", "low"} and d["cohort"]["n"] == len(rows)
-    assert 0 <= d["cohort"]["logrank_p"] <= 1
-    assert client.get("/api/survival/summary").json()["c_index_mean"] == 0.64
+    assert d["cohort"]["threshold"] == pytest.approx(np.median(risks))
+    assert set(d["cohort"]["km"]) == {"high", "low"} and d["cohort"]["n"] == len(rows) and 0 <= d["cohort"]["logrank_p"] <= 1
+    summary = json.loads((paths["run"] / "summary.json").read_text())
+    assert d["summary"]["c_index_mean"] == summary["c_index"]["mean"] and d["summary"]["folds"] == 5
+    assert d["cohort"]["logrank_p"] == pytest.approx(summary["logrank_p"])  # same split as the run's own
+    # The patient's curve comes from their fold's checkpoint through the survival predictor.
+    pred = predict_patient(paths["run"] / "fold_0", [paths["job"] / "features" / ENCODER / f"{TOY.slide_id}.h5"])
+    curve = d["patient"]["curve"]
+    assert curve["t"] == [0.0, 12.0, 30.0, 60.0, 120.0] and curve["s"] == pytest.approx([1.0] + pred["survival"])
+    assert curve["slides"] == [TOY.slide_id] and d["patient"]["curve_note"] is None
+    # TOY-02's patient was validated in fold 1, whose checkpoint is not in the run.
+    other = client.get("/api/slides/TOY-02/survival").json()["patient"]
+    assert other["patient_id"] == "P01" and other["curve"] is None and "fold_1" in other["curve_note"]
+    assert client.get("/api/survival/summary").json() == summary
 
 
 def test_chat_answers_with_job_facts(client: TestClient, paths: dict[str, Path]) -> None:
@@ -135,9 +171,12 @@ def test_chat_answers_with_job_facts(client: TestClient, paths: dict[str, Path])
     inside = int(((centre[:, 0] >= 600) & (centre[:, 0] < 1400) & (centre[:, 1] >= 300) & (centre[:, 1] < 900)).sum())
     assert reply["answerer"] == "job-facts" and reply["bbox"] == bbox
     assert f"There are {inside} tissue patches" in reply["answer"]
-    assert f"{tissue_area_mm2(TOY, tuple(bbox)):.3f} mm²" in reply["answer"]
+    mask = _rasterised_tissue(paths)
+    assert _mm2(reply["answer"]) == pytest.approx(mask[300:900, 600:1400].sum() * (MPP / 1000) ** 2, abs=0.002)
     whole = client.post(f"/api/slides/{TOY.slide_id}/chat", json={"question": "What is the tissue area?"}).json()
-    assert f"{tissue_area_mm2(TOY):.3f} mm²" in whole["answer"]
+    assert _mm2(whole["answer"]) == pytest.approx(mask.sum() * (MPP / 1000) ** 2, abs=0.002)
+    # And the segmentation found the planted rectangle (its contour sits a little inside the edge).
+    assert _mm2(whole["answer"]) == pytest.approx(tissue_area_mm2(TOY), rel=0.1)
     info = client.get("/api/info").json()
     assert info["answerer"]["name"] == "job-facts" and "no VQA model" in info["answerer"]["description"]
 

@@ -16,6 +16,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from slidevl.features.encoders.base import EncoderError
 from slidevl.features.config import PreprocessConfig, default_workers, parse_shard
 from slidevl.features.jobs import UsageError
 from slidevl.slide.mpp import MppCsvError, load_mpp_csv
@@ -40,7 +41,7 @@ def preprocess_command(
     encoder: str = typer.Option("handcrafted", help="Tile encoder spec (see slidevl.features.encoders)."),
     region_encoder: str = typer.Option("mean", help="Region encoder over the 16x16 patch grid: mean, meanmax, vit:/dir."),
     device: str = typer.Option("cpu", help="Device for the encoders (cpu, cuda, cuda:1, ...)."),
-    mpp: Optional[float] = typer.Option(None, "--mpp", help="Target microns per pixel of patches [default: 0.5]."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="Target microns per pixel of patches (default 0.5 = 20x)."),
     magnification: Optional[float] = typer.Option(None, help="Alias for --mpp: 20 means 0.5 µm/px (mpp = 10 / mag)."),
     patch_px: int = typer.Option(256, help="Patch edge in pixels at the target mpp."),
     region_patches: int = typer.Option(16, help="Patches per region edge (16 x 256 px = 4096 px regions)."),
@@ -59,12 +60,16 @@ def preprocess_command(
     global_feature: bool = typer.Option(True, help="Encode the whole-slide thumbnail."),
     float32: bool = typer.Option(False, "--float32", help="Store features as float32 (default float16)."),
     batch_size: int = typer.Option(64, help="Tiles per batch."),
-    workers: Optional[int] = typer.Option(None, help="Tile-reading worker processes [default: min(2, cpus)]."),
-    shard: Optional[str] = typer.Option(None, help="Process the i-th of n shards, e.g. 0/4 (sorted slide ids)."),
+    workers: Optional[int] = typer.Option(None, help="Tile-reading worker processes (default min(2, cpus))."),
+    shard: Optional[str] = typer.Option(None, help="Process shard i of n (0-based), e.g. 0/4: every n-th slide by sorted id."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute slides that are already complete."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Segment tissue, tile on the global grid and encode patches, regions, packs and thumbnail."""
+    """Segment tissue, tile on the global grid and encode patches, regions, packs and thumbnail.
+
+    Re-running the same command skips slides that are complete for the same settings.
+    Exit codes: 0 all slides ok or skipped, 1 some slides failed, 2 usage error.
+    """
     from slidevl.features.pipeline import preprocess
 
     console = Console()
@@ -99,7 +104,7 @@ def preprocess_command(
             progress=progress,
         )
         report = preprocess(slides, out, config, console=console)
-    except (UsageError, MppCsvError, ValueError) as exc:
+    except (UsageError, MppCsvError, EncoderError, ValueError, PermissionError) as exc:
         raise _usage_error(console, str(exc)) from None
     console.print(
         f"[bold]done[/]: {report.n_ok} ok, {report.n_skipped} skipped (already complete), {report.n_failed} failed"
@@ -128,7 +133,9 @@ def import_command(
     mpp_csv: Optional[Path] = typer.Option(None, help="CSV slide_id,mpp (per slide; wins over --mpp)."),
     patch_size_level0: Optional[float] = typer.Option(None, help="Patch edge in level-0 px (when the attrs lack it)."),
     patch_px: Optional[int] = typer.Option(None, help="Patch edge in px at extraction (when the attrs lack patch_size)."),
-    encoder: Optional[str] = typer.Option(None, help="Encoder name for the store folder [default: from features_<name>/ or the format]."),
+    encoder: Optional[str] = typer.Option(
+        None, help="Encoder name for the store folder (default: from a features_<name>/ parent folder, else the format)."
+    ),
     region_encoder: str = typer.Option("mean", help="Region pooling over the 16x16 patch grid."),
     float32: bool = typer.Option(False, "--float32", help="Store features as float32 (default float16)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace slides already imported."),
@@ -147,7 +154,7 @@ def import_command(
             patch_size_level0=patch_size_level0, patch_px=patch_px, encoder=encoder,
             region_encoder=region_encoder, float16=not float32, overwrite=overwrite,
         )
-    except (UsageError, MppCsvError, ValueError) as exc:
+    except (UsageError, MppCsvError, EncoderError, ValueError) as exc:
         raise _usage_error(console, str(exc)) from None
     failed = 0
     for r in results:

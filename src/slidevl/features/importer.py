@@ -22,8 +22,8 @@ import numpy as np
 
 from slidevl import __version__
 from slidevl.features.hierarchy import build_hierarchy, encode_regions
-from slidevl.features.jobs import UsageError, now_iso
-from slidevl.features.store import FeatureStore, SlideFeatures
+from slidevl.features.jobs import UsageError, normalise, now_iso
+from slidevl.features.store import FeatureStore, FeatureStoreError, SlideFeatures, read_slide_attrs
 from slidevl.tiling.grid import GridSpec, SlideGrid
 
 FORMATS = ("clam", "trident")
@@ -132,8 +132,22 @@ def import_file(path: Path, out: Path, fmt: str, *, mpp: float, mpp_source: str,
     encoder = encoder or default_encoder_name(path, fmt)
     store = FeatureStore(out, encoder)
     target = store.path(slide_id)
-    if target.exists() and not overwrite:
-        return ImportResult(slide_id, path, "skipped", error="already imported (use --overwrite)", output=target)
+    request = normalise({
+        "source": str(path.resolve()),
+        "source_bytes": path.stat().st_size,
+        "format": fmt,
+        "mpp": mpp,
+        "patch_size_level0_option": patch_size_level0,
+        "patch_px_option": patch_px,
+        "region_encoder": getattr(region_encoder, "name", None),
+        "region_encoder_revision": getattr(region_encoder, "revision", None),
+        "region_patches": region_patches,
+        "pack_size": pack_size,
+        "float16": float16,
+    })
+    if not overwrite and _imported_with(target, request):
+        return ImportResult(slide_id, path, "skipped", error="already imported with these settings (use --overwrite)",
+                            output=target)
     try:
         features, coords, src_attrs = read_source(path)
         step, px, size_source = patch_geometry(path, fmt, src_attrs, patch_size_level0, patch_px)
@@ -164,6 +178,7 @@ def import_file(path: Path, out: Path, fmt: str, *, mpp: float, mpp_source: str,
             "created": now_iso(),
             "slidevl_version": __version__,
             "imported_from": str(path.resolve()),
+            "import_fingerprint": request,
             "import_format": fmt,
             "source_attrs": {k: v for k, v in src_attrs.items() if isinstance(v, (str, int, float, bool, list))},
             "encoder": encoder,
@@ -202,9 +217,20 @@ def import_file(path: Path, out: Path, fmt: str, *, mpp: float, mpp_source: str,
             attrs=attrs,
         )
         store.write(sf, float16=float16)
-    except (ImportFormatError, ValueError, OSError) as exc:
-        return ImportResult(slide_id, path, "failed", error=str(exc))
+    except Exception as exc:  # one bad file must not stop the others
+        message = str(exc) if isinstance(exc, (RuntimeError, ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+        return ImportResult(slide_id, path, "failed", error=message)
     return ImportResult(slide_id, path, "ok", n_patches=len(features), output=target)
+
+
+def _imported_with(target: Path, request: dict[str, Any]) -> bool:
+    # Like preprocess: an existing file counts only if it came from the same source and settings.
+    if not target.is_file():
+        return False
+    try:
+        return read_slide_attrs(target).get("import_fingerprint") == request
+    except (FeatureStoreError, OSError):
+        return False
 
 
 def discover_sources(sources: Path | str | Sequence[Path | str]) -> list[Path]:

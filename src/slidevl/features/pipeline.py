@@ -26,14 +26,14 @@ from slidevl import __version__
 from slidevl.atomic import atomic_path, write_json_atomic
 from slidevl.features import jobs
 from slidevl.features.config import PreprocessConfig
-from slidevl.features.hierarchy import build_hierarchy, encode_regions, to_numpy
+from slidevl.features.hierarchy import Hierarchy, build_hierarchy, encode_regions, to_numpy
 from slidevl.features.store import SCHEMA_VERSION, FeatureStore, SlideFeatures
-from slidevl.features.tiles import BoxBatchDataset, iterate_batches, make_batches
-from slidevl.slide.geojson import mask_polygons, tissue_geojson
-from slidevl.slide.mpp import mpp_request, resolve_mpp
+from slidevl.features.tiles import WorkItem, WorkItemDataset, iterate_items, mosaic_items, pack_items, patch_items
+from slidevl.slide.geojson import mask_polygons, polygons_geojson
+from slidevl.slide.mpp import MppInfo, mpp_request, resolve_mpp
 from slidevl.slide.qc import render_qc
-from slidevl.slide.reader import SlideReadError, open_slide
-from slidevl.slide.tissue import segment_slide
+from slidevl.slide.reader import SlideReadError, open_slide, resize_image
+from slidevl.slide.tissue import TissueMask, segment_slide
 from slidevl.tiling.grid import SlideGrid
 
 
@@ -92,6 +92,9 @@ class Encoders:
 
     tile: Any
     region: Any
+    # The specs they were built from (None for encoder objects passed in directly).
+    tile_spec: str | None = None
+    region_spec: str | None = None
 
     @property
     def folder(self) -> str:
@@ -114,7 +117,12 @@ def load_encoders(config: PreprocessConfig) -> Encoders:
     """Instantiate the configured tile and region encoders."""
     from slidevl.features.encoders import get_encoder, get_region_encoder
 
-    return Encoders(tile=get_encoder(config.encoder, device=config.device), region=get_region_encoder(config.region_encoder))
+    return Encoders(
+        tile=get_encoder(config.encoder, device=config.device),
+        region=get_region_encoder(config.region_encoder, device=config.device),
+        tile_spec=config.encoder,
+        region_spec=config.region_encoder,
+    )
 
 
 def fingerprint(config: PreprocessConfig, encoders: Encoders, slide_id: str, slide_path: Path) -> dict[str, Any]:
@@ -143,13 +151,17 @@ def _remove_stale_partials(paths: Sequence[Path]) -> None:
 
 
 def thumbnail_square(overview: np.ndarray, size: int) -> np.ndarray:
-    """Whole-slide overview padded to a square with white, resized to ``size`` px."""
+    """Whole-slide overview padded to a square with white (centred), ``size`` px a side.
+
+    Shrinks first and pads after, so no full-resolution square canvas is allocated.
+    """
     h, w = overview.shape[:2]
-    side = max(h, w)
-    canvas = np.full((side, side, 3), 255, dtype=np.uint8)
-    y0, x0 = (side - h) // 2, (side - w) // 2
-    canvas[y0 : y0 + h, x0 : x0 + w] = overview
-    return np.asarray(Image.fromarray(canvas).resize((size, size), Image.Resampling.BOX))
+    scale = size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = resize_image(Image.fromarray(overview), (new_w, new_h))
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
+    return np.asarray(canvas)
 
 
 class _Progress:
@@ -166,7 +178,7 @@ class _Progress:
             disable=not enabled,
         )
         self.slides = self.progress.add_task("slides", total=n_slides)
-        self.tiles = self.progress.add_task("tiles", total=0)
+        self.tiles = self.progress.add_task("patches", total=0)
 
     def __enter__(self) -> "_Progress":
         self.progress.__enter__()
@@ -177,16 +189,36 @@ class _Progress:
 
     def start_slide(self, slide_id: str) -> None:
         self.progress.update(self.slides, description=f"slides ({slide_id})")
-        self.progress.reset(self.tiles, total=0, description="tiles")
+        self.progress.reset(self.tiles, total=0, description="patches")
 
     def tiles_total(self, total: int) -> None:
-        self.progress.reset(self.tiles, total=total, description="tiles")
+        self.progress.reset(self.tiles, total=total, description="patches")
 
     def tiles_done(self, n: int) -> None:
         self.progress.advance(self.tiles, n)
 
     def slide_done(self) -> None:
         self.progress.advance(self.slides, 1)
+
+
+@dataclass
+class _Layout:
+    """What segmentation and the grid decided for one slide."""
+
+    mpp: MppInfo
+    slide_info: dict[str, Any]
+    tissue: TissueMask
+    overview: np.ndarray
+    grid: SlideGrid
+    patch_grid: np.ndarray  # (N, 2) kept patches, row-major
+    patch_tissue: np.ndarray  # (N,) their tissue fractions
+    patch_level: int
+    pack_level: int
+    patch_scale: float  # level-0 px per patch px
+
+    def use_mosaic(self, pack_features: bool) -> bool:
+        # Pack images from the patch level are exactly the mosaics of their patch tiles.
+        return pack_features and self.pack_level == self.patch_level
 
 
 class SlideProcessor:
@@ -210,7 +242,7 @@ class SlideProcessor:
         outputs = self.output_paths(slide_id)
         status = jobs.SlideStatus(slide_id=slide_id, slide_path=str(path), status="running", encoder=self.encoders.tile.name)
         jobs.write_status(self.job, status)
-        _remove_stale_partials(list(outputs.values()))
+        _remove_stale_partials([*outputs.values(), jobs.status_path(self.job, slide_id)])
         try:
             n_regions, n_packs, n_patches = self._process(path, slide_id, fp, outputs, status.timings, progress)
         except Exception as exc:  # one bad slide must not stop the batch
@@ -231,133 +263,178 @@ class SlideProcessor:
 
     def _process(self, path: Path, slide_id: str, fp: dict[str, Any], outputs: dict[str, Path],
                  timings: dict[str, float], progress: _Progress) -> tuple[int, int, int]:
+        layout = self._layout(path, slide_id, outputs, timings)
+        t = time.perf_counter()
+        hier = build_hierarchy(layout.grid, layout.patch_grid)
+        features = self._encode_tiles(path, layout, hier, progress)
+        timings["tiles"] = time.perf_counter() - t
+        t = time.perf_counter()
+        region_features = encode_regions(features["patch"], hier, self.config.grid.region_patches, self.encoders.region)
+        timings["regions"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sf = SlideFeatures(
+            slide_id=slide_id,
+            patch_features=features["patch"],
+            patch_coords=layout.grid.patch_boxes(layout.patch_grid)[:, :2],
+            patch_grid=layout.patch_grid,
+            patch_region=hier.region_index,
+            patch_pack=hier.pack_index,
+            patch_tissue=layout.patch_tissue,
+            region_features=region_features,
+            region_coords=hier.region_coords,
+            region_grid=hier.region_grid,
+            pack_features=features.get("pack"),
+            pack_coords=hier.pack_coords,
+            pack_grid=hier.pack_grid,
+            global_feature=features.get("global"),
+            attrs=self._attrs(layout, fp, region_features.shape[1]),
+        )
+        self.store.write(sf, float16=self.config.float16)
+        timings["write"] = time.perf_counter() - t
+        return len(hier.region_grid), len(hier.pack_grid), len(layout.patch_grid)
+
+    def _layout(self, path: Path, slide_id: str, outputs: dict[str, Path], timings: dict[str, float]) -> _Layout:
+        """Open, resolve the mpp, segment, lay the grid, keep patches; write GeoJSON and QC."""
         cfg = self.config
-        tile_enc = self.encoders.tile
-        t0 = time.perf_counter()
+        t = time.perf_counter()
         # The main process holds its own handle only for the overview, and closes it
         # before the workers start: they open theirs.
         with open_slide(path) as slide:
             mpp = resolve_mpp(slide, slide_id, cfg.mpp_override, cfg.mpp_table)
             slide_info = slide.describe()
-            timings["open"] = time.perf_counter() - t0
+            timings["open"] = time.perf_counter() - t
             t = time.perf_counter()
             tissue, overview = segment_slide(slide, mpp.mpp, cfg.tissue)
             grid = SlideGrid(cfg.grid, slide.dimensions[0], slide.dimensions[1], mpp.mpp)
             patch_scale = grid.patch_step / cfg.grid.patch_px
-            pack_scale = grid.pack_step / tile_enc.input_size
             patch_level = slide.best_level(patch_scale)
-            pack_level = slide.best_level(pack_scale)
-            downsamples = slide.level_downsamples
+            pack_level = slide.best_level(grid.pack_step / self.encoders.tile.input_size)
         fractions = tissue.patch_fractions(grid)
-        keep = (fractions >= cfg.min_tissue) & (fractions > 0)
-        rows, cols = np.nonzero(keep)  # row-major, the store's patch order
-        patch_grid = np.stack([cols, rows], axis=1).astype(np.int64)
+        rows, cols = np.nonzero((fractions >= cfg.min_tissue) & (fractions > 0))  # row-major: the store's order
+        layout = _Layout(
+            mpp=mpp, slide_info=slide_info, tissue=tissue, overview=overview, grid=grid,
+            patch_grid=np.stack([cols, rows], axis=1).astype(np.int64),
+            patch_tissue=fractions[rows, cols].astype(np.float32),
+            patch_level=patch_level, pack_level=pack_level, patch_scale=patch_scale,
+        )
         polygons = mask_polygons(tissue)
-        write_json_atomic(outputs["tissue"], tissue_geojson(tissue, slide_id), indent=None)
-        qc = render_qc(overview, grid, patch_grid, polygons, max_side=cfg.qc_max_side)
+        write_json_atomic(outputs["tissue"], polygons_geojson(polygons, slide_id), indent=None)
+        qc = render_qc(overview, grid, layout.patch_grid, polygons, max_side=cfg.qc_max_side)
         with atomic_path(outputs["qc"]) as tmp:
             qc.save(tmp, format="PNG")
         timings["tissue"] = time.perf_counter() - t
-        if len(patch_grid) == 0:
+        if len(layout.patch_grid) == 0:
             raise NoTissueError(
                 f"{path}: no tissue found: none of {grid.n_cols * grid.n_rows} patches has >= {cfg.min_tissue:.0%} tissue "
                 f"(saturation threshold {tissue.threshold:.0f}); look at {outputs['qc']}, then lower --min-tissue or set "
                 "--saturation-threshold if tissue was missed"
             )
+        return layout
 
-        t = time.perf_counter()
-        hier = build_hierarchy(grid, patch_grid)
-        patch_boxes = grid.patch_boxes(patch_grid)
-        batches = make_batches("patch", patch_boxes, cfg.grid.patch_px, patch_level, cfg.batch_size)
-        if cfg.pack_features:
-            batches += make_batches("pack", hier.pack_boxes, tile_enc.input_size, pack_level, cfg.batch_size)
-        n = len(patch_grid)
-        targets = {"patch": np.empty((n, tile_enc.feature_dim), np.float32)}
-        if cfg.pack_features:
-            targets["pack"] = np.empty((len(hier.pack_grid), tile_enc.feature_dim), np.float32)
-        progress.tiles_total(sum(len(b.boxes) for b in batches))
-        dataset = BoxBatchDataset(path, batches, tile_enc.worker_transform)
-        for item in iterate_batches(dataset, cfg.workers):
-            if item["error"]:
-                raise SlideReadError(f"{path}: reading {item['kind']} tiles failed ({item['error']})")
-            encoded = to_numpy(tile_enc.encode(item["x"]))
-            if encoded.shape != (item["n"], tile_enc.feature_dim):
-                raise RuntimeError(f"encoder {tile_enc.name} returned {encoded.shape}, expected ({item['n']}, {tile_enc.feature_dim})")
-            targets[item["kind"]][item["start"] : item["start"] + item["n"]] = encoded
-            progress.tiles_done(item["n"])
-        global_feature = None
-        if cfg.global_feature:
-            thumb = thumbnail_square(overview, tile_enc.input_size)
-            global_feature = to_numpy(tile_enc.encode(tile_enc.worker_transform(thumb[None])))[0]
-        timings["tiles"] = time.perf_counter() - t
+    def _work_items(self, layout: _Layout, hier: Hierarchy) -> list[WorkItem]:
+        """Patch batches and pack batches, or pack mosaics that cover both at once."""
+        cfg = self.config
+        input_size = self.encoders.tile.input_size
+        grid = layout.grid
+        if not layout.use_mosaic(cfg.pack_features):
+            patch_boxes = grid.patch_boxes(layout.patch_grid)
+            rows = np.arange(len(patch_boxes))
+            items = patch_items(patch_boxes, rows, cfg.grid.patch_px, layout.patch_level, cfg.batch_size)
+            if cfg.pack_features:
+                items += pack_items(hier.pack_boxes, input_size, layout.pack_level, cfg.batch_size)
+            return items
+        k = cfg.grid.pack_size
+        offsets = np.stack(np.meshgrid(np.arange(k), np.arange(k)), axis=-1).reshape(-1, 2)  # row-major (col, row)
+        cells = (hier.pack_grid[:, None, :] * k + offsets[None]).reshape(-1, 2)
+        cell_boxes = grid.patch_boxes(cells).reshape(len(hier.pack_grid), k * k, 4)
+        # Which kept patch (row) sits in each cell: slot = position inside the pack.
+        cell_rows = np.full((len(hier.pack_grid), k * k), -1, dtype=np.int64)
+        cell_rows[hier.pack_index, grid.pack_slot(hier.patch_grid)] = np.arange(len(hier.patch_grid))
+        return mosaic_items(cell_boxes, cell_rows, cfg.grid.patch_px, input_size, layout.patch_level, cfg.batch_size)
 
-        t = time.perf_counter()
-        region_features = encode_regions(targets["patch"], hier, cfg.grid.region_patches, self.encoders.region)
-        timings["regions"] = time.perf_counter() - t
+    def _encode_tiles(self, path: Path, layout: _Layout, hier: Hierarchy, progress: _Progress) -> dict[str, np.ndarray]:
+        """Patch and pack features streamed from the workers, plus the thumbnail feature."""
+        enc = self.encoders.tile
+        out = {"patch": np.empty((len(layout.patch_grid), enc.feature_dim), np.float32)}
+        if self.config.pack_features:
+            out["pack"] = np.empty((len(hier.pack_grid), enc.feature_dim), np.float32)
+        progress.tiles_total(len(layout.patch_grid))
+        dataset = WorkItemDataset(path, self._work_items(layout, hier), enc.worker_transform)
+        for result in iterate_items(dataset, self.config.workers):
+            if result["error"]:
+                raise SlideReadError(result["error"])
+            for kind in ("patch", "pack"):
+                if result[kind] is not None:
+                    rows, transformed = result[kind]
+                    out[kind][rows] = self._checked(enc.encode(transformed), len(rows))
+            progress.tiles_done(result["n_patches"])
+        if self.config.global_feature:
+            thumb = thumbnail_square(layout.overview, enc.input_size)
+            out["global"] = self._checked(enc.encode(enc.worker_transform(thumb[None])), 1)[0]
+        return out
 
-        t = time.perf_counter()
-        attrs = {
+    def _checked(self, encoded: Any, n: int) -> np.ndarray:
+        enc = self.encoders.tile
+        array = to_numpy(encoded)
+        if array.shape != (n, enc.feature_dim):
+            raise RuntimeError(f"encoder {enc.name} returned features of shape {array.shape}, expected ({n}, {enc.feature_dim})")
+        return array
+
+    def _attrs(self, layout: _Layout, fp: dict[str, Any], region_dim: int) -> dict[str, Any]:
+        """Provenance attributes of the feature file."""
+        cfg, enc, region = self.config, self.encoders.tile, self.encoders.region
+        grid, info, downsamples = layout.grid, layout.slide_info, layout.slide_info["level_downsamples"]
+        if not cfg.pack_features:
+            pack_source = None
+        elif layout.use_mosaic(cfg.pack_features):
+            pack_source = "tile encoder on the mosaic of the pack's patch tiles, shrunk to the input size"
+        else:
+            pack_source = "tile encoder on the pack box read at the pack level, resized to the input size"
+        return {
             "created": jobs.now_iso(),
             "slidevl_version": __version__,
             "config_fingerprint": fp,
-            "encoder": tile_enc.name,
-            "encoder_revision": tile_enc.revision,
-            "encoder_provenance": tile_enc.provenance(),
-            "input_size": int(tile_enc.input_size),
-            "feature_dim": int(tile_enc.feature_dim),
-            "region_encoder": self.encoders.region.name,
-            "region_encoder_revision": self.encoders.region.revision,
-            "region_feature_dim": int(region_features.shape[1]),
-            "pack_feature_source": "tile encoder on the stitched pack image" if cfg.pack_features else None,
+            "encoder": enc.name,
+            "encoder_spec": self.encoders.tile_spec,
+            "encoder_revision": enc.revision,
+            "encoder_provenance": enc.provenance(),
+            "input_size": int(enc.input_size),
+            "feature_dim": int(enc.feature_dim),
+            "region_encoder": region.name,
+            "region_encoder_spec": self.encoders.region_spec,
+            "region_encoder_revision": region.revision,
+            "region_encoder_provenance": region.provenance(),
+            "region_feature_dim": int(region_dim),
+            "pack_feature_source": pack_source,
             "global_feature_source": "tile encoder on the white-padded square thumbnail" if cfg.global_feature else None,
             "target_mpp": cfg.grid.target_mpp,
-            **mpp.as_attrs(),
-            "read_level_patch": patch_level,
-            "read_downsample_patch": downsamples[patch_level],
-            "patch_resized": not math.isclose(downsamples[patch_level], patch_scale, rel_tol=1e-3),
-            "read_level_pack": pack_level,
-            "read_downsample_pack": downsamples[pack_level],
-            "read_level_tissue": tissue.level,
+            **layout.mpp.as_attrs(),
+            "read_level_patch": layout.patch_level,
+            "read_downsample_patch": downsamples[layout.patch_level],
+            "patch_resized": not math.isclose(downsamples[layout.patch_level], layout.patch_scale, rel_tol=1e-3),
+            "read_level_pack": layout.pack_level,
+            "read_downsample_pack": downsamples[layout.pack_level],
+            "read_level_tissue": layout.tissue.level,
             "patch_px": cfg.grid.patch_px,
             "patch_size_level0": float(grid.patch_step),
             "region_size_level0": float(grid.region_step),
             "pack_size_level0": float(grid.pack_step),
             "pack_size": cfg.grid.pack_size,
             "region_patches": cfg.grid.region_patches,
-            "pack_image_px": int(tile_enc.input_size),
+            "pack_image_px": int(enc.input_size),
             "grid_spec": cfg.grid.as_dict(),
             "grid_shape": [grid.n_cols, grid.n_rows],
             "min_tissue": cfg.min_tissue,
-            "segmentation": tissue.attrs(),
-            "slide_path": slide_info["path"],
-            "slide_file_bytes": slide_info["file_bytes"],
-            "slide_width": slide_info["width"],
-            "slide_height": slide_info["height"],
-            "slide_vendor": slide_info["vendor"],
-            "slide_backend": slide_info["backend"],
-            "level_dimensions": slide_info["level_dimensions"],
-            "level_downsamples": slide_info["level_downsamples"],
+            "segmentation": layout.tissue.attrs(),
+            "slide_path": info["path"],
+            "slide_file_bytes": info["file_bytes"],
+            "slide_width": info["width"],
+            "slide_height": info["height"],
+            "slide_vendor": info["vendor"],
+            "slide_backend": info["backend"],
+            "level_dimensions": info["level_dimensions"],
+            "level_downsamples": downsamples,
         }
-        sf = SlideFeatures(
-            slide_id=slide_id,
-            patch_features=targets["patch"],
-            patch_coords=patch_boxes[:, :2],
-            patch_grid=patch_grid,
-            patch_region=hier.region_index,
-            patch_pack=hier.pack_index,
-            patch_tissue=fractions[rows, cols].astype(np.float32),
-            region_features=region_features,
-            region_coords=hier.region_coords,
-            region_grid=hier.region_grid,
-            pack_features=targets.get("pack"),
-            pack_coords=hier.pack_coords,
-            pack_grid=hier.pack_grid,
-            global_feature=global_feature,
-            attrs=attrs,
-        )
-        self.store.write(sf, float16=cfg.float16)
-        timings["write"] = time.perf_counter() - t
-        return len(hier.region_grid), len(hier.pack_grid), n
 
 
 def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, config: PreprocessConfig | None = None,

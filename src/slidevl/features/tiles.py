@@ -1,10 +1,20 @@
 """Tile reading in DataLoader workers, overlapped with encoding in the main process.
 
-The dataset yields whole batches (``batch_size=None`` in the loader): each item reads a
-batch of level-0 boxes at one output size from one pyramid level and runs the encoder's
-weight-free ``worker_transform`` on it, all inside a worker process. Each worker opens
-its own slide handle the first time it needs one; the main process never hands a
-handle over, so nothing about a handle has to survive fork or pickling.
+The dataset yields whole work items (``batch_size=None`` in the loader). An item reads
+level-0 boxes from one pyramid level and runs the encoder's weight-free
+``worker_transform`` on them, all inside a worker process. Each worker opens its own
+slide handle the first time it needs one; the main process never hands a handle
+over, so nothing about a handle has to survive fork or pickling.
+
+Three kinds of item:
+
+* ``patch``: a batch of patch boxes read at the patch size;
+* ``pack``: a batch of pack boxes read at the encoder's input size from the pack level;
+* ``mosaic``: a group of packs read as their patch cells. When the pack image would be
+  read from the same pyramid level as the patches, the pack image *is* the mosaic of
+  its cells' patch tiles shrunk to the input size, so each cell is read once and
+  serves both the kept patch's feature and the pack image. This saves reading every
+  pack's pixels a second time, which otherwise costs more than the patches themselves.
 
 Read errors come back as data (``item["error"]``) rather than as a re-raised exception
 wrapped in a worker traceback, so the per-slide message stays short and clear.
@@ -17,57 +27,106 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from slidevl.slide.reader import Slide, open_slide
+from slidevl.slide.reader import Slide, SlideReadError, open_slide, resize_image
 
 
 @dataclass(frozen=True)
-class BoxBatch:
-    """One unit of work: boxes of one kind, read at ``out_size`` from ``level``."""
+class WorkItem:
+    """One unit of work (see the module docstring for the kinds)."""
 
-    kind: str  # "patch" or "pack"
-    start: int  # row of the first box in the kind's output array
-    boxes: np.ndarray  # (B, 4) level-0 x0, y0, x1, y1
-    out_size: int
+    kind: str  # "patch" | "pack" | "mosaic"
+    boxes: np.ndarray  # patch/pack: (B, 4); mosaic: (M, k*k, 4) cell boxes of each pack
+    rows: np.ndarray  # patch/pack: (B,) rows into the output; mosaic: (M,) pack rows
     level: int
+    out_size: int  # patch/pack: tile size read; mosaic: the pack image size
+    cell_rows: np.ndarray | None = None  # mosaic: (M, k*k) patch row of each cell, -1 if not kept
+    cell_px: int = 0  # mosaic: patch tile size
 
 
-def make_batches(kind: str, boxes: np.ndarray, out_size: int, level: int, batch_size: int) -> list[BoxBatch]:
-    """Split ``boxes`` into consecutive batches."""
+def patch_items(boxes: np.ndarray, rows: np.ndarray, out_size: int, level: int, batch_size: int) -> list[WorkItem]:
+    """Consecutive batches of patch boxes."""
     return [
-        BoxBatch(kind, s, np.ascontiguousarray(boxes[s : s + batch_size]), out_size, level)
+        WorkItem("patch", np.ascontiguousarray(boxes[s : s + batch_size]), rows[s : s + batch_size], level, out_size)
         for s in range(0, len(boxes), batch_size)
     ]
 
 
-class BoxBatchDataset(Dataset):
-    """Reads and transforms one :class:`BoxBatch` per item, with a lazily opened slide."""
+def pack_items(boxes: np.ndarray, out_size: int, level: int, batch_size: int) -> list[WorkItem]:
+    """Consecutive batches of pack boxes, each read directly at ``out_size``."""
+    rows = np.arange(len(boxes))
+    return [
+        WorkItem("pack", np.ascontiguousarray(boxes[s : s + batch_size]), rows[s : s + batch_size], level, out_size)
+        for s in range(0, len(boxes), batch_size)
+    ]
 
-    def __init__(self, slide_path: Path, batches: list[BoxBatch], transform: Callable[[np.ndarray], Any]) -> None:
+
+def mosaic_items(cell_boxes: np.ndarray, cell_rows: np.ndarray, cell_px: int, out_size: int, level: int,
+                 batch_size: int) -> list[WorkItem]:
+    """Groups of packs, about ``batch_size`` cells each (at least one pack per item)."""
+    per_item = max(1, batch_size // cell_boxes.shape[1])
+    rows = np.arange(len(cell_boxes))
+    return [
+        WorkItem("mosaic", np.ascontiguousarray(cell_boxes[s : s + per_item]), rows[s : s + per_item], level, out_size,
+                 cell_rows=cell_rows[s : s + per_item], cell_px=cell_px)
+        for s in range(0, len(cell_boxes), per_item)
+    ]
+
+
+def mosaic(tiles: np.ndarray, size: int) -> np.ndarray:
+    """Stitch ``(k*k, t, t, 3)`` row-major cell tiles into one image shrunk to ``size`` px."""
+    cells, t = tiles.shape[0], tiles.shape[1]
+    k = int(round(cells**0.5))
+    big = tiles.reshape(k, k, t, t, 3).transpose(0, 2, 1, 3, 4).reshape(k * t, k * t, 3)
+    return np.asarray(resize_image(Image.fromarray(big), (size, size)))
+
+
+class WorkItemDataset(Dataset):
+    """Reads and transforms one :class:`WorkItem` per index, with a lazily opened slide."""
+
+    def __init__(self, slide_path: Path, items: list[WorkItem], transform: Callable[[np.ndarray], Any]) -> None:
         self.slide_path = Path(slide_path)
-        self.batches = batches
+        self.items = items
         self.transform = transform
         self._slide: Slide | None = None
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.items)
 
     def _handle(self) -> Slide:
         if self._slide is None:
             self._slide = open_slide(self.slide_path)
         return self._slide
 
+    def _read(self, boxes: np.ndarray, size: int, level: int) -> np.ndarray:
+        slide = self._handle()
+        return np.stack([slide.read_box(box, size, level) for box in boxes])
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        batch = self.batches[i]
-        item: dict[str, Any] = {"kind": batch.kind, "start": batch.start, "n": len(batch.boxes), "x": None, "error": None}
+        item = self.items[i]
+        # "patch"/"pack": (rows into the output arrays, transformed batch); n_patches drives progress.
+        out: dict[str, Any] = {"patch": None, "pack": None, "n_patches": 0, "error": None}
         try:
-            slide = self._handle()
-            tiles = np.stack([slide.read_box(box, batch.out_size, batch.level) for box in batch.boxes])
-            item["x"] = self.transform(tiles)
+            if item.kind in ("patch", "pack"):
+                out[item.kind] = (item.rows, self.transform(self._read(item.boxes, item.out_size, item.level)))
+                out["n_patches"] = len(item.rows) if item.kind == "patch" else 0
+            else:
+                m, cells = item.cell_rows.shape
+                px = item.cell_px
+                tiles = self._read(item.boxes.reshape(-1, 4), px, item.level).reshape(m, cells, px, px, 3)
+                kept = item.cell_rows >= 0
+                if kept.any():
+                    out["patch"] = (item.cell_rows[kept], self.transform(tiles[kept]))
+                images = np.stack([mosaic(t, item.out_size) for t in tiles])
+                out["pack"] = (item.rows, self.transform(images))
+                out["n_patches"] = int(kept.sum())
+        except SlideReadError as exc:  # already names the file and the place
+            out["error"] = str(exc)
         except Exception as exc:  # reported per slide by the main process
-            item["error"] = f"{type(exc).__name__}: {exc}"
-        return item
+            out["error"] = f"{self.slide_path}: reading {item.kind} tiles failed ({type(exc).__name__}: {exc})"
+        return out
 
     def close(self) -> None:
         if self._slide is not None:
@@ -80,8 +139,8 @@ def _as_is(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
-def iterate_batches(dataset: BoxBatchDataset, workers: int, prefetch: int = 4) -> Iterator[dict[str, Any]]:
-    """Items of ``dataset`` in order, read by ``workers`` processes (0 = in this process)."""
+def iterate_items(dataset: WorkItemDataset, workers: int, prefetch: int = 4) -> Iterator[dict[str, Any]]:
+    """Results of ``dataset`` in order, read by ``workers`` processes (0 = in this process)."""
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -95,4 +154,3 @@ def iterate_batches(dataset: BoxBatchDataset, workers: int, prefetch: int = 4) -
         yield from loader
     finally:
         dataset.close()
-

@@ -1,16 +1,15 @@
 """Who answers the chat: the :class:`Answerer` protocol and a model-free answerer.
 
 The app takes any object with ``name`` and ``answer(slide_id, question, bbox, history)``.
-A trained slide VQA model plugs in through :func:`load_checkpoint_answerer`, which expects
-``slidevl.slidellm.answerer.load_answerer(checkpoint, job_dir) -> Answerer``. Without a
-checkpoint the chat is answered by :class:`JobFactsAnswerer`, which measures what the job
-folder already knows (patches, tissue area, resolution, ROIs, survival evidence) for the
-slide or the drawn rectangle, and says so in every reply.
+``--vqa-checkpoint`` loads the tuned slide VQA model (:class:`slidevl.serve.vqa.SlideLLMAnswerer`,
+through :func:`load_checkpoint_answerer`). Without a checkpoint the chat is answered by
+:class:`JobFactsAnswerer`, which measures what the job folder already knows (patches,
+tissue area, resolution, ROIs, survival evidence) for the slide or the drawn rectangle,
+and the page says which answerer is in use.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections import Counter
 from pathlib import Path
@@ -42,38 +41,47 @@ class AnswererUnavailableError(RuntimeError):
     """A VQA checkpoint was given but no model can be loaded from it."""
 
 
-def load_checkpoint_answerer(checkpoint: str | Path, job_dir: str | Path) -> Answerer:
-    """Load the slide VQA model from ``checkpoint`` through ``slidevl.slidellm.answerer``."""
+class AnswerError(RuntimeError):
+    """The answerer cannot answer this request; the message tells the user why (HTTP 422)."""
+
+
+def load_checkpoint_answerer(checkpoint: str | Path, job_dir: str | Path, *, device: str | None = None) -> Answerer:
+    """The slide VQA model of a ``slidevl slidellm tune`` checkpoint, answering over ``job_dir``."""
     checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise AnswererUnavailableError(f"{checkpoint}: VQA checkpoint not found; pass the folder `slidevl slidellm train` wrote")
+    if not checkpoint.is_dir():
+        raise AnswererUnavailableError(f"{checkpoint}: VQA checkpoint not found; pass the folder `slidevl slidellm tune` wrote")
+    from slidevl.serve.vqa import SlideLLMAnswerer
+    from slidevl.slidellm.model import SlideVLMError
+    from slidevl.slidellm.tuning.state import CheckpointError
+
     try:
-        module = importlib.import_module("slidevl.slidellm.answerer")
-    except ImportError as exc:
-        raise AnswererUnavailableError(
-            f"{checkpoint}: this slidevl has no VQA answerer (slidevl.slidellm.answerer: {exc}); "
-            "run `slidevl serve` without --vqa-checkpoint to use the job-facts answerer"
-        ) from exc
-    answerer = module.load_answerer(checkpoint, Path(job_dir))
-    if not isinstance(answerer, Answerer):
-        raise AnswererUnavailableError(f"{checkpoint}: slidevl.slidellm.answerer.load_answerer did not return an Answerer")
-    return answerer
+        return SlideLLMAnswerer(checkpoint, job_dir, device=device)
+    except (SlideVLMError, CheckpointError, OSError, ValueError) as exc:
+        raise AnswererUnavailableError(f"{checkpoint}: cannot load the VQA model ({exc})") from exc
 
 
-_TOPICS: dict[str, tuple[str, ...]] = {
-    "patches": ("patch", "tile", "how many"),
-    "tissue": ("tissue", "area", "mm", "cover"),
-    "resolution": ("mpp", "resolution", "magnification", "micron", "µm", "um/px", "objective", "scale"),
-    "size": ("size", "dimension", "wide", "width", "height", "tall", "big", "large"),
-    "regions": ("region", "pack"),
-    "rois": ("roi", "annotat", "label"),
-    "evidence": ("prompt", "evidence", "attention", "token", "heat", "risk", "important"),
-    "status": ("status", "error", "fail", "processed"),
+# Which facts a question asks for, by keyword (word starts, so "mm" does not match "summary").
+_TOPICS: dict[str, re.Pattern[str]] = {
+    topic: re.compile(r"\b(?:" + "|".join(words) + ")")
+    for topic, words in {
+        "patches": ("patch", "tile", "how many"),
+        "tissue": ("tissue", "area", "mm", "cover"),
+        "resolution": ("mpp", "resolution", "magnification", "micron", "µm", "um/px", "objective", "scale"),
+        "size": ("size", "dimension", "wide", "width", "height", "tall", "big", "large"),
+        "regions": ("region", "pack"),
+        "rois": ("roi", "annotat", "label"),
+        "evidence": ("prompt", "evidence", "attention", "token", "heat", "risk", "important"),
+        "status": ("status", "error", "fail", "processed"),
+    }.items()
 }
 
 
 def _fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:,.0f}"
+
+
+def _length(um: float) -> str:
+    return f"{_fmt(um / 1000)} mm" if um >= 1000 else f"{_fmt(um)} µm"
 
 
 class JobFactsAnswerer:
@@ -94,7 +102,7 @@ class JobFactsAnswerer:
     def _facts(self, slide_id: str, bbox: BBox | None, topic: str) -> str | None:
         meta = self.meta(slide_id)
         mpp = self._mpp(slide_id)
-        where = f"inside the rectangle [{', '.join(map(str, bbox))}]" if bbox else "on the slide"
+        where = "in the rectangle" if bbox else "on the slide"
         if topic == "resolution":
             if mpp is None:
                 return "The slide's resolution (mpp) is not recorded in the file; preprocess it with --mpp-override."
@@ -114,13 +122,13 @@ class JobFactsAnswerer:
                 return "This slide has no feature file, so there are no patches to count."
             mask = table.in_box(bbox) if bbox else np.ones(table.n, bool)
             if topic == "patches":
-                side = f" of {_fmt(table.patch_size * mpp)} µm" if mpp else ""
+                side = f" of {_length(table.patch_size * mpp)}" if mpp else ""
                 return (f"There are {int(mask.sum())} tissue patches{side} {where} "
                         f"(mean tissue fraction {float(table.tissue[mask].mean()) if mask.any() else 0:.2f}).")
             regions = len(np.unique(table.region_index[mask]))
             if mpp is None:
                 return f"The patches {where} fall in {regions} region(s)."
-            return f"The patches {where} fall in {regions} region(s) of {_fmt(table.region_size * mpp)} µm."
+            return f"The patches {where} fall in {regions} region(s) of {_length(table.region_size * mpp)}."
         if topic == "tissue":
             path = self.job.file_for(slide_id, "tissue")
             if path is None:
@@ -141,7 +149,7 @@ class JobFactsAnswerer:
             if bbox:
                 rois = [r for r in rois if r.bbox[0] < bbox[2] and r.bbox[2] > bbox[0] and r.bbox[1] < bbox[3] and r.bbox[3] > bbox[1]]
             if not rois:
-                return f"No ROI overlaps {where.replace('inside', 'with')}."
+                return "No ROI overlaps the rectangle."
             return f"{len(rois)} ROI(s) {where}: " + "; ".join(f"{r.id} ({r.label or 'unlabelled'})" for r in rois) + "."
         if topic == "evidence":
             return self._evidence(slide_id, bbox, where)
@@ -160,10 +168,15 @@ class JobFactsAnswerer:
         parts = []
         for layer in payload["layers"]:
             coords = np.asarray(layer["coords"], float).reshape(-1, 2)
-            centre = coords + layer["size"] / 2
+            size = layer["size"]
             mask = np.ones(len(coords), bool)
-            if bbox:
+            if bbox and layer["level"] == "patch":
+                # Patches count when their centre is inside, as in the patch count above.
+                centre = coords + size / 2
                 mask = (centre[:, 0] >= bbox[0]) & (centre[:, 0] < bbox[2]) & (centre[:, 1] >= bbox[1]) & (centre[:, 1] < bbox[3])
+            elif bbox:
+                # Region tokens are usually larger than the rectangle: any overlap counts.
+                mask = (coords[:, 0] < bbox[2]) & (coords[:, 0] + size > bbox[0]) & (coords[:, 1] < bbox[3]) & (coords[:, 1] + size > bbox[1])
             kept = layer["kept"] is not None
             if kept:
                 mask &= np.asarray(layer["kept"], bool)
@@ -175,7 +188,8 @@ class JobFactsAnswerer:
             text = f"{name}: {int(mask.sum())} {'kept ' if kept else ''}tokens {where}, mean score {score.mean():.3g}"
             if layer["prompt"] is not None:
                 top, k = Counter(np.asarray(layer["prompt"])[mask].tolist()).most_common(1)[0]
-                label = payload["prompts"][top] if 0 <= top < len(payload["prompts"]) else "an unlisted prompt"
+                prompts = payload["prompts"].get(layer["level"], [])
+                label = prompts[top]["text"] if 0 <= top < len(prompts) else "an unlisted prompt"
                 text += f", most often matched to “{label}” ({k} tokens)"
             parts.append(text)
         return f"Survival evidence ({ev.model or 'model'}): " + "; ".join(parts) + "."
@@ -183,7 +197,7 @@ class JobFactsAnswerer:
     # -- protocol ---------------------------------------------------------------------------
     def answer(self, slide_id: str, question: str, bbox: BBox | None, history: History) -> str:
         q = question.lower()
-        topics = [t for t, words in _TOPICS.items() if any(re.search(re.escape(w), q) for w in words)]
+        topics = [t for t, pattern in _TOPICS.items() if pattern.search(q)]
         if not topics:
             # An open question gets the overview; the reply says what can be asked.
             topics = ["size", "resolution", "patches", "tissue"]
@@ -192,4 +206,9 @@ class JobFactsAnswerer:
         else:
             lead = ""
         facts = [f for f in (self._facts(slide_id, bbox, t) for t in topics) if f]
+        if bbox:
+            mpp = self._mpp(slide_id)
+            w, h = bbox[2] - bbox[0], bbox[3] - bbox[1]
+            extent = f"{_length(w * mpp)} × {_length(h * mpp)}" if mpp else f"{w} × {h} px"
+            lead = f"Rectangle [{', '.join(map(str, bbox))}] ({extent}): " + lead
         return lead + " ".join(facts)

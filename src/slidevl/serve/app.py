@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, field_validator
 
 import slidevl
-from slidevl.serve.answerer import Answerer, JobFactsAnswerer
+from slidevl.serve.answerer import Answerer, AnswerError, JobFactsAnswerer
 from slidevl.serve.assets import OSD_MISSING, STATIC_DIR, find_openseadragon
 from slidevl.serve.job import JobError, NotAvailableError, ServeJob, UnknownSlideError
 from slidevl.serve.overlays import (
@@ -37,7 +37,12 @@ from slidevl.serve.overlays import (
     tissue_layer,
 )
 from slidevl.serve.risk import SurvivalRun
-from slidevl.serve.tiles import FORMATS, SlideUnreadableError, TileRangeError, TileService
+from slidevl.serve.tiles import (
+    FORMATS,
+    SlideUnreadableError,
+    TileRangeError,
+    TileService,
+)
 
 log = logging.getLogger("slidevl.serve")
 _TILE_NAME = re.compile(r"^(\d{1,7})_(\d{1,7})\.([A-Za-z]{1,5})$")
@@ -86,7 +91,7 @@ def create_app(job: ServeJob | str | Path, *, answerer: Answerer | None = None, 
     job = job if isinstance(job, ServeJob) else ServeJob(job)
     tiles = tiles or TileService(lambda sid: job.get(sid).source)
     answerer = answerer or JobFactsAnswerer(job, tiles.meta)
-    survival = SurvivalRun(job.survival_run) if job.survival_run else None
+    survival = SurvivalRun(job.survival_run, job) if job.survival_run else None
     osd_dir = osd_dir or find_openseadragon()
     job_root = str(job.job_dir)
 
@@ -122,6 +127,10 @@ def create_app(job: ServeJob | str | Path, *, answerer: Answerer | None = None, 
     @app.exception_handler(SlideUnreadableError)
     async def _unreadable(_: Request, exc: SlideUnreadableError) -> JSONResponse:
         return JSONResponse({"detail": "slide cannot be opened for viewing; check its manifest entry"}, status_code=409)
+
+    @app.exception_handler(AnswerError)
+    async def _no_answer(_: Request, exc: AnswerError) -> JSONResponse:
+        return JSONResponse({"detail": _clean(str(exc))}, status_code=422)
 
     @app.exception_handler(JobError)
     async def _job_error(_: Request, exc: JobError) -> JSONResponse:
@@ -207,10 +216,10 @@ def create_app(job: ServeJob | str | Path, *, answerer: Answerer | None = None, 
             raise _HTTPError(400, f"format {fmt!r} not served; use one of {sorted(FORMATS)}")
         if level < 0:
             raise _HTTPError(404, "level must be >= 0")
-        media = FORMATS[fmt][1]
-        cached = tiles.cache.get(("tile", slide_id, level, col, row, FORMATS[fmt][0]))
-        data = cached if cached is not None else await run_in_threadpool(tiles.tile, slide_id, level, col, row, fmt)
-        return Response(data, media_type=media, headers=_TILE_CACHE_HEADERS)
+        data = tiles.cached(slide_id, level, col, row, fmt)
+        if data is None:
+            data = await run_in_threadpool(tiles.render, slide_id, level, col, row, fmt)
+        return Response(data, media_type=FORMATS[fmt][1], headers=_TILE_CACHE_HEADERS)
 
     # -- overlays -----------------------------------------------------------------------------
     @app.get("/api/slides/{slide_id}/overlays/tissue", tags=["overlays"])

@@ -17,7 +17,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from slidevl.features.store import SCHEMA_VERSION, FeatureStore, FeatureStoreError, read_slide_attrs
+from slidevl.features.store import (
+    SCHEMA_VERSION,
+    FeatureStore,
+    FeatureStoreError,
+    read_slide_attrs,
+)
 
 MANIFEST = "manifest.json"
 # Ids are file stems; anything that could act as a path component is refused at load time.

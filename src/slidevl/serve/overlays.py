@@ -16,8 +16,8 @@ ROI file format::
 Evidence files are written by the survival run (:mod:`slidevl.survival.evidence`), one
 per slide: ``patch`` and ``region`` token tables with ``index`` (row of the slide's feature
 file) and/or level-0 ``coords``, and per token ``kept`` (OPL selection), ``prompt_index``
-(into the ``prompts`` table of ``{index, level, label, text}``), ``alignment`` and, for
-attention models, ``attention``. Each table becomes drawable layers: the kept tokens
+(into that scale's ``prompts[scale]`` table of ``{index, level, label, text}``, where
+``level`` is the risk level), ``alignment`` and, for attention models, ``attention``. Each table becomes drawable layers: the kept tokens
 coloured by matched prompt, and a heatmap per score.
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError, model_validator
 
 from slidevl.serve.geometry import GeoJSONError, polygons_from_geojson
 from slidevl.serve.job import JobError, PatchTable
@@ -86,24 +86,25 @@ class PromptEntry(BaseModel):
 
 class EvidenceFile(BaseModel):
     slide_id: str
+    patient_id: str | None = None
     model: str = ""
-    prompts: list[PromptEntry] = []
+    prompts: dict[Literal["patch", "region"], list[PromptEntry]] = {}
     patch: TokenTable | None = None
     region: TokenTable | None = None
 
     def tables(self) -> list[tuple[Literal["patch", "region"], TokenTable]]:
         return [(lvl, t) for lvl, t in (("patch", self.patch), ("region", self.region)) if t is not None]
 
-    def prompt_position(self) -> dict[int, int]:
-        """Flat prompt index → position in ``prompts`` (which fixes its colour and legend entry)."""
-        return {p.index: i for i, p in enumerate(self.prompts)}
+    def prompt_position(self, scale: str) -> dict[int, int]:
+        """Flat prompt index → position in the scale's prompt list (which fixes its colour and legend entry)."""
+        return {p.index: i for i, p in enumerate(self.prompts.get(scale, []))}
 
-    def prompt_text(self, index: int) -> str | None:
-        pos = self.prompt_position().get(index)
-        if pos is None:
-            return None
-        p = self.prompts[pos]
-        return f"{p.label}: {p.text}" if p.label else p.text
+    def prompt_texts(self, scale: str) -> list[str]:
+        return [f"{p.label}: {p.text}" if p.label else p.text for p in self.prompts.get(scale, [])]
+
+    def prompt_text(self, scale: str, index: int) -> str | None:
+        pos = self.prompt_position(scale).get(index)
+        return None if pos is None else self.prompt_texts(scale)[pos]
 
 
 def tissue_layer(geojson: Any, source: str) -> dict[str, Any]:
@@ -157,9 +158,9 @@ def _corners(level: str, table: TokenTable, geometry: PatchTable | None, source:
 
 def evidence_layers(ev: EvidenceFile, geometry: PatchTable | None, source: str) -> dict[str, Any]:
     """Drawable layers: kept tokens coloured by prompt position, and one heatmap per score list."""
-    position = ev.prompt_position()
     layers = []
     for level, table in ev.tables():
+        position = ev.prompt_position(level)
         coords, size = _corners(level, table, geometry, source)
         corners = np.rint(coords).astype(int).tolist()
         base = {"level": level, "size": size, "coords": corners}
@@ -173,7 +174,10 @@ def evidence_layers(ev: EvidenceFile, geometry: PatchTable | None, source: str) 
             if score is not None:
                 layers.append({**base, "name": f"{level}_{key}", "kind": "heatmap", "score": score,
                                "score_range": _range(score), "kept": None, "prompt": None})
-    prompts = [f"{p.label}: {p.text}" if p.label else p.text for p in ev.prompts]
+    # The page colours tokens by risk level (hue) and prompt within the level (shade).
+    prompts = {scale: [{"text": t, "label": p.label, "level": p.level}
+                       for t, p in zip(ev.prompt_texts(scale), ev.prompts[scale])]
+               for scale in ("patch", "region") if ev.prompts.get(scale)}
     return {"model": ev.model, "prompts": prompts, "layers": layers}
 
 
@@ -197,6 +201,6 @@ def evidence_at(ev: EvidenceFile, geometry: PatchTable | None, source: str, x: f
                 item[key] = values[i]
         if table.prompt_index is not None:
             item["prompt_index"] = table.prompt_index[i]
-            item["prompt_text"] = ev.prompt_text(table.prompt_index[i])
+            item["prompt_text"] = ev.prompt_text(level, table.prompt_index[i])
         found.append(item)
     return found

@@ -1,17 +1,19 @@
 """The survival panel: a patient's out-of-fold risk against the cohort's Kaplan–Meier curves.
 
-Read from a survival run folder:
+Reads the folder written by ``slidevl survival cv`` (:mod:`slidevl.survival.cv`):
 
-* ``summary.json`` — run metrics (C-index mean ± std, …), shown as they are; an optional
-  ``bin_edges`` list (months) gives the time axis of per-patient survival curves and an
-  optional ``risk_threshold`` splits high from low risk (default: the cohort median).
-* ``oof_risks.csv`` — one row per patient: ``patient_id, risk, e, t`` plus the slides of
-  the patient in ``slide_ids`` (``;``-separated) or ``pathology_id``; optional ``fold`` and
-  ``surv_0 … surv_{K-1}`` (the model's survival probability at the end of each time bin).
+* ``oof_risks.csv`` — ``patient_id, fold, risk, t, e``: each patient's risk from the
+  model of the fold in which the patient was validated;
+* ``summary.json`` — C-index per fold (mean ± std), log-rank test, the clinical table used;
+* ``fold_k/`` — the fold checkpoints, which give the patient's survival curve through
+  :func:`slidevl.survival.predict.predict_patient` (the patient's own validation fold,
+  so the curve is out-of-fold like the risk);
+* ``evidence/<slide>.json`` — names the patient of a slide.
 
-The cohort curves are Kaplan–Meier estimates (lifelines) of the high- and low-risk groups
-with a log-rank test between them; the patient is placed on their group's curve at their
-own follow-up time.
+A slide's patient comes from its evidence file, else from the run's clinical table
+(``pathology_id → patient_id``). Risk groups are the run's own median split
+(:func:`slidevl.survival.metrics.stratify`); the cohort curves are Kaplan–Meier estimates
+of both groups, and the patient is placed on their group's curve at their follow-up time.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from lifelines import KaplanMeierFitter
-from lifelines.statistics import logrank_test
 
-from slidevl.serve.job import JobError, NotAvailableError
+from slidevl.serve.job import JobError, NotAvailableError, ServeJob
+from slidevl.survival.metrics import stratify
 
-REQUIRED = ("patient_id", "risk", "e", "t")
+REQUIRED = ("patient_id", "fold", "risk", "t", "e")
 
 
 def _km(t: np.ndarray, e: np.ndarray) -> dict[str, list[float]]:
@@ -38,15 +40,22 @@ def _km(t: np.ndarray, e: np.ndarray) -> dict[str, list[float]]:
             "censor_t": np.sort(t[e == 0]).round(3).tolist()}
 
 
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and np.isfinite(x) else None
+
+
 class SurvivalRun:
     """Cached reader of one run folder; reloads when ``oof_risks.csv`` changes."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, job: ServeJob) -> None:
         self.run_dir = run_dir
+        self.job = job
         self._lock = threading.Lock()
         self._mtime: float | None = None
         self._state: dict[str, Any] = {}
+        self._curves: dict[str, dict[str, Any]] = {}
 
+    # -- loading ----------------------------------------------------------------------------
     def _load(self) -> dict[str, Any]:
         oof = self.run_dir / "oof_risks.csv"
         if not oof.is_file():
@@ -56,75 +65,140 @@ class SurvivalRun:
             if mtime == self._mtime:
                 return self._state
         try:
-            df = pd.read_csv(oof)
-        except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise JobError(f"{oof}: unreadable CSV ({exc}); re-run the survival cross-validation") from exc
+            df = pd.read_csv(oof, dtype={"patient_id": str})
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise JobError(f"{oof}: unreadable CSV ({exc}); re-run `slidevl survival cv`") from exc
         missing = [c for c in REQUIRED if c not in df.columns]
         if missing:
-            raise JobError(f"{oof}: missing columns {missing}; expected {list(REQUIRED)} plus slide_ids or pathology_id")
-        if "slide_ids" not in df.columns and "pathology_id" not in df.columns:
-            raise JobError(f"{oof}: needs a 'slide_ids' or 'pathology_id' column to find a slide's patient")
-        summary_path = self.run_dir / "summary.json"
-        summary: dict[str, Any] = {}
-        if summary_path.is_file():
-            try:
-                summary = json.loads(summary_path.read_text())
-            except json.JSONDecodeError as exc:
-                raise JobError(f"{summary_path}: invalid JSON ({exc}); re-run the survival cross-validation") from exc
-        state = {"df": df, "summary": summary, "cohort": self._cohort(df, summary)}
+            raise JobError(f"{oof}: missing columns {missing}; expected {list(REQUIRED)} as `slidevl survival cv` writes")
+        summary = self._read_summary()
+        state = {"df": df.set_index("patient_id", drop=False), "summary": summary,
+                 "cohort": self._cohort(df), "clinical": self._clinical(summary)}
         with self._lock:
-            self._mtime, self._state = mtime, state
+            self._mtime, self._state, self._curves = mtime, state, {}
         return state
 
+    def _read_summary(self) -> dict[str, Any]:
+        path = self.run_dir / "summary.json"
+        if not path.is_file():
+            return {}
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise JobError(f"{path}: invalid JSON ({exc}); re-run `slidevl survival cv`") from exc
+        if not isinstance(summary, dict):
+            raise JobError(f"{path}: expected a JSON object; re-run `slidevl survival cv`")
+        return summary
+
+    def _clinical(self, summary: dict[str, Any]) -> pd.DataFrame | None:
+        """The run's clinical table (``pathology_id, patient_id``) if it can still be found."""
+        cohort = summary.get("cohort")
+        name = cohort.get("clinical") if isinstance(cohort, dict) else None
+        if not isinstance(name, str) or not name:
+            return None
+        path = Path(name)
+        # The run recorded the path as given on its command line: try where it may have been relative to.
+        for candidate in ([path] if path.is_absolute() else [Path.cwd() / path, self.run_dir / path, self.run_dir.parent / path]):
+            if candidate.is_file():
+                try:
+                    table = pd.read_csv(candidate, dtype={"pathology_id": str, "patient_id": str})
+                except (OSError, pd.errors.ParserError, UnicodeDecodeError):
+                    return None
+                if {"pathology_id", "patient_id"} <= set(table.columns):
+                    return table[["pathology_id", "patient_id"]]
+        return None
+
     @staticmethod
-    def _cohort(df: pd.DataFrame, summary: dict[str, Any]) -> dict[str, Any]:
-        risk = df["risk"].to_numpy(float)
-        t = df["t"].to_numpy(float)
-        e = df["e"].to_numpy(int)
-        threshold = float(summary.get("risk_threshold", np.median(risk)))
-        high = risk > threshold
-        cohort: dict[str, Any] = {"n": int(len(df)), "threshold": threshold, "risks": np.sort(risk).round(4).tolist(),
-                                  "km": {}, "logrank_p": None}
-        for name, mask in (("high", high), ("low", ~high)):
+    def _cohort(df: pd.DataFrame) -> dict[str, Any]:
+        risk, t, e = df["risk"].to_numpy(float), df["t"].to_numpy(float), df["e"].to_numpy(int)
+        strat = stratify(t, e, risk)
+        cohort: dict[str, Any] = {"n": int(len(df)), "threshold": strat.threshold, "risks": np.sort(risk).round(4).tolist(),
+                                  "km": {}, "logrank_p": _finite(strat.p_value)}
+        for name, mask in (("high", strat.high), ("low", ~strat.high)):
             if mask.any():
                 cohort["km"][name] = _km(t[mask], e[mask])
-        if high.any() and (~high).any():
-            cohort["logrank_p"] = float(logrank_test(t[high], t[~high], e[high], e[~high]).p_value)
         return cohort
 
-    def _row(self, df: pd.DataFrame, slide_id: str) -> pd.Series | None:
-        if "slide_ids" in df.columns:
-            hit = df["slide_ids"].astype(str).str.split(";").apply(lambda ids: slide_id in [s.strip() for s in ids])
+    # -- per slide --------------------------------------------------------------------------
+    def _patient_of(self, slide_id: str, clinical: pd.DataFrame | None) -> str | None:
+        if self.job.file_for(slide_id, "evidence") is not None:
+            pid = self.job.read_json(slide_id, "evidence").get("patient_id")
+            if isinstance(pid, str) and pid:
+                return pid
+        if clinical is not None:
+            rows = clinical[clinical["pathology_id"] == slide_id]
+            if len(rows):
+                return str(rows["patient_id"].iloc[0])
+        return None
+
+    def _curve(self, slide_id: str, patient_id: str, fold: int, clinical: pd.DataFrame | None) -> dict[str, Any]:
+        """The patient's survival curve from their validation fold's checkpoint (cached)."""
+        with self._lock:
+            hit = self._curves.get(slide_id)
+        if hit is not None:
+            return hit
+        checkpoint = self.run_dir / f"fold_{fold}"
+        slides = [slide_id]
+        if clinical is not None:
+            slides = clinical.loc[clinical["patient_id"] == patient_id, "pathology_id"].tolist() or slides
+        paths = [p for p in (self._feature_path(s) for s in slides) if p is not None]
+        if not checkpoint.is_dir():
+            out: dict[str, Any] = {"curve": None, "curve_note": f"no fold_{fold} checkpoint in the run folder"}
+        elif not paths:
+            out = {"curve": None, "curve_note": "the patient's slides have no feature files in this job"}
         else:
-            hit = df["pathology_id"].astype(str) == slide_id
-        rows = df[hit]
-        return None if rows.empty else rows.iloc[0]
+            from slidevl.survival.checkpoint import CheckpointError
+            from slidevl.survival.predict import PredictInputError, predict_patient
+
+            try:
+                pred = predict_patient(checkpoint, paths)
+            except (CheckpointError, PredictInputError, OSError, KeyError, ValueError, RuntimeError) as exc:
+                out = {"curve": None, "curve_note": f"fold_{fold} model could not predict ({type(exc).__name__}: {exc})"}
+            else:
+                out = {"curve": {"t": [float(x) for x in pred["bin_edges_months"]], "s": [1.0] + [float(s) for s in pred["survival"]],
+                                 "risk": pred["risk"], "slides": pred["slides"], "checkpoint": f"fold_{fold}"},
+                       "curve_note": None}
+        with self._lock:
+            self._curves[slide_id] = out
+        return out
+
+    def _feature_path(self, slide_id: str) -> Path | None:
+        try:
+            return self.job.file_for(slide_id, "features")
+        except KeyError:  # a slide of the patient that this job does not hold
+            return None
 
     def summary(self) -> dict[str, Any]:
         return self._load()["summary"]
 
     def for_slide(self, slide_id: str) -> dict[str, Any]:
         state = self._load()
-        df, summary, cohort = state["df"], state["summary"], state["cohort"]
-        row = self._row(df, slide_id)
-        if row is None:
-            raise NotAvailableError(f"slide {slide_id} has no out-of-fold risk in {self.run_dir / 'oof_risks.csv'}")
+        df, summary, cohort, clinical = state["df"], state["summary"], state["cohort"], state["clinical"]
+        patient_id = self._patient_of(slide_id, clinical)
+        if patient_id is None:
+            raise NotAvailableError(f"slide {slide_id}: its patient is unknown to the survival run "
+                                    "(no evidence file naming it and no clinical table row)")
+        if patient_id not in df.index:
+            raise NotAvailableError(f"patient {patient_id} (slide {slide_id}) has no out-of-fold risk in the survival run")
+        row = df.loc[patient_id]
+        if isinstance(row, pd.DataFrame):
+            row = row.iloc[0]
         risk = float(row["risk"])
         group = "high" if risk > cohort["threshold"] else "low"
         patient: dict[str, Any] = {
-            "patient_id": str(row["patient_id"]), "risk": risk, "group": group,
+            "patient_id": patient_id, "risk": risk, "group": group,
             "percentile": float((np.asarray(cohort["risks"]) <= risk).mean() * 100),
-            "e": int(row["e"]), "t": float(row["t"]),
-            "fold": int(row["fold"]) if "fold" in row.index and pd.notna(row["fold"]) else None,
-            "curve": None,
+            "e": int(row["e"]), "t": float(row["t"]), "fold": int(row["fold"]),
         }
-        surv_cols = sorted((c for c in df.columns if c.startswith("surv_")), key=lambda c: int(c.split("_")[1]))
-        edges = summary.get("bin_edges")
-        if surv_cols and isinstance(edges, list) and len(edges) == len(surv_cols) + 1:
-            patient["curve"] = {"t": [float(x) for x in edges], "s": [1.0] + [float(row[c]) for c in surv_cols]}
+        patient.update(self._curve(slide_id, patient_id, int(row["fold"]), clinical))
         km = cohort["km"].get(group)
         if km is not None:
-            # Where the patient sits on their group's curve: S at their own follow-up time.
             idx = int(np.searchsorted(km["t"], patient["t"], side="right")) - 1
             patient["km_s"] = km["s"][max(idx, 0)]
-        return {"summary": summary, "patient": patient, "cohort": cohort}
+        c_index = summary.get("c_index") if isinstance(summary.get("c_index"), dict) else {}
+        brief = {
+            "model": summary.get("model"), "variant": summary.get("variant"),
+            "c_index_mean": _finite(c_index.get("mean")), "c_index_std": _finite(c_index.get("std")),
+            "folds": len(c_index.get("folds", [])) or None, "logrank_p": _finite(summary.get("logrank_p")),
+        }
+        return {"summary": brief, "patient": patient, "cohort": cohort}

@@ -140,14 +140,16 @@ class TileService:
         _, dz = self._open(slide_id)
         return dz.get_dzi(fmt)
 
-    def tile(self, slide_id: str, level: int, col: int, row: int, fmt: str) -> bytes:
-        """Encoded tile bytes; raises :class:`TileRangeError` outside the pyramid."""
+    def cached(self, slide_id: str, level: int, col: int, row: int, fmt: str) -> bytes | None:
+        """The tile's bytes if they are in the cache (cheap: safe to call on the event loop)."""
         if fmt not in FORMATS:
             raise TileRangeError(f"format {fmt!r} not served; use one of {sorted(FORMATS)}")
-        key = ("tile", slide_id, level, col, row, FORMATS[fmt][0])
-        data = self.cache.get(key)
-        if data is not None:
-            return data
+        return self.cache.get(("tile", slide_id, level, col, row, FORMATS[fmt][0]))
+
+    def render(self, slide_id: str, level: int, col: int, row: int, fmt: str) -> bytes:
+        """Render and cache a tile; raises :class:`TileRangeError` outside the pyramid."""
+        if fmt not in FORMATS:
+            raise TileRangeError(f"format {fmt!r} not served; use one of {sorted(FORMATS)}")
         _, dz = self._open(slide_id)
         if not 0 <= level < dz.level_count:
             raise TileRangeError(f"level {level} outside 0..{dz.level_count - 1}")
@@ -155,8 +157,13 @@ class TileService:
         if not (0 <= col < cols and 0 <= row < rows):
             raise TileRangeError(f"tile ({col}, {row}) outside {cols}×{rows} at level {level}")
         data = _encode(dz.get_tile(level, (col, row)), fmt, self.quality)
-        self.cache.put(key, data)
+        self.cache.put(("tile", slide_id, level, col, row, FORMATS[fmt][0]), data)
         return data
+
+    def tile(self, slide_id: str, level: int, col: int, row: int, fmt: str) -> bytes:
+        """Encoded tile bytes, from the cache or freshly rendered."""
+        data = self.cached(slide_id, level, col, row, fmt)
+        return data if data is not None else self.render(slide_id, level, col, row, fmt)
 
     def thumbnail(self, slide_id: str, size: int) -> bytes:
         key = ("thumb", slide_id, size)

@@ -60,9 +60,14 @@ def mask_polygons(tissue: TissueMask) -> list[list[np.ndarray]]:
 
 
 def tissue_geojson(tissue: TissueMask, slide_id: str) -> dict:
+    """FeatureCollection of the mask's tissue annotations."""
+    return polygons_geojson(mask_polygons(tissue), slide_id)
+
+
+def polygons_geojson(polygons: list[list[np.ndarray]], slide_id: str) -> dict:
     """FeatureCollection of tissue annotations (deterministic ids, so reruns are identical)."""
     features = []
-    for i, rings in enumerate(mask_polygons(tissue)):
+    for i, rings in enumerate(polygons):
         features.append(
             {
                 "type": "Feature",

@@ -41,7 +41,7 @@ class SlideReadError(RuntimeError):
 
 
 def _to_rgb(rgba_or_rgb: np.ndarray) -> np.ndarray:
-    """RGB uint8 with transparent pixels composited onto white."""
+    """RGB uint8 array with transparent pixels composited onto white."""
     arr = np.asarray(rgba_or_rgb)
     if arr.ndim == 2:
         return np.repeat(arr[..., None], 3, axis=2)
@@ -49,11 +49,39 @@ def _to_rgb(rgba_or_rgb: np.ndarray) -> np.ndarray:
         alpha = arr[..., 3]
         rgb = arr[..., :3]
         if alpha.min() == 255:
-            return np.ascontiguousarray(rgb)
+            return rgb
         a = alpha[..., None].astype(np.uint16)
-        # OpenSlide returns un-premultiplied RGBA; blend onto white.
+        # Un-premultiplied RGBA (OpenSlide's convention); blend onto white.
         return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-    return np.ascontiguousarray(arr[..., :3])
+    return arr[..., :3]
+
+
+def _image_to_rgb(image: Image.Image) -> Image.Image:
+    """PIL RGB image with transparent pixels composited onto white (all in C)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode != "RGBA":
+        return image.convert("RGB")
+    alpha = image.getchannel("A")
+    if alpha.getextrema()[0] == 255:
+        return image.convert("RGB")
+    white = Image.new("RGB", image.size, (255, 255, 255))
+    white.paste(image.convert("RGB"), mask=alpha)
+    return white
+
+
+def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize with PIL: exact integer shrink = box average (``reduce``), other
+    shrinks = box filter, enlargements = bilinear."""
+    w, h = image.size
+    out_w, out_h = size
+    if (w, h) == (out_w, out_h):
+        return image
+    if w % out_w == 0 and h % out_h == 0 and w // out_w == h // out_h:
+        return image.reduce(w // out_w)
+    if w >= out_w and h >= out_h:
+        return image.resize(size, Image.Resampling.BOX)
+    return image.resize(size, Image.Resampling.BILINEAR)
 
 
 class Slide(ABC):
@@ -90,8 +118,8 @@ class Slide(ABC):
         """(mpp_x, mpp_y, property name) as recorded in the file, or None."""
 
     @abstractmethod
-    def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        """RGB uint8 (height, width, 3); (x, y) in level-0 pixels."""
+    def _read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        """RGB image of ``width`` x ``height`` at ``level``; (x, y) in level-0 pixels."""
 
     @abstractmethod
     def close(self) -> None:
@@ -114,6 +142,10 @@ class Slide(ABC):
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 ``(h, w, 3)`` of ``size`` pixels at ``level``; ``location`` is level-0 x, y."""
+        return np.asarray(self.read_region_image(location, level, size))
+
+    def read_region_image(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """As :meth:`read_region`, as a PIL RGB image (cheaper to resize before converting)."""
         width, height = int(size[0]), int(size[1])
         if width < 1 or height < 1:
             raise ValueError(f"region size must be positive, got {size}")
@@ -149,10 +181,7 @@ class Slide(ABC):
         ds = self.level_downsamples[level]
         w = max(1, int(round((x1 - x0) / ds)))
         h = max(1, int(round((y1 - y0) / ds)))
-        tile = self.read_region((x0, y0), level, (w, h))
-        if (w, h) != (out_w, out_h):
-            tile = np.asarray(Image.fromarray(tile).resize((out_w, out_h), Image.Resampling.BILINEAR))
-        return tile
+        return np.asarray(resize_image(self.read_region_image((x0, y0), level, (w, h)), (out_w, out_h)))
 
     def read_downsampled(self, downsample: float | None = None, *, level: int | None = None,
                          size: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
@@ -184,14 +213,10 @@ class Slide(ABC):
             # Source rows covering output rows [r0, r1), widened to whole pixels.
             s0 = int(math.floor(r0 * fy))
             s1 = min(lh, int(math.ceil(r1 * fy)))
-            band = self.read_region((0, int(round(s0 * ds))), level, (lw, max(1, s1 - s0)))
-            if (lw, s1 - s0) == (out_w, r1 - r0):
-                out[r0:r1] = band
-                continue
-            img = Image.fromarray(band)
-            out[r0:r1] = np.asarray(
-                img.resize((out_w, r1 - r0), Image.Resampling.BOX, box=(0.0, r0 * fy - s0, float(lw), r1 * fy - s0))
-            )
+            band = self.read_region_image((0, int(round(s0 * ds))), level, (lw, max(1, s1 - s0)))
+            if band.size != (out_w, r1 - r0):
+                band = band.resize((out_w, r1 - r0), Image.Resampling.BOX, box=(0.0, r0 * fy - s0, float(lw), r1 * fy - s0))
+            out[r0:r1] = np.asarray(band)
         return out, level
 
     def describe(self) -> dict[str, object]:
@@ -243,8 +268,8 @@ class OpenSlideSlide(Slide):
         mpp_y = float(props.get("openslide.mpp-y", mpp_x))
         return mpp_x, mpp_y, "openslide.mpp-x"
 
-    def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        return _to_rgb(np.asarray(self._osr.read_region((x, y), level, (width, height))))
+    def _read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        return _image_to_rgb(self._osr.read_region((x, y), level, (width, height)))
 
     def close(self) -> None:
         self._osr.close()
@@ -349,7 +374,10 @@ class TiffSlide(Slide):
             return None
         return 1 / (x_res * per_um), 1 / (y_res * per_um), "tiff.XResolution"
 
-    def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+    def _read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        return Image.fromarray(self._read_array(x, y, level, width, height))
+
+    def _read_array(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         page = self._pages[level]
         ds = self._ds[level]
         lx, ly = int(math.floor(x / ds)), int(math.floor(y / ds))

@@ -13,6 +13,7 @@ placeholder to the next question, holding the summary tokens of the packs under 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,6 @@ from slidevl.slidellm.llm import LLMLoadOptions
 from slidevl.slidellm.model import BBox, SlideVLMError, VisualTokens
 from slidevl.slidellm.tokenizer import IMAGE_TOKEN
 from slidevl.slidellm.tuning.checkpoint import LoadedVLM, load_vlm
-from slidevl.slidellm.tuning.stages import CACHE_DIR
 from slidevl.slidellm.tuning.visual import CachedVisuals
 from slidevl.slidellm.vqa_data import user_prompt
 from slidevl.vqa.records import VQARecord
@@ -39,7 +39,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def preprocess_config_from_attrs(attrs: dict[str, Any]) -> Any:
+def preprocess_config_from_attrs(attrs: dict[str, Any], *, workers: int | None = None) -> Any:
     """Rebuild the ``PreprocessConfig`` a feature file was made with, from its provenance.
 
     The pipeline stores everything that decides a feature file under ``config_fingerprint``;
@@ -55,7 +55,9 @@ def preprocess_config_from_attrs(attrs: dict[str, Any]) -> Any:
             "the checkpoint's training features carry no preprocessing record (config_fingerprint), e.g. because "
             "they were imported; preprocess the slide yourself with the same settings and pass its id with --job"
         )
+    execution = {} if workers is None else {"workers": workers}
     return PreprocessConfig(
+        **execution,
         grid=GridSpec(**fp["grid"]),
         tissue=TissueParams(**fp["tissue"]),
         min_tissue=float(fp["min_tissue"]),
@@ -77,7 +79,16 @@ class SlideAssistant:
         *,
         device: torch.device | str | None = None,
         llm_options: LLMLoadOptions | None = None,
+        preprocess_workers: int | None = None,
+        cache_root: str | Path = DEFAULT_ASK_JOB,
     ) -> None:
+        """Load ``checkpoint``.
+
+        ``preprocess_workers`` sets the tile-reading processes for slide files (pipeline
+        default when None); encoder outputs are cached under ``cache_root``.
+        """
+        self.preprocess_workers = preprocess_workers
+        self.cache_root = Path(cache_root).expanduser()
         self.device = torch.device(device) if device is not None else default_device()
         self.loaded: LoadedVLM = load_vlm(checkpoint, device=self.device, llm_options=llm_options)
         self._visuals: dict[str, CachedVisuals] = {}
@@ -89,7 +100,9 @@ class SlideAssistant:
     def _visuals_for(self, store: FeatureStore) -> CachedVisuals:
         key = str(store.root.resolve())
         if key not in self._visuals:
-            self._visuals[key] = CachedVisuals(self.loaded.encoder, store, store.job_dir / CACHE_DIR, device=self.device)
+            # One cache folder per feature folder, so equal slide ids of different jobs never meet.
+            folder = self.cache_root / "visual_cache" / hashlib.sha1(key.encode()).hexdigest()[:12]
+            self._visuals[key] = CachedVisuals(self.loaded.encoder, store, folder, device=self.device)
         return self._visuals[key]
 
     def _training_attrs(self) -> dict[str, Any]:
@@ -108,7 +121,7 @@ class SlideAssistant:
     def _preprocess(self, path: Path, job: Path, console: Console | None) -> FeatureStore:
         from slidevl.features.pipeline import preprocess
 
-        config = preprocess_config_from_attrs(self._training_attrs())
+        config = preprocess_config_from_attrs(self._training_attrs(), workers=self.preprocess_workers)
         report = preprocess(path, job, config, console=console or Console(stderr=True, quiet=True))
         failed = [r for r in report.results if r.status == "failed"]
         if failed:
@@ -119,13 +132,13 @@ class SlideAssistant:
         """Visual tokens of a slide file (preprocessed on first use) or of a slide id in ``job``.
 
         Without ``job``, a slide id is looked up in the checkpoint's training job and a
-        slide file is preprocessed into ``~/.cache/slidevl/ask``.
+        slide file is preprocessed into the cache root (``~/.cache/slidevl/ask``).
         """
         path = Path(slide).expanduser()
         if path.is_file():
             from slidevl.features.jobs import slide_id_of
 
-            job_dir = Path(job).expanduser() if job is not None else DEFAULT_ASK_JOB.expanduser()
+            job_dir = Path(job).expanduser() if job is not None else self.cache_root
             store = self._preprocess(path, job_dir, console)
             slide_id = slide_id_of(path)
         else:
@@ -245,8 +258,9 @@ def ask(
     job: str | Path | None = None,
     max_new_tokens: int = 128,
     device: torch.device | str | None = None,
+    cache_root: str | Path = DEFAULT_ASK_JOB,
 ) -> str:
     """One question about one slide, from a slide file or slide id to an answer."""
-    assistant = SlideAssistant(checkpoint, device=device)
+    assistant = SlideAssistant(checkpoint, device=device, cache_root=cache_root)
     conversation = assistant.conversation(assistant.open_slide(slide, job=job), bbox=bbox)
     return conversation.ask(question, max_new_tokens=max_new_tokens)

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:  # the model stack is imported only when a command runs, keeping `--help` fast
+    from slidevl.slidellm.ask import Conversation
 
 _out = Console()
 _err = Console(stderr=True)
@@ -36,10 +39,11 @@ def ask_command(
     question: Annotated[Optional[str], typer.Argument(help="The question; for choice questions put the options in the text.")] = None,
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Stage-2 (or stage-1) run folder.")] = Path("."),
     bbox: Annotated[Optional[str], typer.Option("--bbox", help="Region in level-0 pixels: x0,y0,x1,y1.")] = None,
-    job: Annotated[Optional[Path], typer.Option("--job", help="Job folder holding (or caching) the slide's features; default ~/.cache/slidevl/ask for slide files.")] = None,
+    job: Annotated[Optional[Path], typer.Option("--job", help="Job folder holding the slide id's features, or receiving a slide file's features (default: --cache).")] = None,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read questions from stdin until /quit.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens (greedy decoding).")] = 128,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available).")] = None,
+    cache: Annotated[Path, typer.Option("--cache", help="Cache folder: features of slide files given without --job, and encoder outputs.")] = Path("~/.cache/slidevl/ask"),
 ) -> None:
     """Answer a question about a slide, from the slide file (or id) to the answer in one command."""
     from transformers.utils import logging as hf_logging
@@ -56,7 +60,7 @@ def ask_command(
         _fail("give a QUESTION, or --interactive to read questions from stdin")
     try:
         region = parse_bbox(bbox) if bbox else None
-        assistant = SlideAssistant(checkpoint, device=device)
+        assistant = SlideAssistant(checkpoint, device=device, cache_root=cache)
         conversation = assistant.conversation(assistant.open_slide(slide, job=job, console=_err), bbox=region)
         if question is not None:
             _out.print(conversation.ask(question, max_new_tokens=max_new_tokens), markup=False, highlight=False)
@@ -66,11 +70,9 @@ def ask_command(
         _chat(conversation, max_new_tokens)
 
 
-def _chat(conversation: "object", max_new_tokens: int) -> None:
-    from slidevl.slidellm.ask import Conversation
+def _chat(conversation: "Conversation", max_new_tokens: int) -> None:
     from slidevl.slidellm.model import SlideVLMError, parse_bbox
 
-    assert isinstance(conversation, Conversation)
     prompt = sys.stdin.isatty()
     while True:
         if prompt:

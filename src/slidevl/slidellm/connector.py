@@ -15,7 +15,6 @@ Both take ``tokens`` (B, T, D) and a boolean ``valid`` (B, T) and return a
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -65,9 +64,6 @@ class ConnectorConfig:
         if unknown:
             raise ValueError(f"unknown connector config fields {unknown}; was it written by a newer slidevl?")
         return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 @dataclass

@@ -18,7 +18,7 @@ layer by default, the Hepato-LLaVA setting).
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,6 @@ class EmbeddedLMConfig:
     num_heads: int = 4
     intermediate_size: int = 688
     max_positions: int = 2048
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def build_embedded_llm(tokenizer: PreTrainedTokenizerBase, config: EmbeddedLMConfig | None = None) -> LlamaForCausalLM:
@@ -128,9 +125,6 @@ class LoraSettings:
     alpha: int = 256
     dropout: float = 0.05
     target_modules: str | list[str] = field(default="all-linear")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None) -> PeftModel:

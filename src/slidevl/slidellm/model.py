@@ -52,19 +52,24 @@ def parse_bbox(text: str) -> BBox:
 def patch_step_level0(sf: SlideFeatures) -> float:
     """Level-0 edge of one patch, recovered from the store's coords and lattice positions.
 
-    The grid contract puts patch (col, row) at ``round(col * step), round(row * step)``;
-    a least-squares fit over every patch recovers ``step`` to well under a pixel without
-    relying on which provenance attributes a given store wrote.
+    ``slidevl preprocess`` records the exact value (``patch_size_level0``). Stores without
+    it (imported features) get a least-squares fit of the grid contract, which puts patch
+    (col, row) at ``round(col * step), round(row * step)``: the fit is within half a pixel
+    divided by the largest grid index. Either way the coords must agree with the step.
     """
     grid = np.asarray(sf.patch_grid, dtype=np.float64).ravel()
     coords = np.asarray(sf.patch_coords, dtype=np.float64).ravel()
-    denom = float(grid @ grid)
-    if denom == 0:
-        raise SlideVLMError(
-            f"slide {sf.slide_id!r}: every patch sits at grid (0, 0), so the patch size in level-0 pixels "
-            "cannot be recovered; region questions need a slide with more than one patch"
-        )
-    step = float(grid @ coords) / denom
+    recorded = sf.attrs.get("patch_size_level0")
+    if recorded is not None:
+        step = float(recorded)
+    else:
+        denom = float(grid @ grid)
+        if denom == 0:
+            raise SlideVLMError(
+                f"slide {sf.slide_id!r}: every patch sits at grid (0, 0) and the file has no patch_size_level0 "
+                "attribute, so the patch size in level-0 pixels is unknown; re-run `slidevl preprocess` for it"
+            )
+        step = float(grid @ coords) / denom
     worst = float(np.abs(np.rint(grid * step) - coords).max())
     if worst > 1.0:
         raise SlideVLMError(
@@ -100,10 +105,6 @@ class VisualTokens:
                 f"slide {self.slide_id!r}: inconsistent visual tokens: summary {tuple(self.summary.shape)}, "
                 f"global {tuple(self.global_token.shape)}, pack boxes {tuple(self.pack_boxes.shape)}"
             )
-
-    @property
-    def dim(self) -> int:
-        return int(self.summary.shape[1])
 
     def packs_in(self, bbox: Sequence[int]) -> Tensor:
         """Indices of the packs whose box intersects ``bbox`` (level-0, exclusive ends)."""

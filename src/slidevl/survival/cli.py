@@ -60,7 +60,9 @@ def cv_command(
     grad_accum: int = typer.Option(32, "--grad-accum", help="Patients per optimiser step."),
     alpha: float = typer.Option(0.0, "--alpha", help="NLL weight of the uncensored term."),
     option: List[str] = typer.Option([], "--option", help="Model hyper-parameter key=value (repeatable), e.g. dim=128."),
+    standardize: bool = typer.Option(True, "--standardize/--no-standardize", help="Standardise features on each training fold."),
     no_evidence: bool = typer.Option(False, "--no-evidence", help="Do not write evidence/<slide>.json."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default); 1 is fastest for small bags on shared machines."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Cross-validate a model; write summary.json, oof_risks.csv, km.png and fold_k/ checkpoints."""
@@ -76,8 +78,13 @@ def cv_command(
             features=features, clinical=clinical, out=out, model=model, splits=splits, k=k, epochs=epochs, seed=seed,
             lr=lr, weight_decay=weight_decay, grad_accum=grad_accum, alpha=alpha, n_bins=n_bins, bins_mode=bins_mode,
             variant=variant, prompts=prompts, text_encoder=text_encoder, region_tokens=region_tokens, encoder=encoder,
-            skip_missing=skip_missing, device=device, model_options=_parse_options(option), evidence=not no_evidence,
+            skip_missing=skip_missing, device=device, model_options=_parse_options(option), standardize=standardize,
+            evidence=not no_evidence,
         )
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
         summary = run_cv(config, show_progress=not quiet, console=_err)
     except (CohortError, FeatureStoreError, PromptError, ConfigError) as exc:
         raise _fail(exc) from exc

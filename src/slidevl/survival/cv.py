@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import slidevl
 from slidevl.atomic import atomic_path, write_json_atomic
-from slidevl.features.store import FeatureStore
+from slidevl.features.store import FeatureStore, FeatureStoreError
 from slidevl.survival.checkpoint import save_checkpoint
 from slidevl.survival.cohort import Cohort, load_cohort
 from slidevl.survival.data import REGION_TOKEN_MODES, BagCache
@@ -36,6 +36,7 @@ from slidevl.survival.hila.prompts import DEFAULT_TEXT_ENCODER, encode_bank, loa
 from slidevl.survival.labels import SurvivalBins, fit_bins
 from slidevl.survival.metrics import c_index, plot_km, stratify
 from slidevl.survival.registry import MODELS, build_model
+from slidevl.survival.scaling import FeatureScaler
 from slidevl.survival.train import BagDataset, ConfigError, PatientRecord, TrainConfig, make_accelerator, predict_bag, train_model
 
 BINS_MODES = ("all", "train")
@@ -68,6 +69,7 @@ class CVConfig:
     skip_missing: bool = False
     device: str = "auto"
     model_options: dict[str, Any] = field(default_factory=dict)
+    standardize: bool = True
     evidence: bool = True
     max_cache_bytes: int | None = None
 
@@ -130,7 +132,7 @@ def _load_bags(
         progress.advance(task)
     if len(dims) > 1:
         detail = ", ".join(f"{d} (e.g. patient {p})" for d, p in dims.items())
-        raise ValueError(f"{where}: feature sizes differ between patients: {detail}; use one encoder for the whole cohort")
+        raise FeatureStoreError(f"{where}: feature sizes differ between patients: {detail}; use one encoder for the whole cohort")
     return next(iter(dims))
 
 
@@ -185,6 +187,7 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
     train_config = config.train_config()
     cache = BagCache(store, config.region_tokens, config.max_cache_bytes)
     want_evidence = config.evidence and config.model in EVIDENCE_MODELS
+    prompt_meta = {} if bank is None else {"prompts": {s: prompt_table(bank.scale(s), bank.labels) for s in ("patch", "region")}}
     used = list(dict.fromkeys(p for f in folds for p in f.train + f.val))
 
     fold_rows, oof = [], []
@@ -194,7 +197,10 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
             set_seed(config.seed)
             bins = _fold_bins(config, cohort, fold, global_bins)
             model = build_model(config.model, in_dim=in_dim, region_dim=region_dim, n_bins=bins.n_bins, options=options, prompts=encoded)
-            dataset = BagDataset(cache, _records(cohort, fold.train, bins, keys))
+            scaler = None
+            if config.standardize:
+                scaler = FeatureScaler.fit(cache.bag(pid, cohort.patients.at[pid, "slides"]) for pid in fold.train)
+            dataset = BagDataset(cache, _records(cohort, fold.train, bins, keys), None if scaler is None else scaler.apply)
             label = f"{config.model} fold {fold.index + 1}/{len(folds)}"
             task = progress.add_task(label, total=config.epochs)
 
@@ -202,18 +208,15 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
                 progress.update(task, advance=1, description=f"{label} loss {stats['loss']:.3f}")
 
             model, history = train_model(model, dataset, train_config, accelerator, on_epoch)
-            meta: dict[str, Any] = {"model_name": config.model, "fold": fold.index}
             val = cohort.subset(fold.val)
             risks = []
             for pid in fold.val:
                 bag = cache.bag(pid, cohort.patients.at[pid, "slides"], keys[pid])
-                pred = predict_bag(model, bag, accelerator.device, evidence=want_evidence)
+                pred = predict_bag(model, bag if scaler is None else scaler.apply(bag), accelerator.device, evidence=want_evidence)
                 risks.append(pred.risk)
                 if want_evidence and main:
-                    extra = {"model": config.model, "fold": fold.index, "risk": pred.risk}
-                    if bank is not None:
-                        extra["prompts"] = {s: prompt_table(bank.scale(s), bank.labels) for s in ("patch", "region")}
-                    write_evidence(out / "evidence", bag, pred.evidence, extra)
+                    write_evidence(out / "evidence", bag, pred.evidence,
+                                   {"model": config.model, "fold": fold.index, "risk": pred.risk, **prompt_meta})
             ci = c_index(val["t"].to_numpy(), val["e"].to_numpy(), np.asarray(risks))
             fold_rows.append({
                 "fold": fold.index,
@@ -223,7 +226,6 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
                 "val_events": int(val["e"].sum()),
                 "bins": bins.as_dict(),
                 "final_loss": history[-1]["loss"],
-                "epoch_seconds": [h["seconds"] for h in history],
                 "history": history,
             })
             oof += [
@@ -231,13 +233,16 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
                 for pid, r, t, e in zip(fold.val, risks, val["t"], val["e"])
             ]
             if main:
-                meta.update({
+                meta: dict[str, Any] = {
+                    "model_name": config.model,
+                    "fold": fold.index,
                     "bins": bins.as_dict(),
                     "region_tokens": cache.region_tokens,
                     "feature_encoder": store.encoder,
+                    "scaler": None if scaler is None else scaler.to_dict(),
                     "train": train_config.as_dict(),
                     "slidevl_version": slidevl.__version__,
-                })
+                }
                 if bank is not None:
                     meta["prompts"] = {**bank.as_dict(), "text_encoder": config.text_encoder}
                 save_checkpoint(out / f"fold_{fold.index}", model, meta)
@@ -269,7 +274,8 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
         "config": config.as_dict(),
         "train": train_config.as_dict(),
         "timing": {
-            "mean_epoch_seconds": float(np.mean([s for row in fold_rows for s in row["epoch_seconds"]])),
+            "mean_epoch_seconds": float(np.mean([h["seconds"] for row in fold_rows for h in row["history"]])),
+            "mean_epoch_cpu_seconds": float(np.mean([h["cpu_seconds"] for row in fold_rows for h in row["history"]])),
             "total_seconds": time.perf_counter() - started,
         },
         "environment": {"slidevl": slidevl.__version__, "python": platform.python_version(), "device": str(accelerator.device),

@@ -14,6 +14,7 @@ from slidevl.features.store import FeatureStore
 from slidevl.survival.checkpoint import load_checkpoint
 from slidevl.survival.data import BagCache, FeatureFiles
 from slidevl.survival.labels import SurvivalBins
+from slidevl.survival.scaling import FeatureScaler
 from slidevl.survival.train import predict_bag
 
 FEATURE_SUFFIXES = (".h5", ".hdf5")
@@ -39,7 +40,10 @@ def _feature_paths(inputs: Sequence[Path], job: Path | None, encoder: str) -> li
         from slidevl.features.jobs import slide_id_of
         from slidevl.features.pipeline import preprocess
 
-        report = preprocess(slides, job, PreprocessConfig(encoder=encoder))
+        from rich.console import Console
+
+        # Progress to stderr: stdout carries the prediction JSON.
+        report = preprocess(slides, job, PreprocessConfig(encoder=encoder), console=Console(stderr=True))
         failed = [r for r in report.results if r.status == "failed"]
         if failed:
             raise PredictInputError("preprocessing failed: " + "; ".join(f"{r.slide_id}: {r.error}" for r in failed))
@@ -60,6 +64,8 @@ def predict_patient(checkpoint: str | Path, inputs: Sequence[str | Path], *, job
         raise PredictInputError("two inputs have the same slide id (file stem); give each slide once")
     # One prediction reads each file once: no cache needed.
     bag = BagCache(files, config["region_tokens"], max_cache_bytes=0).bag("patient", list(files.paths))
+    if config.get("scaler"):
+        bag = FeatureScaler.from_dict(config["scaler"]).apply(bag)
     pred = predict_bag(model, bag, device)
     return {
         "checkpoint": str(checkpoint),

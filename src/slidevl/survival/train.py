@@ -53,19 +53,26 @@ class PatientRecord:
 
 
 class BagDataset(Dataset):
-    """Patient bags with their bin label and censorship, read through the slide cache."""
+    """Patient bags with their bin label and censorship, read through the slide cache.
 
-    def __init__(self, cache: BagCache, records: Sequence[PatientRecord]) -> None:
+    ``transform`` (e.g. the fold's feature scaling) is applied to every bag on access.
+    """
+
+    def __init__(
+        self, cache: BagCache, records: Sequence[PatientRecord], transform: Callable[[PatientBag], PatientBag] | None = None
+    ) -> None:
         self.cache = cache
         self.records = list(records)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]
+        bag = self.cache.bag(r.patient_id, r.slides, r.key)
         return {
-            "bag": self.cache.bag(r.patient_id, r.slides, r.key),
+            "bag": bag if self.transform is None else self.transform(bag),
             "y": torch.tensor([r.label], dtype=torch.long),
             "c": torch.tensor([r.censored], dtype=torch.float32),
         }
@@ -106,7 +113,7 @@ def train_model(
     history = []
     for epoch in range(config.epochs):
         model.train()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         total = surv_total = aux_total = 0.0
         for batch in loader:
             with accelerator.accumulate(model):
@@ -127,6 +134,8 @@ def train_model(
             "nll": surv_total / n,
             "aux": aux_total / n,
             "seconds": time.perf_counter() - started,
+            # Process CPU time: comparable between models on a machine shared with other jobs.
+            "cpu_seconds": time.process_time() - cpu_started,
         }
         history.append(stats)
         if on_epoch is not None:

@@ -5,7 +5,7 @@ clinical table, patient-level splits, per-slide label maps and ``truth.json``;
 ``load_truth`` and ``class_fractions`` look the planted truth up again.
 """
 
-from .classes import CLASSES, CLASS_INDEX, LABEL_DS, MPP, REGION_PX
+from .classes import CLASS_INDEX, CLASSES, LABEL_DS, MPP, REGION_PX
 from .cohort import CohortInfo, make_cohort
 from .truth import CohortTruth, SlideTruth, class_fractions, load_truth
 

@@ -22,9 +22,13 @@ def cohort(
     out: Path = typer.Argument(..., help="Output folder (slides/, labels/, clinical.csv, splits/, truth.json)."),
     patients: int = typer.Option(8, "--patients", "-n", min=2, help="Number of patients."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same files."),
-    slide_px: int = typer.Option(4096, "--slide-px", min=512, help="Level-0 width of each slide in pixels (0.5 µm/px)."),
+    slide_px: int = typer.Option(
+        4096, "--slide-px", min=512, help="Level-0 width of each slide in pixels (0.5 µm/px)."
+    ),
     censor_rate: float = typer.Option(0.65, "--censor-rate", min=0.01, max=0.99, help="Expected censored fraction."),
-    two_slide_fraction: float = typer.Option(0.2, "--two-slide-fraction", min=0.0, max=1.0, help="Patients with two slides."),
+    two_slide_fraction: float = typer.Option(
+        0.2, "--two-slide-fraction", min=0.0, max=1.0, help="Patients with two slides."
+    ),
     generic_fraction: float = typer.Option(
         0.1, "--generic-fraction", min=0.0, max=1.0, help="Slides written as generic TIFF (at least one)."
     ),

@@ -183,9 +183,7 @@ def make_cohort(
     clinical_path = out / "clinical.csv"
     write_text_atomic(clinical_path, clinical.to_csv(index=False, float_format="%.2f"))
 
-    per_patient = pd.DataFrame(
-        {"patient_id": [patient_id(i) for i in patients], "e": [p.e for p in patients.values()]}
-    )
+    per_patient = pd.DataFrame({"patient_id": [patient_id(i) for i in patients], "e": [p.e for p in patients.values()]})
     splits_dir = out / "splits"
     write_splits(splits_dir, make_patient_splits(per_patient, k=n_folds, seed=seed))
 

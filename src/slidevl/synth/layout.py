@@ -131,12 +131,12 @@ def make_layout(width: int, height: int, morph: Morphology, rng: np.random.Gener
     if stroma_zone.any():
         # Peritumoral lymphocytic infiltrate: score decays away from the tumour margin,
         # plus lymphoid aggregates anywhere in the stroma.
-        lymph_score = 1.6 * np.exp(-dist_to_bed / 8.0) + 0.9 * value_noise(shape, 11.0, rng)
+        lymph_score = 2.0 * np.exp(-dist_to_bed / 8.0) + 0.8 * fractal_noise(shape, 24.0, rng, octaves=2)
         lymph_target = 0.03 + 0.32 * morph.lymphocyte_infiltration
         fields[_LYMPH] = _threshold_to_fraction(lymph_score, stroma_zone, lymph_target)
         remaining = stroma_zone & (fields[_LYMPH] <= 0)
         if morph.fat_fraction > 0 and remaining.any():
-            fat_score = fractal_noise(shape, 16.0, rng, octaves=2) - 1.2 * np.exp(-dist_to_bed / 10.0)
+            fat_score = fractal_noise(shape, 32.0, rng, octaves=2) - 1.2 * np.exp(-dist_to_bed / 10.0)
             want = min(1.0, morph.fat_fraction * stroma_zone.sum() / remaining.sum())
             fields[_FAT] = _threshold_to_fraction(fat_score, remaining, want)
 
@@ -153,11 +153,12 @@ def _tissue_field(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarra
     yy = (np.arange(hf)[:, None] + 0.5) / hf - 0.5
     xx = (np.arange(wf)[None, :] + 0.5) / wf - 0.5
     score = noise - 3.0 * ((xx / 0.5) ** 2 + (yy / 0.5) ** 2)
-    # Keep a margin of glass around the section, as on a real slide.
-    margin = max(2, int(0.04 * min(hf, wf)))
-    edge = np.minimum(np.minimum(np.arange(hf)[:, None], hf - 1 - np.arange(hf)[:, None]),
-                      np.minimum(np.arange(wf)[None, :], wf - 1 - np.arange(wf)[None, :]))
-    score = np.where(edge < margin, score - 10.0, score)
+    # Keep glass around the section, as on a real slide. The penalty ramps up smoothly
+    # over the outer 12 % so tissue curves away from the edge instead of being cut
+    # along a straight line.
+    edge = np.minimum(np.minimum(yy + 0.5, 0.5 - yy), np.minimum(xx + 0.5, 0.5 - xx))
+    ramp = np.clip(1.0 - edge / 0.12, 0.0, 1.0)
+    score = score - 12.0 * ramp**2
     coverage = rng.uniform(0.35, 0.55)
     thr = np.quantile(score, 1.0 - coverage)
     return (score - thr).astype(np.float32)
@@ -186,13 +187,13 @@ def _tumour_field(
 
     yy = np.arange(shape[0], dtype=np.float32)[:, None] + 0.0
     xx = np.arange(shape[1], dtype=np.float32)[None, :] + 0.0
-    dists = [np.hypot(yy - i, xx - j) for i, j in zip(ci, cj)]
+    dists = [np.hypot(yy - i, xx - j) for i, j in zip(ci, cj, strict=True)]
     # Irregular outline: noise in units of the nodule radius.
     wobble = 0.28 * fractal_noise(shape, max(3.0, float(np.median(base_r)) / 2.0), rng, octaves=2)
 
     def field(scale: float) -> np.ndarray:
         best = np.full(shape, -np.inf, np.float32)
-        for d, r in zip(dists, base_r):
+        for d, r in zip(dists, base_r, strict=True):
             np.maximum(best, 1.0 - d / (scale * r + 1e-6), out=best)
         return best + wobble
 
@@ -204,7 +205,7 @@ def _tumour_field(
         area = float(((field(mid) > 0) & in_tissue).sum())
         lo, hi = (mid, hi) if area < target else (lo, mid)
     scale = 0.5 * (lo + hi)
-    nodules = [(float(i), float(j), float(scale * r)) for i, j, r in zip(ci, cj, base_r)]
+    nodules = [(float(i), float(j), float(scale * r)) for i, j, r in zip(ci, cj, base_r, strict=True)]
     return field(scale).astype(np.float32), nodules
 
 

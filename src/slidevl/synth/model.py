@@ -145,7 +145,9 @@ def _event_times(risks: np.ndarray, u: np.ndarray, scale: float) -> np.ndarray:
     return scale * (-np.log(u)) ** (1.0 / WEIBULL_SHAPE) * np.exp(-risks / WEIBULL_SHAPE)
 
 
-def sample_survival(risks: np.ndarray, rng: np.random.Generator, censor_rate: float = 0.65) -> tuple[np.ndarray, np.ndarray]:
+def sample_survival(
+    risks: np.ndarray, rng: np.random.Generator, censor_rate: float = 0.65
+) -> tuple[np.ndarray, np.ndarray]:
     """Observed time (months, 2 decimals, >= 0.01) and event flag (0/1) per risk."""
     risks = np.asarray(risks, dtype=np.float64)
     t_event = _event_times(risks, rng.random(risks.shape), event_scale(round(float(censor_rate), 6)))

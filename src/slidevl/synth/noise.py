@@ -65,19 +65,21 @@ def periodic_noise(
     anisotropic: features are ``sigma`` long along direction ``angle`` (radians, image
     x axis towards y) and ``sigma_across`` wide, which gives fibre-like streaks.
     """
-    white = rng.standard_normal((size, size)).astype(np.float32)
+    white = rng.standard_normal((size, size), dtype=np.float32)
     # scipy.fft keeps float32 in single precision (numpy's FFT would upcast).
     f = fft.rfft2(white)
-    ky = (np.fft.fftfreq(size)[:, None] * 2 * np.pi).astype(np.float32)
-    kx = (np.fft.rfftfreq(size)[None, :] * 2 * np.pi).astype(np.float32)
+    ky = (np.fft.fftfreq(size) * 2 * np.pi).astype(np.float32)
+    kx = (np.fft.rfftfreq(size) * 2 * np.pi).astype(np.float32)
     if sigma_across is None:
-        gain = np.exp(-0.5 * (kx**2 + ky**2) * sigma**2)
+        # Isotropic: the Gaussian gain is separable, an outer product of two vectors.
+        gain = np.exp(-0.5 * ky**2 * sigma**2)[:, None] * np.exp(-0.5 * kx**2 * sigma**2)[None, :]
     else:
-        ca, sa = np.cos(angle), np.sin(angle)
-        k_along = kx * ca + ky * sa
-        k_across = -kx * sa + ky * ca
-        gain = np.exp(-0.5 * (k_along**2 * sigma**2 + k_across**2 * sigma_across**2))
-    out = fft.irfft2(f * gain, s=(size, size)).astype(np.float32)
+        ca, sa = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+        k_along = kx[None, :] * ca + ky[:, None] * sa
+        k_across = ky[:, None] * ca - kx[None, :] * sa
+        gain = np.exp(-0.5 * (k_along**2 * np.float32(sigma**2) + k_across**2 * np.float32(sigma_across**2)))
+    f *= gain
+    out = fft.irfft2(f, s=(size, size)).astype(np.float32)
     return _standardise(out)
 
 
@@ -101,9 +103,7 @@ class Worley:
     gap: np.ndarray
 
 
-def periodic_worley(
-    size: int, cell: float, rng: np.random.Generator, jitter: float = 0.85, chunk: int = 128
-) -> Worley:
+def periodic_worley(size: int, cell: float, rng: np.random.Generator, jitter: float = 0.85, chunk: int = 128) -> Worley:
     """Jittered-grid Voronoi cells of about ``cell`` pixels on a ``size`` torus.
 
     The seed lattice has ``round(size / cell)`` cells per side so it wraps exactly.
@@ -143,19 +143,19 @@ def periodic_worley(
         # Running nearest and second-nearest (squared distance, padded-lattice index).
         b1 = np.full((len(ys), size), np.inf, np.float32)
         b2 = np.full((len(ys), size), np.inf, np.float32)
-        k1 = np.zeros((len(ys), size), np.int64)
-        k2 = np.zeros((len(ys), size), np.int64)
+        k1 = np.zeros((len(ys), size), np.int32)
+        k2 = np.zeros((len(ys), size), np.int32)
         for oy in (-1, 0, 1):
             for ox in (-1, 0, 1):
-                k = (cy[:, None] + oy) * (g + 2) + (cx[None, :] + ox)
+                k = ((cy[:, None] + oy) * (g + 2) + (cx[None, :] + ox)).astype(np.int32)
                 d2 = (xs[None, :] - psx.ravel()[k]) ** 2 + (ys[:, None] - psy.ravel()[k]) ** 2
                 lt1 = d2 < b1
                 lt2 = d2 < b2
-                # New second-best: the old best where d beats it, else d where d beats
-                # the old second-best.
-                np.copyto(b2, np.where(lt1, b1, d2), where=lt2)
+                # Second best becomes the old best where d beats it, else d where d
+                # beats the old second best: b2 = min(b2, max(b1, d)).
                 np.copyto(k2, np.where(lt1, k1, k), where=lt2)
-                np.copyto(b1, d2, where=lt1)
+                np.minimum(b2, np.maximum(b1, d2), out=b2)
+                np.minimum(b1, d2, out=b1)
                 np.copyto(k1, k, where=lt1)
         dx1 = xs[None, :] - psx.ravel()[k1]
         dy1 = ys[:, None] - psy.ravel()[k1]

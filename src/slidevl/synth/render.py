@@ -53,7 +53,12 @@ class SlideRenderer:
         self._grade = grade
         self._texture_px = texture_px
         self._placements = {
-            k: Placement(int(rng.integers(0, 1 << 20)), int(rng.integers(0, 1 << 20)), bool(rng.integers(2)), bool(rng.integers(2)))
+            k: Placement(
+                int(rng.integers(0, 1 << 20)),
+                int(rng.integers(0, 1 << 20)),
+                bool(rng.integers(2)),
+                bool(rng.integers(2)),
+            )
             for k in (TUMOUR, STROMA, LYMPHOCYTES, NECROSIS, FAT)
         }
 

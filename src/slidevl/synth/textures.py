@@ -102,12 +102,45 @@ def _grade_params(grade: int) -> dict[str, float]:
     # Nottingham-style: higher grade = bigger, more variable, darker and more irregular
     # nuclei with nucleoli, fewer gland lumens (tubules), larger solid nests.
     return {
-        1: dict(cell=30.0, r=7.0, r_sd=0.7, aspect=0.25, irregular=0.03, dens=0.50, dens_sd=0.05,
-                nucleoli=0.10, lumen_p=0.55, nest=260.0, cyto=0.40),
-        2: dict(cell=34.0, r=9.0, r_sd=1.5, aspect=0.45, irregular=0.08, dens=0.60, dens_sd=0.09,
-                nucleoli=0.40, lumen_p=0.22, nest=360.0, cyto=0.36),
-        3: dict(cell=38.0, r=11.5, r_sd=2.8, aspect=0.7, irregular=0.15, dens=0.70, dens_sd=0.13,
-                nucleoli=0.75, lumen_p=0.0, nest=520.0, cyto=0.32),
+        1: dict(
+            cell=30.0,
+            r=7.0,
+            r_sd=0.7,
+            aspect=0.25,
+            irregular=0.03,
+            dens=0.50,
+            dens_sd=0.05,
+            nucleoli=0.10,
+            lumen_p=0.55,
+            nest=260.0,
+            cyto=0.40,
+        ),
+        2: dict(
+            cell=34.0,
+            r=9.0,
+            r_sd=1.5,
+            aspect=0.45,
+            irregular=0.08,
+            dens=0.60,
+            dens_sd=0.09,
+            nucleoli=0.40,
+            lumen_p=0.22,
+            nest=360.0,
+            cyto=0.36,
+        ),
+        3: dict(
+            cell=38.0,
+            r=11.5,
+            r_sd=2.8,
+            aspect=0.7,
+            irregular=0.15,
+            dens=0.70,
+            dens_sd=0.13,
+            nucleoli=0.75,
+            lumen_p=0.0,
+            nest=520.0,
+            cyto=0.32,
+        ),
     }[grade]
 
 
@@ -118,14 +151,19 @@ def _tumour(size: int, grade: int, rng: np.random.Generator) -> Texture:
 
     # Architecture: nests of tumour cells separated by thin fibrous septa, and (for
     # low grades) round gland lumens lined by a ring of cells.
+    # (The helper Worley structures are dropped as soon as they are used: each holds
+    # seven full-size planes.)
     nests = periodic_worley(size, g["nest"], rng, jitter=0.9)
     septum_w = 2.0 + 3.0 * rng.random(len(nests.seeds)).astype(np.float32)
     septum = np.clip(septum_w[nests.id1] - nests.gap, 0.0, 1.0)
+    del nests
     lumens = periodic_worley(size, 3.0 * g["cell"], rng, jitter=0.7)
     nl = len(lumens.seeds)
     lumen_r = np.where(rng.random(nl) < g["lumen_p"], rng.uniform(8, 22, nl), 0.0).astype(np.float32)
     lumen_dist = lumens.f1 - lumen_r[lumens.id1]
-    lumen = np.clip(0.5 - lumen_dist, 0.0, 1.0) * (lumen_r[lumens.id1] > 0)
+    has_lumen = lumen_r[lumens.id1] > 0
+    lumen = np.clip(0.5 - lumen_dist, 0.0, 1.0) * has_lumen
+    del lumens
 
     # A cell keeps its nucleus unless its seed falls in a lumen or a septum.
     sx = np.clip(cells.seeds[:, 0].astype(np.int64), 0, size - 1)
@@ -162,7 +200,7 @@ def _tumour(size: int, grade: int, rng: np.random.Generator) -> Texture:
     h = cyto_h * (1 - cover) + nuc_h * cover
     e = cyto_e * (1 - cover) + (0.12 + 0.1 * nucleolus) * cover
     # Lumen rim: apical cytoplasm slightly denser; lumen itself nearly empty.
-    rim = np.clip(1.0 - np.abs(lumen_dist - 2.0) / 2.5, 0, 1) * (lumen_r[lumens.id1] > 0)
+    rim = np.clip(1.0 - np.abs(lumen_dist - 2.0) / 2.5, 0, 1) * has_lumen
     e = e + 0.12 * rim
     e = e * (1 - lumen) + 0.04 * lumen
     h = h * (1 - lumen)
@@ -171,7 +209,9 @@ def _tumour(size: int, grade: int, rng: np.random.Generator) -> Texture:
     return Texture(f"tumour_g{grade}", _to_u8(h), _to_u8(e))
 
 
-def _orientation_blend(size: int, rng: np.random.Generator, sigma: float, across: float) -> tuple[np.ndarray, np.ndarray]:
+def _orientation_blend(
+    size: int, rng: np.random.Generator, sigma: float, across: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Fibre noise whose direction follows a smooth orientation field.
 
     Eight anisotropic noises at 22.5 degree steps are blended with weights peaked
@@ -181,9 +221,14 @@ def _orientation_blend(size: int, rng: np.random.Generator, sigma: float, across
     theta = (np.pi / 2) * periodic_noise(size, rng, sigma=220.0)
     acc = np.zeros((size, size), np.float32)
     wsum = np.zeros((size, size), np.float32)
+    cos_t, sin_t = np.cos(theta), np.sin(theta)
     for k in range(8):
         ang = k * np.pi / 8
-        w = np.cos(theta - ang) ** 8
+        # cos(theta - ang)^8 by angle addition and repeated squaring (no per-angle cos).
+        w = cos_t * np.float32(np.cos(ang)) + sin_t * np.float32(np.sin(ang))
+        w *= w
+        w *= w
+        w *= w
         acc += w * periodic_noise(size, rng, sigma=sigma, sigma_across=across, angle=ang)
         wsum += w
     fib = acc / np.maximum(wsum, 1e-6)
@@ -220,12 +265,12 @@ def _stroma(size: int, rng: np.random.Generator) -> Texture:
 
 
 def _lymphocytes(size: int, rng: np.random.Generator) -> Texture:
-    cells = periodic_worley(size, 17.0, rng, jitter=0.85)
+    cells = periodic_worley(size, 15.0, rng, jitter=0.75)
     n = len(cells.seeds)
     big = rng.random(n) < 0.05  # plasma cells / histiocytes among the lymphocytes
     att = _Nuclei(
         present=(rng.random(n) < 0.9).astype(np.float32),
-        radius=np.where(big, rng.uniform(6.5, 8.0, n), rng.normal(5.6, 0.45, n)).astype(np.float32),
+        radius=np.where(big, rng.uniform(6.5, 8.0, n), rng.normal(5.3, 0.4, n)).astype(np.float32),
         aspect=(1.0 + rng.exponential(0.08, n)).astype(np.float32),
         angle=rng.uniform(0, np.pi, n).astype(np.float32),
         irregular=np.full(n, 0.03, np.float32),

@@ -70,7 +70,7 @@ def dominant_class(fractions: np.ndarray) -> str:
 
 
 def fractions_dict(fractions: np.ndarray, digits: int = 5) -> dict[str, float]:
-    return {name: round(float(v), digits) for name, v in zip(CLASSES, fractions)}
+    return {name: round(float(v), digits) for name, v in zip(CLASSES, fractions, strict=True)}
 
 
 def region_table(labels: np.ndarray, downsample: int = LABEL_DS, region_px: int = REGION_PX) -> list[dict[str, Any]]:
@@ -79,9 +79,16 @@ def region_table(labels: np.ndarray, downsample: int = LABEL_DS, region_px: int 
     out = []
     for row in range(-(-height // region_px)):
         for col in range(-(-width // region_px)):
-            bbox = [col * region_px, row * region_px, min((col + 1) * region_px, width), min((row + 1) * region_px, height)]
+            bbox = [
+                col * region_px,
+                row * region_px,
+                min((col + 1) * region_px, width),
+                min((row + 1) * region_px, height),
+            ]
             fr = class_fractions(labels, bbox, downsample)
-            out.append({"col": col, "row": row, "bbox": bbox, "fractions": fractions_dict(fr), "dominant": dominant_class(fr)})
+            out.append(
+                {"col": col, "row": row, "bbox": bbox, "fractions": fractions_dict(fr), "dominant": dominant_class(fr)}
+            )
     return out
 
 

@@ -77,3 +77,9 @@ def eval_command(
 def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+# `build` lives in its own module; registered here so `slidevl vqa` lists it.
+from slidevl.vqa.build_cli import build_command  # noqa: E402
+
+app.command("build")(build_command)

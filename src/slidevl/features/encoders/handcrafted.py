@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -63,14 +64,27 @@ class HandcraftedConfig:
     percentiles: tuple[int, ...] = (10, 25, 50, 75, 90)
     tissue_od_sum: float = TISSUE_OD_SUM
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.analysis_size < 8 or self.analysis_size % 2:
+            problems.append(f"analysis_size must be an even number >= 8, got {self.analysis_size}")
+        if not 2 <= self.glcm_levels <= 256:
+            problems.append(f"glcm_levels must be in 2..256, got {self.glcm_levels}")
+        if self.hema_glcm_max <= 0:
+            problems.append(f"hema_glcm_max must be > 0, got {self.hema_glcm_max}")
+        if self.lbp_radius <= 0 or 2 * math.ceil(self.lbp_radius) >= self.analysis_size // 2:
+            problems.append(f"lbp_radius must be > 0 and small against analysis_size / 2, got {self.lbp_radius}")
+        if any(not 0 <= q <= 100 for q in self.percentiles):
+            problems.append(f"percentiles must lie in 0..100, got {self.percentiles}")
+        if problems:
+            raise EncoderError("handcrafted: " + "; ".join(problems))
+
 
 class HandcraftedEncoder(TileEncoder):
     """Stain, nuclear, texture and colour statistics of H&E tiles (see module docstring)."""
 
     def __init__(self, config: HandcraftedConfig | None = None) -> None:
         self.config = config or HandcraftedConfig()
-        if self.config.analysis_size < 8 or self.config.analysis_size % 2:
-            raise EncoderError(f"handcrafted: analysis_size must be an even number >= 8, got {self.config.analysis_size}")
         self.name = "handcrafted"
         digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode()).hexdigest()[:8]
         self.revision = f"v{ALGORITHM_VERSION}-{digest}"
@@ -81,6 +95,8 @@ class HandcraftedEncoder(TileEncoder):
 
     def worker_transform(self, tiles: np.ndarray) -> np.ndarray:
         tiles = check_tiles(tiles)
+        if len(tiles) == 0:
+            return np.zeros((0, self.feature_dim), dtype=np.float32)
         feats = self._features(tiles)
         return np.stack(list(feats.values()), axis=1).astype(np.float32)
 

@@ -186,6 +186,8 @@ class HFEncoder(TileEncoder):
         return check_features(self._forward(x), self.feature_dim, self.name)
 
     def _forward(self, x: torch.Tensor) -> np.ndarray:
+        if x.shape[0] == 0:
+            return np.zeros((0, self.feature_dim), dtype=np.float32)
         with torch.inference_mode():
             out = self.model(pixel_values=x.to(self.device, dtype=torch.float32, non_blocking=True))
             feats = self._pool(out)

@@ -121,6 +121,8 @@ class OpenCLIPEncoder(TileEncoder):
         return check_features(self._forward(torch.as_tensor(transformed)), self.feature_dim, self.name)
 
     def _forward(self, x: torch.Tensor) -> np.ndarray:
+        if x.shape[0] == 0:
+            return np.zeros((0, self.feature_dim), dtype=np.float32)
         with torch.inference_mode():
             feats = self.model.encode_image(x.to(self.device, dtype=torch.float32, non_blocking=True))
         return feats.float().cpu().numpy()

@@ -16,7 +16,6 @@ import numpy as np
 from skimage.color import hed_from_rgb
 
 HED_FROM_RGB = hed_from_rgb.astype(np.float32)
-STAINS = ("hematoxylin", "eosin", "residual")
 # Summed RGB optical density above which a pixel is tissue: white background is
 # about 0.05, pale stroma about 0.2-0.3, nuclei above 1.
 TISSUE_OD_SUM = 0.2

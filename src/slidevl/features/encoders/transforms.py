@@ -2,9 +2,10 @@
 
 Model adapters need the same preprocessing as their image processor, but in the
 DataLoader workers, on whole batches, and without torchvision (it does not import
-beside every torch build). Resizing uses ``torch.nn.functional.interpolate`` with
-antialiasing, which follows PIL's filters closely; results agree with the Hugging Face
-processors to about one intensity level.
+beside every torch build). Resizing runs ``torch.nn.functional.interpolate`` with
+antialiasing on the uint8 tiles in channels-last layout: torch's dedicated kernel for
+that case reproduces PIL's resampling (which the Hugging Face processors use) to within
+one or two intensity levels, and is about 25x faster than resizing in float.
 """
 
 from __future__ import annotations
@@ -47,21 +48,21 @@ class ResizeNormalize:
 
     def __call__(self, tiles: np.ndarray) -> torch.Tensor:
         tiles = check_tiles(tiles)
-        x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).to(torch.float32)
+        # (B, H, W, 3) memory seen as (B, 3, H, W) is exactly torch's channels-last layout.
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
         if x.shape[-1] != self.resize:
             kwargs = {} if self.interpolation == "nearest" else {"antialias": True, "align_corners": False}
             x = torch.nn.functional.interpolate(x, size=(self.resize, self.resize), mode=self.interpolation, **kwargs)
-            # Bicubic overshoots; PIL clips to the 8-bit range, and so do we.
-            x.clamp_(0, 255)
         if self.crop != self.resize:
             top = (self.resize - self.crop) // 2
             x = x[:, :, top : top + self.crop, top : top + self.crop]
-        x = x * self.rescale
-        if self.mean is not None and self.std is not None:
-            mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
-            x = (x - mean) / std
-        return x.contiguous()
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
+        if self.mean is None or self.std is None:
+            return x.mul_(self.rescale)
+        # (x * rescale - mean) / std, as one subtraction and one scaling in place.
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return x.sub_(mean / self.rescale).mul_(self.rescale / std)
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -3,11 +3,11 @@
 // All text from the job folder is inserted with textContent, never as HTML.
 "use strict";
 
-const PROMPT_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"];
 const HEAT_STOPS = [[0, [48, 18, 59]], [0.25, [65, 136, 254]], [0.5, [41, 239, 154]], [0.75, [249, 186, 56]], [1, [180, 4, 38]]];
 
 const state = {
   info: null, slides: [], slide: null, viewer: null,
+  loaded: null,        // id of the slide whose overlays and panels are all loaded
   layers: [],          // {key, label, on, opacity, kind, data, colour}
   evidence: null,      // evidence payload (prompts, layers)
   selection: null,     // level-0 [x0, y0, x1, y1] for region questions
@@ -77,6 +77,7 @@ async function openSlide(id) {
   }
   notice(window.OpenSeadragon ? "" : state.info.openseadragon_hint);
   state.slide = info;
+  state.loaded = null;
   state.selection = null; state.picked = null; state.history = [];
   history.replaceState(null, "", `#slide=${encodeURIComponent(id)}`);
   for (const li of document.querySelectorAll("#slide-list li")) li.classList.toggle("active", li.dataset.id === id);
@@ -84,13 +85,13 @@ async function openSlide(id) {
     (info.mpp ? ` · ${info.mpp} µm/px` : " · mpp unknown");
   $("empty").hidden = true;
   $("chat-log").replaceChildren();
-  $("patch-info").textContent = "Click the slide to inspect the patch under the cursor.";
-  $("patch-info").className = "muted";
+  $("patch-card").hidden = true;
   updateSelectionUi();
   if (!window.OpenSeadragon) return;
   if (!state.viewer) createViewer();
   state.viewer.open(info.dzi);
   await Promise.all([loadLayers(info), loadSurvival(info)]);
+  if (state.slide === info) state.loaded = info.id;  // tests and scripts wait on this
 }
 
 // ---------------------------------------------------------------- viewer
@@ -101,6 +102,8 @@ function createViewer() {
     showNavigator: true, navigatorPosition: "TOP_RIGHT",
     showRotationControl: false, showFullPageControl: false,
     maxZoomPixelRatio: 4, visibilityRatio: 0.3,
+    // The 2D canvas drawer: WebGL falls back to slow software rendering on machines without a GPU.
+    drawer: "canvas",
     gestureSettingsMouse: { clickToZoom: false },
   });
   state.viewer = viewer;
@@ -177,13 +180,16 @@ async function loadLayers(info) {
   if (info.overlays.rois) jobs.push(api(`/api/slides/${id}/overlays/rois`).then((d) =>
     layers.push({ key: "rois", label: "ROIs", kind: "rois", data: d, on: true, opacity: 1, colour: "#ff9100" })));
   state.evidence = null;
+  state.promptColours = {};
   if (info.overlays.evidence) jobs.push(api(`/api/slides/${id}/overlays/evidence`).then((d) => {
     state.evidence = d;
+    for (const [scale, prompts] of Object.entries(d.prompts)) state.promptColours[scale] = promptColours(prompts);
     for (const layer of d.layers) {
       layers.push({ key: `ev-${layer.name}`, label: layer.name.replace(/_/g, " "), kind: layer.kind, data: layer, on: false, opacity: 0.55 });
     }
   }));
   const results = await Promise.allSettled(jobs);
+  if (state.slide !== info) return;  // another slide was opened meanwhile
   const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
   if (failed.length) notice(`Some overlays could not be loaded: ${failed.join("; ")}`);
   const order = ["tissue", "grid-patch", "grid-pack", "grid-region", "rois"];
@@ -206,18 +212,44 @@ function renderLayerControls() {
     const swatch = el("span", { class: "swatch" });
     swatch.style.background = layer.colour || (layer.kind === "heatmap"
       ? "linear-gradient(90deg,#30123b,#4188fe,#29ef9a,#f9ba38,#b40426)"
-      : `linear-gradient(90deg,${PROMPT_COLOURS.slice(0, 3).join(",")})`);
+      : "linear-gradient(90deg,hsl(0,80%,50%),hsl(110,80%,45%),hsl(220,80%,50%))");
     box.append(el("label", { class: "layer", for: `toggle-${layer.key}` }, check, swatch, layer.label, slider));
   }
-  if (state.evidence && state.evidence.prompts.length) {
-    const legend = el("div", { class: "legend", title: "OPL tokens are coloured by their matched prompt" });
-    state.evidence.prompts.forEach((p, i) => {
-      const sw = el("span", { class: "swatch" });
-      sw.style.background = PROMPT_COLOURS[i % PROMPT_COLOURS.length];
-      legend.append(el("span", {}, sw, ` ${p}`));
-    });
+  // OPL tokens are coloured by matched prompt; each scale has its own prompt list, grouped by risk level.
+  for (const [scale, prompts] of Object.entries(state.evidence ? state.evidence.prompts : {})) {
+    if (!state.layers.some((l) => l.kind === "tokens" && l.data.level === scale)) continue;
+    const legend = el("div", { class: "legend", title: `${scale} tokens are coloured by the prompt OPL matched them to` },
+      el("b", { text: `${scale} prompts:` }));
+    const colours = state.promptColours[scale];
+    for (const level of [...new Set(prompts.map((p) => p.level))]) {
+      const group = el("span", { class: "legend-level" });
+      prompts.forEach((p, i) => {
+        if (p.level !== level) return;
+        const sw = el("span", { class: "swatch", title: p.text });
+        sw.style.background = colours[i];
+        group.append(sw);
+      });
+      const first = prompts.find((p) => p.level === level);
+      group.append(` ${first.label || `level ${level}`}`);
+      legend.append(group);
+    }
     box.append(legend);
   }
+}
+
+// One colour per prompt: the hue follows the risk level (red for level 0, the shortest-survival
+// bin, to blue for the last), the shade tells the prompts of one level apart.
+function promptColours(prompts) {
+  const levels = [...new Set(prompts.map((p) => p.level ?? 0))].sort((a, b) => a - b);
+  const size = {}, seen = {};
+  for (const p of prompts) size[p.level ?? 0] = (size[p.level ?? 0] || 0) + 1;
+  return prompts.map((p) => {
+    const level = p.level ?? 0;
+    const k = (seen[level] = (seen[level] ?? -1) + 1);
+    const hue = levels.length > 1 ? (levels.indexOf(level) / (levels.length - 1)) * 220 : 0;
+    const light = size[level] > 1 ? 32 + (k / (size[level] - 1)) * 33 : 48;
+    return `hsl(${Math.round(hue)}, 80%, ${Math.round(light)}%)`;
+  });
 }
 
 function heat(v) {
@@ -276,7 +308,7 @@ function redraw() {
         if (d.kept && !d.kept[i]) return;
         if (!visible(x, y, d.size)) return;
         ctx.fillStyle = layer.kind === "tokens" && d.prompt
-          ? PROMPT_COLOURS[d.prompt[i] % PROMPT_COLOURS.length]
+          ? (state.promptColours[d.level] || [])[d.prompt[i]] || "#888"
           : heat(hi > lo ? (d.score[i] - lo) / (hi - lo) : 0.5);
         ctx.fillRect(X(x), Y(y), px, px); shapes++;
       });
@@ -337,10 +369,11 @@ async function onCanvasClick(e) {
       rows.push([`${ev.level} token`, parts.join(" · ")]);
       if (ev.prompt_text) rows.push([`${ev.level} prompt`, ev.prompt_text]);
     }
-    box.className = "";
+    $("patch-card").hidden = false;
     box.replaceChildren(el("table", {}, ...rows.map(([k, v]) => el("tr", {}, el("td", { text: k }), el("td", { text: v })))));
     redraw();
   } catch (err) {
+    $("patch-card").hidden = false;
     box.textContent = err.message;
   }
 }
@@ -369,11 +402,13 @@ async function loadSurvival(info) {
   try {
     d = await api(`/api/slides/${encodeURIComponent(info.id)}/survival`);
   } catch (err) {
+    if (state.slide !== info) return;
     card.hidden = false;
     $("survival-info").textContent = err.message;
     $("km-plot").replaceChildren(); $("risk-strip").replaceChildren(); $("survival-summary").textContent = "";
     return;
   }
+  if (state.slide !== info) return;
   card.hidden = false;
   const p = d.patient;
   const head = el("div", {},
@@ -384,9 +419,13 @@ async function loadSurvival(info) {
   $("survival-info").replaceChildren(head, follow);
   drawKm(d);
   drawRiskStrip(d);
-  const metrics = Object.entries(d.summary).filter(([, v]) => typeof v === "number" || typeof v === "string")
-    .map(([k, v]) => `${k}: ${typeof v === "number" ? +v.toFixed(4) : v}`);
-  $("survival-summary").textContent = metrics.join(" · ");
+  const s = d.summary;
+  const parts = [`${s.model || "model"}${s.variant ? " " + s.variant : ""}`];
+  if (s.c_index_mean != null) parts.push(`C-index ${s.c_index_mean.toFixed(3)} ± ${(s.c_index_std || 0).toFixed(3)}` + (s.folds ? ` over ${s.folds} folds` : ""));
+  if (s.logrank_p != null) parts.push(`log-rank p ${s.logrank_p.toExponential(1)}`);
+  if (p.curve) parts.push(`dashed: this patient's predicted survival (${p.curve.checkpoint} model)`);
+  else if (p.curve_note) parts.push(`no patient curve: ${p.curve_note}`);
+  $("survival-summary").textContent = parts.join(" · ");
 }
 
 function drawKm(d) {
@@ -414,7 +453,7 @@ function drawKm(d) {
       let i = 0; while (i + 1 < c.t.length && c.t[i + 1] <= ct) i++;
       svg.append(svgEl("line", { x1: X(ct), x2: X(ct), y1: Y(c.s[i]) - 3, y2: Y(c.s[i]) + 3, stroke: colours[name] }));
     }
-    const lab = svgEl("text", { x: W - R - 2, y: name === "high" ? T + 10 : T + 22, "text-anchor": "end", fill: colours[name] });
+    const lab = svgEl("text", { x: W - R - 2, y: name === "high" ? T + 10 : T + 22, "text-anchor": "end", style: `fill: ${colours[name]}` });
     lab.textContent = `${name} risk`; svg.append(lab);
   }
   if (d.patient.curve) {
@@ -489,6 +528,7 @@ async function main() {
   $("chat-answerer").title = a.description;
   if (!window.OpenSeadragon) notice(state.info.openseadragon_hint);
   $("select-region").addEventListener("click", () => setSelecting(!state.selecting));
+  $("patch-close").addEventListener("click", () => { $("patch-card").hidden = true; state.picked = null; redraw(); });
   $("clear-region").addEventListener("click", () => { state.selection = null; updateSelectionUi(); redraw(); });
   $("chat-form").addEventListener("submit", ask);
   await loadSlides();

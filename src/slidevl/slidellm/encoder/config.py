@@ -41,7 +41,7 @@ class TopoPackConfig:
     attention_impl: str = "auto"
     # Upper bound on score-matrix elements materialised at once by the gather path;
     # this is what keeps the summary-to-summary term linear in memory.
-    chunk_elements: int = 1 << 24
+    chunk_elements: int = 1 << 21
     # flex_attention is only fast once compiled; tests may switch compilation off.
     flex_compile: bool = True
     # Recompute each layer in backward instead of storing its activations: trades

@@ -123,7 +123,9 @@ def topo_mask_mod(layout: TokenLayout, variant: str, length: int) -> Callable[[T
 def _compiled_flex() -> Callable[..., Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # Default dynamic-shape handling: slides differ in length, and marking the sequence
+    # dimension dynamic after the first change avoids recompiling for every slide.
+    return torch.compile(flex_attention)
 
 
 def topo_attention_flex(

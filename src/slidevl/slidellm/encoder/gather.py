@@ -28,12 +28,15 @@ from torch import Tensor
 from slidevl.slidellm.encoder.layout import TokenLayout
 from slidevl.slidellm.encoder.mask import check_variant
 
-#: Score elements held at once per chunk (16 MiB in float32).
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+#: Score elements held at once per chunk (8 MiB in float32).
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 
-def _chunk_groups(groups: int, per_group: int, chunk_elements: int) -> int:
-    return max(1, min(groups, chunk_elements // max(1, per_group)))
+def _chunk_groups(q: Tensor, n_local: int, n_shared: int, chunk_elements: int) -> int:
+    """Groups per chunk so that scores and per-chunk outputs/gradients fit the budget."""
+    b, h, g, m, d = q.shape
+    per_group = b * h * (m * (n_local + n_shared) + (m + n_local) * d)
+    return max(1, min(g, chunk_elements // max(1, per_group)))
 
 
 def _all_or_none(mask: Tensor | None) -> Tensor | None:
@@ -69,7 +72,7 @@ def _forward_groups(
     """Write attention outputs (B,H,G,m,dv) into ``out`` and log-sum-exps into ``lse``."""
     b, h, g, m, _ = q.shape
     n_local, n_shared = kl.shape[3], ks.shape[2]
-    c = _chunk_groups(g, b * h * m * (n_local + n_shared), chunk_elements)
+    c = _chunk_groups(q, n_local, n_shared, chunk_elements)
     for g0 in range(0, g, c):
         g1 = min(g, g0 + c)
         cc = g1 - g0
@@ -113,8 +116,7 @@ def _backward_groups(
     """Accumulate gradients of one grouped attention into the given buffers (all ``+=``)."""
     b, h, g, m, d = q.shape
     n_local, n_shared = kl.shape[3], ks.shape[2]
-    c = _chunk_groups(g, b * h * m * (n_local + n_shared), chunk_elements)
-    delta = (grad_out * out).sum(-1)  # (B,H,G,m): the softmax Jacobian's row term
+    c = _chunk_groups(q, n_local, n_shared, chunk_elements)
     for g0 in range(0, g, c):
         g1 = min(g, g0 + c)
         cc = g1 - g0
@@ -126,7 +128,8 @@ def _backward_groups(
         go = grad_out[:, :, g0:g1]
         go_flat = go.reshape(b, h, cc * m, -1)
         dvs += torch.matmul(ps.view(b, h, cc * m, n_shared).transpose(-1, -2), go_flat)
-        dc = delta[:, :, g0:g1, :, None]
+        # The softmax Jacobian's row term, per chunk so no sequence-sized temporary is made.
+        dc = (go * out[:, :, g0:g1]).sum(-1, keepdim=True)
         dss = torch.matmul(go_flat, vs.transpose(-1, -2)).view(b, h, cc, m, n_shared)
         dss = dss.sub_(dc).mul_(ps).mul_(scale)
         dss_flat = dss.view(b, h, cc * m, n_shared)
@@ -203,7 +206,9 @@ class _TopoGatherAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, patch_valid, summary_valid, token_valid, variant, scale, chunk):  # type: ignore[override]
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        # q, k, v are usually strided views of one fused qkv projection. Every reshape
+        # below only splits or re-merges the token axis, so they stay views and nothing
+        # sequence-sized is copied (or saved twice for backward).
         b, h, n, d = q.shape
         p, s = patch_valid.shape[1], patch_valid.shape[2]
         npt = p * s

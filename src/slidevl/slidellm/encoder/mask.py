@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from slidevl.slidellm.encoder.config import MASK_VARIANTS
-from slidevl.slidellm.encoder.layout import GLOBAL, PATCH, SUMMARY, TokenLayout
+from slidevl.slidellm.encoder.layout import GLOBAL, PAD, PATCH, SUMMARY, TokenLayout
 
 
 def check_variant(variant: str) -> str:
@@ -41,7 +41,8 @@ def allowed(
     flex_attention ``mask_mod`` body (scalars per call) and as a dense mask builder.
     """
     if variant == "dense":
-        return k_valid & (k_type >= 0)
+        # Every query (q_type >= PAD is always true; it only broadcasts over queries).
+        return k_valid & (k_type >= 0) & (q_type >= PAD)
     same_pack = q_pack == k_pack
     k_patch = k_type == PATCH
     k_summary = k_type == SUMMARY

@@ -14,7 +14,7 @@ from slidevl.slidellm.pretrain.config import PretrainConfig
 from slidevl.slidellm.pretrain.data import CachedSource, FeatureStoreSource, MemorySource, SlideSource
 from slidevl.slidellm.pretrain.mae import MAEDecoder, MAEMask, mae_loss, mae_mask
 from slidevl.slidellm.pretrain.moco import MoCoQueue, moco_logits, moco_loss, negative_mask, pick_positives, slide_key
-from slidevl.slidellm.pretrain.modules import MomentumNetworks, PretrainModel
+from slidevl.slidellm.pretrain.modules import MomentumNetworks, PretrainModel, models_from_checkpoint
 from slidevl.slidellm.pretrain.trainer import PretrainResult, pretrain
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "load_checkpoint",
     "mae_loss",
     "mae_mask",
+    "models_from_checkpoint",
     "moco_logits",
     "moco_loss",
     "negative_mask",

@@ -59,7 +59,8 @@ class PretrainConfig:
     mixed_precision: str = "no"
     seed: int = 0
     save_every: int = 200
-    log_every: int = 1
+    # The loss log is rewritten (CSV + JSON) every log_every steps and at checkpoints.
+    log_every: int = 10
     cache_slides: int = 8
 
     def __post_init__(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -72,3 +74,15 @@ class MomentumNetworks(nn.Module):
     def update(self, model: PretrainModel, momentum: float) -> None:
         momentum_update(model.encoder, self.encoder, momentum)
         momentum_update(model.head, self.head, momentum)
+
+
+def models_from_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[PretrainModel, MomentumNetworks, PretrainConfig]:
+    """Rebuild the pretraining model and momentum networks saved in a checkpoint folder."""
+    from slidevl.slidellm.pretrain.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(directory, map_location)
+    model = PretrainModel(ckpt.encoder_config, ckpt.config)
+    momentum = MomentumNetworks(model, ckpt.config)
+    model.load_state_dict({k[len("model.") :]: v for k, v in ckpt.weights.items() if k.startswith("model.")}, strict=True)
+    momentum.load_state_dict({k[len("momentum.") :]: v for k, v in ckpt.weights.items() if k.startswith("momentum.")}, strict=True)
+    return model.to(map_location), momentum.to(map_location), ckpt.config

@@ -158,6 +158,7 @@ def load_vlm(
     model = SlideVLM(connector, llm, image_token_id=image_token_id(tokenizer), pad_token_id=tokenizer.pad_token_id)
     load_connector_weights(model, directory)
     encoder = freeze(load_checkpoint_encoder(directory))
-    model.to(device)
+    # A 4-bit LLM was placed on its GPU by bitsandbytes and cannot be moved.
+    (model.connector if options.load_in_4bit else model).to(device)
     encoder.to(device)
     return LoadedVLM(model.eval(), encoder.eval(), tokenizer, info, directory)

@@ -13,8 +13,6 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 from rich.console import Console
 
-from slidevl.slidellm.tuning.config import TuneConfig
-
 app = typer.Typer(help="Tune the slide LLM: language warm-up, stage 1 (connector), stage 2 (connector + LoRA).", no_args_is_help=True)
 _err = Console(stderr=True)
 
@@ -72,6 +70,7 @@ def _run(cfg_kwargs: dict[str, Any], resume: bool) -> None:
     from slidevl.slidellm.llm import LLMError
     from slidevl.slidellm.model import SlideVLMError
     from slidevl.slidellm.tokenizer import TokenizerError
+    from slidevl.slidellm.tuning.config import TuneConfig
     from slidevl.slidellm.tuning.stages import run_stage, run_warmup
     from slidevl.slidellm.tuning.state import CheckpointError
     from slidevl.vqa.records import VQARecordError

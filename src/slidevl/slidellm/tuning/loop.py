@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from slidevl.atomic import write_json_atomic
 from slidevl.slidellm.tuning.config import TrainSettings
 from slidevl.slidellm.tuning.state import (
     CheckpointError,
@@ -30,7 +31,6 @@ from slidevl.slidellm.tuning.state import (
     save_state,
     set_rng_state,
 )
-from slidevl.atomic import write_json_atomic
 
 TRAINER_DIR = "trainer"
 
@@ -72,12 +72,13 @@ class LoopResult:
     """What a finished (or already finished) run reports."""
 
     steps: int
-    epochs_started: int
+    epochs_completed: int
     seconds: float
     history: list[list[float]] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float | None:
+        """Mean loss of the last ten optimizer steps."""
         tail = [h[1] for h in self.history[-10:]]
         return sum(tail) / len(tail) if tail else None
 
@@ -122,7 +123,15 @@ def run_loop(
         total = min(total, settings.max_steps)
 
     sampler = EpochSampler(n, settings.seed)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, collate_fn=collate)
+    # The loader's own generator keeps iterator start-up from drawing on the global RNG,
+    # whose state (dropout) a resumed run restores exactly.
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total, settings.warmup_ratio))
     # A 4-bit model is already placed by bitsandbytes and must not be moved again.
@@ -177,9 +186,11 @@ def run_loop(
         task = progress.add_task(description, total=total, completed=counters["step"], loss="-")
         window: list[float] = []
         while counters["step"] < total:
-            sampler.set_epoch(counters["epoch"])
             skip = counters["batch_in_epoch"]
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            # accelerate's loaders re-seed their sampler from their own iteration counter,
+            # so the epoch is set on the loader actually iterated (a skipping copy starts at 0).
+            batches.set_epoch(counters["epoch"])
             finished_epoch = True
             for batch in batches:
                 with accelerator.accumulate(module):
@@ -205,19 +216,23 @@ def run_loop(
                 if counters["step"] >= total:
                     finished_epoch = False
                     break
-            if finished_epoch:
+            # An epoch also ends when the last step fell on its last micro-batch.
+            if finished_epoch or counters["batch_in_epoch"] >= len(loader):
                 counters["epoch"] += 1
                 counters["batch_in_epoch"] = 0
-    write_json_atomic(
-        run_dir / "summary.json",
-        {
-            "stage": description,
-            "steps": counters["step"],
-            "epochs_started": counters["epoch"] + (0 if counters["batch_in_epoch"] == 0 else 1),
-            "examples": n,
-            "seconds": round(counters["seconds"], 2),
-            "final_loss": LoopResult(counters["step"], 0, 0, history).final_loss,
-            "trainable_parameters": sum(p.numel() for p in params),
-        },
-    )
-    return LoopResult(counters["step"], counters["epoch"], counters["seconds"], history)
+    result = LoopResult(counters["step"], counters["epoch"], counters["seconds"], history)
+    if accelerator.is_main_process:
+        write_json_atomic(
+            run_dir / "summary.json",
+            {
+                "stage": description,
+                "steps": result.steps,
+                "epochs_completed": result.epochs_completed,
+                "examples": n,
+                "seconds": round(result.seconds, 2),
+                "first_loss": history[0][1] if history else None,
+                "final_loss": result.final_loss,
+                "trainable_parameters": sum(p.numel() for p in params),
+            },
+        )
+    return result

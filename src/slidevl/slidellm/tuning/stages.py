@@ -16,10 +16,12 @@ computed once per slide and cached (:mod:`slidevl.slidellm.tuning.visual`).
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 
@@ -47,8 +49,8 @@ from slidevl.slidellm.tuning.visual import CachedVisuals, LiveVisuals, check_reg
 from slidevl.slidellm.vqa_data import ChatBatch, ChatCollator, ChatDataset, corpus_texts, select_records
 from slidevl.vqa.records import read_records
 
-#: Folder inside a feature job where frozen-encoder outputs are cached, per encoder fingerprint.
-CACHE_DIR = "slidellm_cache"
+#: Folder inside a run where frozen-encoder outputs are cached (the feature job is only read).
+CACHE_DIR = "visual_cache"
 
 
 class TuningModule(nn.Module):
@@ -69,6 +71,38 @@ class TuningModule(nn.Module):
             slides[s].select(bbox, use_global=self.vlm.use_global).to(device) for s, bbox in zip(batch.slides, batch.bboxes)
         ]
         return self.vlm(batch.input_ids, batch.attention_mask, batch.labels, tokens)
+
+
+@dataclass
+class PreparedRun:
+    """A stage ready to train: :meth:`run` starts (or resumes) the loop."""
+
+    cfg: TuneConfig
+    run_dir: Path
+    resume: bool
+    accelerator: Accelerator
+    module: nn.Module
+    dataset: ChatDataset
+    collate: ChatCollator
+    loss_fn: Callable[[nn.Module, ChatBatch], Tensor]
+    save_model: Callable[[Path], None]
+    device_placement: bool = True
+
+    def run(self) -> LoopResult:
+        return run_loop(
+            accelerator=self.accelerator,
+            module=self.module,
+            dataset=self.dataset,
+            collate=self.collate,
+            loss_fn=self.loss_fn,
+            settings=self.cfg.train,
+            lr=self.cfg.lr,
+            run_dir=self.run_dir,
+            save_model=self.save_model,
+            resume=self.resume,
+            description=self.cfg.stage,
+            device_placement=self.device_placement,
+        )
 
 
 def _prepare_run_dir(cfg: TuneConfig, resume: bool) -> Path:
@@ -93,6 +127,11 @@ def _prepare_run_dir(cfg: TuneConfig, resume: bool) -> Path:
 
 def run_warmup(cfg: TuneConfig, *, resume: bool = False) -> LoopResult:
     """Stage 0: tokenizer + embedded LLM trained on the QA text; writes ``<out>/checkpoint/llm``."""
+    return prepare_warmup(cfg, resume=resume).run()
+
+
+def prepare_warmup(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
+    """Build the warm-up's tokenizer, model and data, up to the first step."""
     if cfg.stage != "warmup":
         raise ValueError(f"run_warmup needs stage 'warmup', got {cfg.stage!r}")
     run_dir = _prepare_run_dir(cfg, resume)
@@ -116,19 +155,7 @@ def run_warmup(cfg: TuneConfig, *, resume: bool = False) -> LoopResult:
         llm.save_pretrained(folder / "llm")
         tokenizer.save_pretrained(folder / "llm")
 
-    return run_loop(
-        accelerator=accelerator,
-        module=llm,
-        dataset=dataset,
-        collate=ChatCollator(tokenizer.pad_token_id),
-        loss_fn=loss_fn,
-        settings=cfg.train,
-        lr=cfg.lr,
-        run_dir=run_dir,
-        save_model=save_model,
-        resume=resume,
-        description="warmup",
-    )
+    return PreparedRun(cfg, run_dir, resume, accelerator, llm, dataset, ChatCollator(tokenizer.pad_token_id), loss_fn, save_model)
 
 
 def _build_encoder(cfg: TuneConfig, store: FeatureStore, init: Path | None, resume_dir: Path | None) -> TopoPackEncoder:
@@ -161,8 +188,8 @@ def _llm_width(llm: nn.Module) -> int:
     return int(llm.get_input_embeddings().weight.shape[1])
 
 
-def run_stage(cfg: TuneConfig, *, resume: bool = False) -> LoopResult:
-    """Stage 1 (connector on captions) or stage 2 (connector + LoRA on VQA)."""
+def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
+    """Build everything stage 1 or 2 trains, up to (not including) the first step."""
     if cfg.stage not in ("stage1", "stage2"):
         raise ValueError(f"run_stage needs stage 'stage1' or 'stage2', got {cfg.stage!r}")
     init = resolve_checkpoint(cfg.init) if cfg.init else None
@@ -217,7 +244,7 @@ def run_stage(cfg: TuneConfig, *, resume: bool = False) -> LoopResult:
     if cfg.train_encoder:
         visuals: CachedVisuals | LiveVisuals = LiveVisuals(encoder, store, device=accelerator.device)
     else:
-        visuals = CachedVisuals(encoder, store, store.job_dir / CACHE_DIR, device=accelerator.device)
+        visuals = CachedVisuals(encoder, store, run_dir / CACHE_DIR, device=accelerator.device)
     visuals.precompute(r.slide for r in records)
     check_regions(records, visuals)
 
@@ -236,17 +263,15 @@ def run_stage(cfg: TuneConfig, *, resume: bool = False) -> LoopResult:
     def save_model(folder: Path) -> None:
         save_vlm(folder, info, model, encoder, tokenizer)
 
-    return run_loop(
-        accelerator=accelerator,
-        module=module,
-        dataset=dataset,
-        collate=ChatCollator(tokenizer.pad_token_id),
-        loss_fn=lambda m, batch: m(batch),
-        settings=cfg.train,
-        lr=cfg.lr,
-        run_dir=run_dir,
-        save_model=save_model,
-        resume=resume,
-        description=cfg.stage,
-        device_placement=placed,
+    return PreparedRun(
+        cfg, run_dir, resume, accelerator, module, dataset, ChatCollator(tokenizer.pad_token_id), _module_loss, save_model, placed
     )
+
+
+def _module_loss(module: nn.Module, batch: ChatBatch) -> Tensor:
+    return module(batch)
+
+
+def run_stage(cfg: TuneConfig, *, resume: bool = False) -> LoopResult:
+    """Stage 1 (connector on captions) or stage 2 (connector + LoRA on VQA)."""
+    return prepare_stage(cfg, resume=resume).run()

@@ -9,8 +9,8 @@ Data flow for one patient:
 4. region-level OPL does the same with the region prompts on the recalibrated regions;
 5. MCL pulls the patient's patch and region prototypes (means of the kept tokens)
    together against other patients' prototypes (weighted by ``mcl_weight``);
-6. the fusion head reads both prototypes and both levels' prompt scores and gives
-   ``n_bins`` hazard logits.
+6. the fusion head (an MLP; the paper leaves it unspecified) reads both prototypes and
+   both levels' prompt scores and gives ``n_bins`` hazard logits.
 
 Variants reproduce the paper's ablations:
 ``A`` one prompt per level with cosine top-r instead of OT; ``B`` without CLP (region
@@ -87,7 +87,8 @@ class HiLa(SurvivalModel):
                 self.clp = CrossLevelPropagation(dim)
             if self.use_mcl:
                 self.mcl = MutualContrastive(dim, mcl_dim, mcl_queue, mcl_tau, mcl_momentum)
-        # Prompt scores are cosines (|s| ≤ 1); a learnable scale lets them compete with the prototypes.
+        # Prompt scores are cosines (|s| ≤ 1); a learnable scale, started like a CLIP logit
+        # scale, lets them compete with the prototypes from the first step.
         self.score_scale = nn.Parameter(torch.tensor(10.0))
         self.head = nn.Sequential(nn.Linear(fused, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, n_bins))
 

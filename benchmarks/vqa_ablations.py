@@ -1,0 +1,328 @@
+"""Slide VQA ablations on a synthetic cohort: accuracy per level and format.
+
+Pipeline (every step is skipped when its output is already there, so an interrupted
+run continues where it stopped)::
+
+    cohort (slidevl.synth) -> features (slidevl preprocess) -> QA train/test (slidevl vqa build)
+    -> topo-pack encoders pretrained with MAE -> MoCo: sparse (topo mask) and dense mask
+    -> embedded LM language warm-up (shared by every variant)
+    -> per variant: stage 1 (captions, connector) -> stage 2 (VQA, connector + LoRA)
+       -> greedy answers to test.jsonl -> slidevl.vqa.evaluate (accuracy, METEOR)
+
+Variants (each changes one thing relative to ``full``):
+
+    full            sparse encoder, MAE+MoCo, Q-Former with 32 queries, two-stage tuning
+    dense_encoder   encoder pretrained and used with the dense attention mask
+    queries_500     Q-Former with 500 queries
+    mlp_all_tokens  2-layer MLP per token, every summary token (+ global) to the LLM
+    no_pretraining  same encoder architecture, random weights
+    one_stage       no stage 1: stage 2 starts from a fresh connector
+
+Results go to ``benchmarks/results/vqa_ablations.json`` and ``.md``; the work folder keeps
+every intermediate (cohort, job, QA, encoders, runs, predictions, evaluation reports).
+
+    python benchmarks/vqa_ablations.py --work /tmp/vqa_bench            # full size
+    python benchmarks/vqa_ablations.py --work /tmp/vqa_bench --quick    # minutes, smoke-level numbers
+    python benchmarks/vqa_ablations.py --cohort C --job J --qa Q ...    # reuse existing data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "dense_encoder": {"encoder": "dense"},
+    "queries_500": {"connector": {"num_queries": 500}},
+    "mlp_all_tokens": {"connector": {"kind": "mlp"}},
+    "no_pretraining": {"encoder_init": "random"},
+    "one_stage": {"two_stage": False},
+}
+
+
+@dataclass
+class Sizes:
+    """Everything that sets the cost of a run (``--quick`` shrinks all of it)."""
+
+    patients: int = 24
+    slide_px: int = 8192
+    mae_steps: int = 600
+    moco_steps: int = 300
+    warmup_epochs: int = 30
+    stage1_epochs: int = 20
+    stage2_epochs: int = 8
+    batch_size: int = 8
+    max_new_tokens: int = 96
+
+
+QUICK = Sizes(patients=8, slide_px=4096, mae_steps=60, moco_steps=30, warmup_epochs=8, stage1_epochs=4,
+              stage2_epochs=2, max_new_tokens=64)
+
+
+def _log(message: str) -> None:
+    print(f"[vqa_ablations {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def prepare_data(args: argparse.Namespace, sizes: Sizes, work: Path) -> tuple[Path, Path, Path]:
+    """Cohort, feature job and QA folder: given ones are used as they are, missing ones are made."""
+    from slidevl.features.config import PreprocessConfig
+    from slidevl.features.pipeline import preprocess
+    from slidevl.synth.cohort import make_cohort
+    from slidevl.vqa.build import build_qa
+
+    cohort = Path(args.cohort) if args.cohort else work / "cohort"
+    if not (cohort / "truth.json").is_file():
+        _log(f"rendering a cohort of {sizes.patients} patients into {cohort}")
+        make_cohort(cohort, n_patients=sizes.patients, seed=args.seed, slide_px=sizes.slide_px)
+    job = Path(args.job) if args.job else work / "job"
+    if not args.job:
+        _log(f"preprocessing {cohort / 'slides'} into {job} (skips complete slides)")
+        report = preprocess(cohort / "slides", job, PreprocessConfig(progress=False))
+        if report.n_failed:
+            raise SystemExit(f"preprocessing failed for {report.n_failed} slide(s); see {job / 'summary.md'}")
+    qa = Path(args.qa) if args.qa else work / "qa"
+    if not (qa / "test.jsonl").is_file():
+        _log(f"building template QA into {qa}")
+        build_qa(cohort, job, qa, progress=False)
+    return cohort, job, qa
+
+
+def pretrain_encoders(job: Path, work: Path, sizes: Sizes, seed: int, names: set[str]) -> dict[str, Path]:
+    """MAE -> MoCo pretraining of the encoders in ``names``: sparse (``topo``) and/or ``dense`` mask."""
+    from slidevl.slidellm.encoder import TopoPackConfig
+    from slidevl.slidellm.pretrain import FeatureStoreSource, PretrainConfig, pretrain
+    from slidevl.slidellm.pretrain.checkpoint import has_checkpoint, load_checkpoint
+    from slidevl.slidellm.pretrain.data import feature_dims
+
+    source = FeatureStoreSource(job)
+    first = source.load(source.slide_ids()[0])
+    patch_dim, pack_dim, global_dim = feature_dims(first)
+    config = PretrainConfig(mae_steps=sizes.mae_steps, moco_steps=sizes.moco_steps, seed=seed,
+                            warmup_steps=max(1, (sizes.mae_steps + sizes.moco_steps) // 20))
+    out: dict[str, Path] = {}
+    for name in sorted(names):
+        folder = work / "encoders" / name
+        done = has_checkpoint(folder) and load_checkpoint(folder).step >= config.total_steps
+        if not done:
+            _log(f"pretraining the {name} encoder ({config.total_steps} steps)")
+            enc_cfg = TopoPackConfig(patch_dim=patch_dim, pack_dim=pack_dim, global_dim=global_dim,
+                                     pack_size=first.pack_size, mask_variant=name)
+            pretrain(source, folder, config=config, encoder_config=enc_cfg, resume=has_checkpoint(folder), progress=False)
+        out[name] = folder
+    return out
+
+
+def _train(seed: int, batch_size: int, epochs: int, **kw: Any) -> dict[str, Any]:
+    return dict(epochs=epochs, batch_size=batch_size, seed=seed, save_every=10_000, **kw)
+
+
+def run_stage_once(cfg_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Run a tuning stage unless its run folder already finished; return its summary."""
+    from slidevl.slidellm.tuning.config import TuneConfig
+    from slidevl.slidellm.tuning.stages import run_stage, run_warmup
+
+    out = Path(cfg_kwargs["out"])
+    summary = out / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    cfg = TuneConfig.from_dict(cfg_kwargs)
+    resume = (out / "checkpoint").is_dir()
+    _log(f"{cfg.stage} -> {out}{' (resuming)' if resume else ''}")
+    (run_warmup if cfg.stage == "warmup" else run_stage)(cfg, resume=resume)
+    return json.loads(summary.read_text())
+
+
+def answer_test(checkpoint: Path, test: Path, job: Path, out: Path, max_new_tokens: int) -> tuple[Path, float]:
+    """Greedy answers to every test record; returns the prediction file and seconds per answer."""
+    from slidevl.atomic import write_json_atomic
+    from slidevl.slidellm.ask import SlideAssistant
+    from slidevl.vqa.predictions import write_predictions
+    from slidevl.vqa.records import read_records
+
+    if out.is_file():
+        meta = json.loads(out.with_suffix(".meta.json").read_text())
+        return out, meta["seconds_per_answer"]
+    records = read_records(test)
+    assistant = SlideAssistant(checkpoint, cache_root=out.parent / "ask_cache")
+    visuals = {s: assistant.open_slide(s, job=job) for s in sorted({r.slide for r in records})}
+    started = time.perf_counter()
+    answers = assistant.answer_records(records, visuals, max_new_tokens=max_new_tokens, batch_size=16)
+    per_answer = (time.perf_counter() - started) / len(records)
+    write_predictions(out, {r.id: a for r, a in zip(records, answers)})
+    write_json_atomic(out.with_suffix(".meta.json"), {"seconds_per_answer": per_answer})
+    return out, per_answer
+
+
+def run_variant(name: str, spec: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    sizes: Sizes = ctx["sizes"]
+    folder: Path = ctx["work"] / "runs" / name
+    encoder = ctx["encoders"]["dense" if spec.get("encoder") == "dense" else "topo"]
+    common = dict(records=str(ctx["qa"] / "train.jsonl"), job=str(ctx["job"]), encoder=str(encoder),
+                  encoder_init=spec.get("encoder_init", "pretrained"))
+    summaries = {}
+    init = None
+    if spec.get("two_stage", True):
+        summaries["stage1"] = run_stage_once(dict(
+            stage="stage1", out=str(folder / "stage1"), llm=str(ctx["llm"]), connector=spec.get("connector", {}),
+            train=_train(ctx["seed"], sizes.batch_size, sizes.stage1_epochs), **common))
+        init = str(folder / "stage1")
+    stage2 = dict(stage="stage2", out=str(folder / "stage2"), train=_train(ctx["seed"], sizes.batch_size, sizes.stage2_epochs),
+                  **common)
+    if init is None:
+        stage2.update(llm=str(ctx["llm"]), connector=spec.get("connector", {}))
+    else:
+        stage2["init"] = init
+    summaries["stage2"] = run_stage_once(stage2)
+
+    from slidevl.vqa.evaluate import evaluate
+
+    pred, per_answer = answer_test(folder / "stage2", ctx["qa"] / "test.jsonl", ctx["job"], folder / "predictions.jsonl",
+                                   sizes.max_new_tokens)
+    report = evaluate(pred, ctx["qa"] / "test.jsonl", out=folder / "evaluation.json", text_scorer=ctx["scorer"])
+    keep = ("n", "accuracy", "n_unparsed", "meteor", "rouge_l")
+    return {
+        "spec": spec,
+        "overall": {k: report["overall"][k] for k in keep},
+        "by_level": {lvl: {k: s[k] for k in keep} for lvl, s in report["by_level"].items()},
+        "by_format": {fmt: {k: s[k] for k in keep} for fmt, s in report["by_format"].items()},
+        "training": summaries,
+        "seconds_per_answer": round(per_answer, 4),
+    }
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _baselines(blind: dict[str, Any] | None) -> str:
+    if not blind:
+        return "No blind baselines in the QA summary."
+    return (f"Blind baselines on the {blind['n_test_choice']} test choice questions (from the QA build): chance "
+            f"{_fmt(blind['chance'])}, majority answer text {_fmt(blind['majority_text'])}, majority letter "
+            f"{_fmt(blind['majority_letter'])}.")
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    rows = result["variants"]
+    levels = ["WSI", "ROI", "patch"]
+    lines = [
+        "# Slide VQA ablations",
+        "",
+        f"Cohort: {result['data']['n_train']} train / {result['data']['n_test']} test records "
+        f"({result['data']['cohort']}); sizes: `{json.dumps(result['sizes'])}`.",
+        _baselines(result["data"].get("blind_baselines")),
+        "",
+        "Choice accuracy (single: 1/0; multi: 1 exact, 0.5 strict subset) per level, and text metrics on open/caption answers.",
+        "",
+        "| variant | acc all | acc WSI | acc ROI | acc patch | acc single | acc multi | METEOR open | METEOR caption | unparsed | s/answer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lv, fm = r["by_level"], r["by_format"]
+        lines.append(
+            f"| {name} | {_fmt(r['overall']['accuracy'])} | "
+            + " | ".join(_fmt(lv.get(level, {}).get("accuracy")) for level in levels)
+            + f" | {_fmt(fm.get('single', {}).get('accuracy'))} | {_fmt(fm.get('multi', {}).get('accuracy'))}"
+            + f" | {_fmt(fm.get('open', {}).get('meteor'))} | {_fmt(fm.get('caption', {}).get('meteor'))}"
+            + f" | {r['overall']['n_unparsed']} | {r['seconds_per_answer']:.3f} |"
+        )
+    lines += [
+        "",
+        "Training (final loss = mean of the last 10 optimizer steps):",
+        "",
+        "| variant | stage 1 steps | stage 1 loss | stage 2 steps | stage 2 loss | stage 2 trainable params |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        s1, s2 = r["training"].get("stage1"), r["training"]["stage2"]
+        lines.append(
+            f"| {name} | {s1['steps'] if s1 else '-'} | {_fmt(s1['final_loss']) if s1 else '-'} | {s2['steps']} | "
+            f"{_fmt(s2['final_loss'])} | {s2['trainable_parameters']:,} |"
+        )
+    lines += ["", f"Machine: {result['machine']}. Total time {result['seconds'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/slidevl_vqa_ablations", help="folder for every intermediate")
+    parser.add_argument("--cohort", help="existing synthetic cohort (with truth.json)")
+    parser.add_argument("--job", help="existing feature job of that cohort")
+    parser.add_argument("--qa", help="existing QA folder (train.jsonl, test.jsonl) of that cohort")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--quick", action="store_true", help="small cohort and short schedules (smoke-level numbers)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one size, e.g. --set stage2_epochs=10 (fields: " + ", ".join(Sizes.__dataclass_fields__) + ")")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--name", default="vqa_ablations", help="result file stem under benchmarks/results")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    from slidevl.atomic import write_json_atomic, write_text_atomic
+    from slidevl.vqa.records import read_records
+    from slidevl.vqa.textmetrics import TextScorer
+
+    hf_logging.disable_progress_bar()
+    sizes = QUICK if args.quick else Sizes()
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in Sizes.__dataclass_fields__:
+            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(Sizes.__dataclass_fields__)}")
+        sizes = replace(sizes, **{key: int(value)})
+    work = Path(args.work)
+    started = time.perf_counter()
+    cohort, job, qa = prepare_data(args, sizes, work)
+    wanted = args.variants.split(",")
+    encoders = pretrain_encoders(job, work, sizes, args.seed,
+                                 {"dense" if VARIANTS[v].get("encoder") == "dense" else "topo" for v in wanted})
+    warm = run_stage_once(dict(stage="warmup", records=str(qa / "train.jsonl"), out=str(work / "warmup"),
+                               train=_train(args.seed, 16, sizes.warmup_epochs, weight_decay=0.01)))
+    ctx = {"sizes": sizes, "work": work, "qa": qa, "job": job, "encoders": encoders, "llm": work / "warmup",
+           "seed": args.seed}
+    qa_summary = json.loads((qa / "summary.json").read_text()) if (qa / "summary.json").is_file() else {}
+    result: dict[str, Any] = {
+        "benchmark": "vqa_ablations",
+        "sizes": asdict(sizes),
+        "quick": args.quick,
+        "data": {
+            "cohort": str(cohort),
+            "n_train": len(read_records(qa / "train.jsonl")),
+            "n_test": len(read_records(qa / "test.jsonl")),
+            "blind_baselines": qa_summary.get("blind_baselines_on_test"),
+        },
+        "warmup": warm,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
+        "variants": {},
+    }
+    with TextScorer() as scorer:
+        ctx["scorer"] = scorer
+        for name in wanted:
+            _log(f"variant {name}")
+            result["variants"][name] = run_variant(name, VARIANTS[name], ctx)
+            result["seconds"] = time.perf_counter() - started
+            write_json_atomic(RESULTS / f"{args.name}.json", result)
+            write_text_atomic(RESULTS / f"{args.name}.md", render_markdown(result))
+    _log(f"done in {(time.perf_counter() - started) / 60:.1f} min -> {RESULTS / (args.name + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""``build_qa``: hierarchical QA data from a synthetic cohort and its feature job.
+
+Per slide:
+
+1. ROIs grown over the patch graph (:mod:`slidevl.vqa.roi`);
+2. 10x and 20x windows cut by physical size around the ROI centres, over tissue
+   (:mod:`slidevl.vqa.windows`);
+3. ground-truth facts of the slide, each ROI and each window from ``truth.json`` and
+   the label maps (:mod:`slidevl.vqa.templates_facts`);
+4. template questions and captions, WSI -> ROI -> patch (:mod:`slidevl.vqa.templates`);
+5. in ``llm`` mode, captions and open answers rewritten through an OpenAI-compatible
+   endpoint, each level given the caption of the level above (:mod:`slidevl.vqa.chain`).
+
+Patients are split into train and test (the held-out benchmark), stratified by grade
+when the cohort allows, so no patient is in both. Outputs in ``out``::
+
+    train.jsonl, test.jsonl     VQA records (slidevl.vqa.records contract)
+    rois/<slide>.json           ROIs in the viewer's format plus geometry, composition, windows
+    summary.json                counts per split/level/format/category, letter balance,
+                                blind baselines, ROI/window statistics, LLM statistics
+    llm_failures.json           LLM mode only: units whose reply could not be used
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sklearn.model_selection import train_test_split
+
+from slidevl.atomic import write_json_atomic
+from slidevl.features.store import FeatureStore, FeatureStoreError
+from slidevl.llmclient import LLMClient
+from slidevl.synth.truth import CohortTruth, SlideTruth, load_truth
+from slidevl.vqa import build_summary
+from slidevl.vqa.chain import ChainReport, run_chain
+from slidevl.vqa.records import VQARecord, write_records
+from slidevl.vqa.roi import METHODS, ROI, grow_rois, slide_mpp
+from slidevl.vqa.templates import Unit, Writer, patch_records, pct, roi_records, wsi_records
+from slidevl.vqa.templates_facts import TISSUE_NAMES, region_facts, slide_facts, window_facts
+from slidevl.vqa.windows import DEFAULT_WINDOWS, Window, WindowSpec, plan_windows
+
+MODES: tuple[str, ...] = ("template", "llm")
+
+
+class BuildError(ValueError):
+    """The inputs of a QA build are unusable; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides what :func:`build_qa` writes."""
+
+    k_rois: int = 4
+    roi_method: str = "prim"
+    windows: tuple[WindowSpec, ...] = DEFAULT_WINDOWS
+    min_window_tissue: float = 0.5
+    mode: str = "template"
+    test_fraction: float = 0.25
+    seed: int = 0
+    encoder: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.k_rois < 1:
+            raise BuildError(f"--k-rois must be >= 1, got {self.k_rois}")
+        if self.roi_method not in METHODS:
+            raise BuildError(f"--roi-method {self.roi_method!r} is not one of {', '.join(METHODS)}")
+        if self.mode not in MODES:
+            raise BuildError(f"--mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise BuildError(f"--test-fraction must lie strictly between 0 and 1, got {self.test_fraction}")
+        if not 0.0 <= self.min_window_tissue <= 1.0:
+            raise BuildError(f"--min-window-tissue must lie in [0, 1], got {self.min_window_tissue}")
+        if not self.windows:
+            raise BuildError("at least one window (--window 20x:512) is needed for patch-level questions")
+        if len({w.name for w in self.windows}) != len(self.windows):
+            raise BuildError(f"window names repeat: {[w.name for w in self.windows]}")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["windows"] = [w.as_dict() for w in self.windows]
+        return d
+
+
+@dataclass
+class BuildReport:
+    """What :func:`build_qa` wrote."""
+
+    out: Path
+    train: Path
+    test: Path
+    rois_dir: Path
+    summary_path: Path
+    summary: dict[str, Any]
+    failures_path: Path | None = None
+    train_records: list[VQARecord] = field(default_factory=list, repr=False)
+    test_records: list[VQARecord] = field(default_factory=list, repr=False)
+
+
+def split_patients(
+    patients: Sequence[str], grades: Sequence[int], test_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Patient-level train/test split, stratified by grade when every grade can be split.
+
+    At least one patient lands on each side; the same inputs give the same split.
+    """
+    ids = sorted(patients)
+    if len(ids) < 2:
+        raise BuildError(f"a train/test split needs at least 2 patients, the cohort has {len(ids)}")
+    grade_of = dict(zip(patients, grades))
+    n_test = min(max(1, int(round(test_fraction * len(ids)))), len(ids) - 1)
+    labels = [grade_of[p] for p in ids]
+    try:
+        train, test = train_test_split(ids, test_size=n_test, random_state=seed, stratify=labels)
+    except ValueError:
+        # Too few patients per grade for stratification (tiny cohorts): plain random split.
+        train, test = train_test_split(ids, test_size=n_test, random_state=seed)
+    return sorted(train), sorted(test)
+
+
+def _roi_label(unit: Unit) -> str:
+    c = unit.facts.composition  # type: ignore[union-attr]
+    return f"{TISSUE_NAMES[c.dominant]} {pct(c.tissue[c.dominant])}"
+
+
+class _SlideBuild:
+    """Units, ROIs and windows of one slide."""
+
+    def __init__(self, truth: SlideTruth, rois: list[ROI], windows: list[Window], rejected: list[dict[str, Any]]) -> None:
+        self.truth = truth
+        self.rois = rois
+        self.windows = windows
+        self.rejected = rejected
+        self.units: list[Unit] = []
+
+
+def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig) -> _SlideBuild:
+    sf = store.load(truth.slide_id, load=("patch",))
+    mpp = slide_mpp(sf)
+    if abs(mpp - truth.mpp) > 1e-6 * truth.mpp:
+        raise BuildError(
+            f"{store.path(truth.slide_id)}: features were made at {mpp} µm/px but truth.json says {truth.mpp}; "
+            "re-run `slidevl preprocess` without an mpp override for this cohort"
+        )
+    rois = grow_rois(sf, config.k_rois, seed=config.seed, method=config.roi_method)
+    windows, rejected = plan_windows(sf, rois, config.windows, min_tissue=config.min_window_tissue)
+    build = _SlideBuild(truth, rois, [], rejected)
+
+    writer = Writer(config.seed, truth.slide_id)
+    sfacts = slide_facts(truth)
+    wsi = Unit("WSI", truth.slide_id, truth.slide_id, truth.patient_id, None, sfacts)
+    wsi.records = wsi_records(writer, wsi)
+    build.units.append(wsi)
+    regions = {}
+    for roi in rois:
+        try:
+            rfacts = region_facts(truth, roi)
+        except ValueError as exc:  # as below: tissue by segmentation, background in the label map
+            build.rejected.append({"roi": roi.id, "reason": str(exc)})
+            continue
+        unit = Unit("ROI", f"{truth.slide_id}-{roi.id}", truth.slide_id, truth.patient_id, roi.bbox, rfacts, wsi.key)
+        unit.records = roi_records(writer, unit, sfacts)
+        regions[roi.id] = unit
+        build.units.append(unit)
+    for window in windows:
+        if window.roi not in regions:
+            continue
+        try:
+            wfacts = window_facts(truth, window)
+        except ValueError as exc:  # the segmentation saw tissue where the label map has none
+            build.rejected.append({"roi": window.roi, "window": window.spec.name, "reason": str(exc)})
+            continue
+        build.windows.append(window)
+        parent = regions[window.roi]
+        unit = Unit("patch", f"{truth.slide_id}-{window.id}", truth.slide_id, truth.patient_id, window.bbox, wfacts,
+                    parent.key)
+        unit.records = patch_records(writer, unit, parent.facts)  # type: ignore[arg-type]
+        build.units.append(unit)
+    return build
+
+
+def _rois_json(build: _SlideBuild, config: BuildConfig, encoder: str) -> dict[str, Any]:
+    units = {u.facts.roi_id: u for u in build.units if u.level == "ROI"}  # type: ignore[union-attr]
+    rois = []
+    for roi in build.rois:
+        unit = units.get(roi.id)
+        label = _roi_label(unit) if unit is not None else "no tissue in the label map"
+        entry = {"id": roi.id, "bbox": list(roi.bbox), "label": label, **roi.to_dict()}
+        if unit is not None:
+            entry["composition"] = {n: round(v, 4) for n, v in unit.facts.composition.tissue.items()}  # type: ignore[union-attr]
+        entry["windows"] = [w.to_dict() for w in build.windows if w.roi == roi.id]
+        rois.append(entry)
+    return {
+        "slide": build.truth.slide_id,
+        "rois": rois,
+        "method": config.roi_method,
+        "k": config.k_rois,
+        "seed": config.seed,
+        "encoder": encoder,
+        "windows_rejected": build.rejected,
+    }
+
+
+def build_qa(
+    cohort: str | Path,
+    job: str | Path,
+    out: str | Path,
+    config: BuildConfig | None = None,
+    *,
+    client: LLMClient | None = None,
+    console: Console | None = None,
+    progress: bool = True,
+) -> BuildReport:
+    """Build the QA set of a synthetic cohort (see the module docstring).
+
+    ``client`` is required in ``llm`` mode and ignored otherwise. Raises
+    :class:`BuildError` for unusable inputs, before anything is written.
+    """
+    config = config or BuildConfig()
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    if config.mode == "llm" and client is None:
+        raise BuildError("--mode llm needs --llm-url and --llm-model (an OpenAI-compatible endpoint)")
+    out = Path(out)
+    try:
+        truth = load_truth(cohort)
+    except (FileNotFoundError, ValueError) as exc:
+        raise BuildError(str(exc)) from exc
+    try:
+        store = FeatureStore(job, config.encoder)
+    except FeatureStoreError as exc:
+        raise BuildError(str(exc)) from exc
+    slide_ids = sorted(truth.slides)
+    missing = [s for s in slide_ids if s not in store]
+    if missing:
+        raise BuildError(
+            f"{store.root}: no features for {len(missing)} of {len(slide_ids)} cohort slide(s) "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run "
+            f"`slidevl preprocess {Path(cohort) / 'slides'} --out {job}` first"
+        )
+    train_p, test_p = split_patients(
+        list(truth.patients), [truth.patients[p].grade for p in truth.patients], config.test_fraction, config.seed
+    )
+
+    builds: list[_SlideBuild] = []
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, disable=not progress)
+    with bar:
+        task = bar.add_task("slides", total=len(slide_ids))
+        for slide_id in slide_ids:
+            bar.update(task, description=f"slides ({slide_id})")
+            try:
+                builds.append(_build_slide(truth.slides[slide_id], store, config))
+            except BuildError:
+                raise
+            except (FeatureStoreError, ValueError) as exc:
+                raise BuildError(f"slide {slide_id}: {exc}") from exc
+            bar.advance(task)
+        units = [u for b in builds for u in b.units]
+        chain: ChainReport | None = None
+        if config.mode == "llm":
+            assert client is not None
+            llm_task = bar.add_task(f"LLM ({client.model})", total=len(units))
+            chain = run_chain(units, client, on_done=lambda n: bar.advance(llm_task, n))
+
+    for b in builds:
+        write_json_atomic(out / "rois" / f"{b.truth.slide_id}.json", _rois_json(b, config, store.encoder))
+    test_set = set(test_p)
+    records = [r for u in units for r in u.records]
+    train_records = [r for r in records if r.meta["patient"] not in test_set]
+    test_records = [r for r in records if r.meta["patient"] in test_set]
+    train_path = write_records(out / "train.jsonl", train_records)
+    test_path = write_records(out / "test.jsonl", test_records)
+    failures_path = None
+    if chain is not None and chain.failures:
+        failures_path = write_json_atomic(out / "llm_failures.json", chain.failures)
+    else:
+        # A failure list left by an earlier run would describe records this run replaced.
+        (out / "llm_failures.json").unlink(missing_ok=True)
+    summary = _summary(truth, config, store, builds, train_p, test_p, train_records, test_records, chain,
+                       time.perf_counter() - started, cohort, job)
+    summary_path = write_json_atomic(out / "summary.json", summary)
+    return BuildReport(out, train_path, test_path, out / "rois", summary_path, summary, failures_path,
+                       train_records, test_records)
+
+
+def _summary(truth: CohortTruth, config: BuildConfig, store: FeatureStore, builds: list[_SlideBuild],
+             train_p: list[str], test_p: list[str], train: list[VQARecord], test: list[VQARecord],
+             chain: ChainReport | None, seconds: float, cohort: str | Path, job: str | Path) -> dict[str, Any]:
+    slides = {s: t.patient_id for s, t in truth.slides.items()}
+    n_rois = [len(b.rois) for b in builds]
+    patches = [r.n_patches for b in builds for r in b.rois]
+    return {
+        "cohort": str(cohort),
+        "job": str(job),
+        "encoder": store.encoder,
+        "config": config.as_dict(),
+        "n_slides": len(builds),
+        "n_patients": len(truth.patients),
+        "splits": {
+            "train": build_summary.split_summary("train", train, train_p, slides),
+            "test": build_summary.split_summary("test", test, test_p, slides),
+        },
+        "counts": build_summary.counts(train + test),
+        "blind_baselines_on_test": build_summary.blind_baselines(train, test),
+        "rois": {
+            "total": int(sum(n_rois)),
+            "without_label_tissue": sum(1 for b in builds for x in b.rejected if "window" not in x),
+            "per_slide": {"min": int(min(n_rois)), "max": int(max(n_rois))},
+            "patches_per_roi": {"min": int(min(patches)), "mean": round(float(np.mean(patches)), 1),
+                                "max": int(max(patches))},
+        },
+        "windows": {
+            "kept": sum(len(b.windows) for b in builds),
+            "rejected": sum(1 for b in builds for x in b.rejected if "window" in x),
+        },
+        "llm": chain.to_dict() if chain is not None else None,
+        "seconds": round(seconds, 2),
+    }

@@ -1,0 +1,92 @@
+"""``slidevl vqa build``: the command-line face of :func:`slidevl.vqa.build.build_qa`.
+
+::
+
+    slidevl vqa build --cohort demo/cohort --job demo/job --out demo/qa
+    slidevl vqa build --cohort demo/cohort --job demo/job --out demo/qa --mode llm \\
+        --llm-url http://127.0.0.1:8001/v1 --llm-model Qwen2.5-7B-Instruct
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, NoReturn, Optional
+
+import typer
+
+
+def build_command(
+    cohort: Path = typer.Option(..., "--cohort", help="Synthetic cohort folder (with truth.json and labels/)."),
+    job: Path = typer.Option(..., "--job", help="Preprocessing job folder holding the cohort's feature files."),
+    out: Path = typer.Option(..., "--out", help="Output folder: train.jsonl, test.jsonl, rois/, summary.json."),
+    k_rois: int = typer.Option(4, "--k-rois", min=1, help="ROIs grown per slide (at least one per tissue piece)."),
+    roi_method: str = typer.Option("prim", "--roi-method", help="ROI growth: prim (cosine to ROI mean) or mst."),
+    window: Optional[List[str]] = typer.Option(
+        None, "--window", help="Patch-level field of view as SCALE:PIXELS, repeatable (default: 10x:512 and 20x:512)."
+    ),
+    min_window_tissue: float = typer.Option(0.5, "--min-window-tissue", help="Least tissue fraction of a window."),
+    mode: str = typer.Option("template", "--mode", help="template (offline, from the truth) or llm."),
+    llm_url: Optional[str] = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1."),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model name as the server knows it."),
+    llm_cache: Optional[Path] = typer.Option(None, "--llm-cache", help="Reply cache folder (default: OUT/llm_cache)."),
+    llm_concurrency: int = typer.Option(4, "--llm-concurrency", min=1, help="LLM requests in flight at once."),
+    test_fraction: float = typer.Option(0.25, "--test-fraction", help="Share of patients held out as the test benchmark."),
+    seed: int = typer.Option(0, "--seed", help="Seed of ROI seeds, the split and question shuffling."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Feature encoder folder in the job (if several)."),
+) -> None:
+    """Build hierarchical QA (WSI -> ROI -> patch) with a patient-level train/test split."""
+    from rich.console import Console
+
+    from slidevl.llmclient import LLMClient, LLMError
+    from slidevl.vqa.build import BuildConfig, BuildError, build_qa
+    from slidevl.vqa.windows import DEFAULT_WINDOWS, WindowError, WindowSpec
+
+    if mode == "llm" and (llm_url is None or llm_model is None):
+        _fail("--mode llm needs --llm-url and --llm-model")
+    if mode != "llm" and (llm_url is not None or llm_model is not None or llm_cache is not None):
+        _fail("--llm-url/--llm-model/--llm-cache only apply with --mode llm")
+    try:
+        windows = tuple(WindowSpec.parse(w) for w in window) if window else DEFAULT_WINDOWS
+        config = BuildConfig(
+            k_rois=k_rois, roi_method=roi_method, windows=windows, min_window_tissue=min_window_tissue,
+            mode=mode, test_fraction=test_fraction, seed=seed, encoder=encoder,
+        )
+    except (BuildError, WindowError) as exc:
+        _fail(str(exc))
+    client = None
+    if mode == "llm":
+        try:
+            client = LLMClient(llm_url, llm_model, cache_dir=llm_cache or out / "llm_cache",  # type: ignore[arg-type]
+                               max_concurrency=llm_concurrency)
+        except ValueError as exc:
+            _fail(str(exc))
+    console = Console()
+    try:
+        report = build_qa(cohort, job, out, config, client=client, console=console)
+    except (BuildError, WindowError, LLMError) as exc:
+        _fail(str(exc))
+    finally:
+        if client is not None:
+            client.close()
+    s = report.summary
+    for name in ("train", "test"):
+        split = s["splits"][name]
+        console.print(
+            f"{name}: {split['counts']['total']} records from {split['n_slides']} slide(s) of "
+            f"{split['n_patients']} patient(s) -> {getattr(report, name)}",
+            soft_wrap=True,
+        )
+    console.print(f"ROIs: {s['rois']['total']} in {report.rois_dir}; windows kept {s['windows']['kept']}, "
+                  f"rejected {s['windows']['rejected']}", soft_wrap=True)
+    if s["llm"] is not None:
+        llm = s["llm"]
+        console.print(f"LLM: {llm['rewritten']} of {llm['units']} units rewritten, {llm['failed']} failed "
+                      f"({llm['requests']} requests, {llm['cache_hits']} cache hits)", soft_wrap=True)
+        if report.failures_path is not None:
+            console.print(f"failed units kept their template texts; see {report.failures_path}", soft_wrap=True)
+    console.print(f"summary written to {report.summary_path}", soft_wrap=True)
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)

@@ -1,0 +1,90 @@
+"""Connector shapes, and that padded encoder tokens cannot change what reaches the LLM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_slidellm_fixtures import one_thread  # noqa: F401  (autouse fixture)
+
+from slidevl.slidellm.connector import ConnectorConfig, MLPConnector, QFormerConnector, build_connector
+from slidevl.slidellm.model import pad_visual
+
+DIM, WIDTH = 12, 20
+
+
+def _config(kind: str = "qformer", **kw: object) -> ConnectorConfig:
+    base = dict(vision_dim=DIM, llm_dim=WIDTH, kind=kind, num_queries=5, hidden_size=16, num_layers=2, num_heads=4,
+                intermediate_size=32, dropout=0.0)
+    base.update(kw)
+    return ConnectorConfig(**base)  # type: ignore[arg-type]
+
+
+def test_qformer_uses_blip2_with_cross_attention_in_every_layer() -> None:
+    conn = QFormerConnector(_config(num_layers=3))
+    assert conn.qformer.config.cross_attention_frequency == 1
+    assert all(layer.has_cross_attention for layer in conn.qformer.encoder.layer)
+    # Queries are the connector's own parameter, handed to the Q-Former as query_embeds.
+    assert conn.queries.shape == (1, 5, 16)
+
+
+@pytest.mark.parametrize("queries", [32, 500])
+def test_qformer_output_is_fixed_length_at_llm_width(queries: int) -> None:
+    conn = build_connector(_config(num_queries=queries)).eval()
+    tokens, valid = pad_visual([torch.randn(7, DIM), torch.randn(3, DIM)])
+    out = conn(tokens, valid)
+    assert out.embeds.shape == (2, queries, WIDTH)
+    assert out.valid.all()
+
+
+def test_mlp_output_keeps_every_valid_token() -> None:
+    conn = build_connector(_config("mlp")).eval()
+    tokens, valid = pad_visual([torch.randn(7, DIM), torch.randn(3, DIM)])
+    out = conn(tokens, valid)
+    assert isinstance(conn, MLPConnector)
+    assert out.embeds.shape == (2, 7, WIDTH)
+    assert out.valid.sum(1).tolist() == [7, 3]
+
+
+@pytest.mark.parametrize("kind", ["qformer", "mlp"])
+def test_padded_tokens_do_not_change_the_output(kind: str) -> None:
+    torch.manual_seed(0)
+    conn = build_connector(_config(kind)).eval()
+    short = torch.randn(1, 4, DIM)
+    alone = conn(short, torch.ones(1, 4, dtype=torch.bool))
+    # The same slide padded to 9 tokens, with garbage (huge values, inf, NaN) in the padding.
+    garbage = torch.randn(1, 5, DIM) * 1e4
+    garbage[0, 0, 0] = float("inf")
+    garbage[0, 1, 1] = float("nan")
+    padded = torch.cat([short, garbage], dim=1)
+    valid = torch.tensor([[True] * 4 + [False] * 5])
+    out = conn(padded, valid)
+    n = alone.embeds.shape[1]
+    torch.testing.assert_close(out.embeds[:, :n][out.valid[:, :n]], alone.embeds[alone.valid], rtol=1e-5, atol=1e-5)
+    if kind == "qformer":
+        assert out.embeds.shape == alone.embeds.shape
+
+
+def test_padding_is_not_ignored_without_the_mask() -> None:
+    # Guards the test above: the same padded input marked valid does change the Q-Former output.
+    torch.manual_seed(0)
+    conn = build_connector(_config()).eval()
+    short = torch.randn(1, 4, DIM)
+    padded = torch.cat([short, torch.randn(1, 5, DIM)], dim=1)
+    a = conn(short, torch.ones(1, 4, dtype=torch.bool)).embeds
+    b = conn(padded, torch.ones(1, 9, dtype=torch.bool)).embeds
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_bad_inputs_and_configs_are_rejected() -> None:
+    conn = build_connector(_config())
+    with pytest.raises(ValueError, match="shape"):
+        conn(torch.randn(1, 3, DIM + 1), torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least one valid"):
+        conn(torch.randn(1, 3, DIM), torch.zeros(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="kind"):
+        _config("linear")
+    with pytest.raises(ValueError, match="divisible"):
+        _config(hidden_size=18, num_heads=4)
+    with pytest.raises(ValueError, match="unknown"):
+        ConnectorConfig.from_dict({**_config().to_dict(), "extra": 1})

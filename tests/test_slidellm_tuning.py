@@ -1,0 +1,288 @@
+"""Tuning stages: what trains, what stays frozen, checkpoints, resume, and slide-in answer-out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_slidellm_fixtures import (  # noqa: F401  (fixtures are used by name)
+    FEATURE_ENCODER,
+    TINY_CONNECTOR,
+    make_encoder_dir,
+    one_thread,
+    stage_config,
+    tiny_train,
+    world,
+)
+from typer.testing import CliRunner
+
+from slidevl.features.store import FeatureStore
+from slidevl.slidellm.ask import SlideAssistant
+from slidevl.slidellm.ask_cli import app as ask_app
+from slidevl.slidellm.llm import LoraSettings
+from slidevl.slidellm.tuning.checkpoint import load_vlm
+from slidevl.slidellm.tuning.cli import app as tune_app
+from slidevl.slidellm.tuning.stages import prepare_stage, run_stage
+from slidevl.slidellm.tuning.state import CheckpointError, load_state
+from slidevl.vqa.records import read_records
+
+runner = CliRunner()
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def _check_one_step(prepared, trainable_rule) -> set[str]:  # noqa: ANN001
+    module = prepared.module
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(trainable_rule(n) for n in trainable), sorted(trainable)
+    before = _snapshot(module)
+    prepared.run()
+    after = dict(module.named_parameters())
+    for name, value in before.items():
+        if name in trainable:
+            continue
+        assert torch.equal(after[name], value), f"frozen parameter {name} changed"
+    assert any(not torch.equal(after[n], before[n]) for n in trainable), "no trainable parameter moved"
+    return trainable
+
+
+def test_stage1_trains_only_the_connector(world: dict[str, Path], tmp_path: Path) -> None:
+    prepared = prepare_stage(stage_config(world, "stage1", tmp_path / "s1", train=tiny_train(max_steps=1)))
+    trainable = _check_one_step(prepared, lambda n: n.startswith("vlm.connector."))
+    connector = {n for n, _ in prepared.module.vlm.connector.named_parameters()}
+    assert trainable == {f"vlm.connector.{n}" for n in connector}
+    # The frozen encoder is not even part of what the optimiser sees.
+    assert prepared.module.encoder is None
+
+
+def test_stage2_trains_connector_and_lora_only(world: dict[str, Path], tmp_path: Path) -> None:
+    run_stage(stage_config(world, "stage1", tmp_path / "s1", train=tiny_train(max_steps=1)))
+    prepared = prepare_stage(stage_config(world, "stage2", tmp_path / "s2", init=str(tmp_path / "s1"), train=tiny_train(max_steps=1)))
+    trainable = _check_one_step(prepared, lambda n: n.startswith("vlm.connector.") or "lora_" in n)
+    assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
+    # LoRA reaches every linear layer of the LLM (attention and MLP), never the output head.
+    lora_targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if "lora_" in n}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= lora_targets
+    assert not any("lm_head" in n for n in trainable)
+    # Stage 2 starts from the stage-1 connector.
+    s1 = load_file(str(tmp_path / "s1" / "checkpoint" / "connector.safetensors"))
+    s2_init = load_vlm(tmp_path / "s1").model.connector.state_dict()
+    assert all(torch.equal(s1[k], s2_init[k]) for k in s1)
+
+
+def test_train_encoder_flag_makes_the_encoder_trainable(world: dict[str, Path], tmp_path: Path) -> None:
+    prepared = prepare_stage(stage_config(world, "stage1", tmp_path / "s1", train_encoder=True, train=tiny_train(max_steps=1)))
+    trainable = _check_one_step(prepared, lambda n: n.startswith(("vlm.connector.", "encoder.")))
+    assert any(n.startswith("encoder.") for n in trainable)
+
+
+def test_checkpoint_round_trip(world: dict[str, Path], tmp_path: Path) -> None:
+    prepared = prepare_stage(stage_config(world, "stage2", tmp_path / "s2", train=tiny_train(max_steps=2)))
+    prepared.run()
+    trained = prepared.module.vlm
+    loaded = load_vlm(tmp_path / "s2")
+    for (name, a), b in zip(trained.connector.state_dict().items(), loaded.model.connector.state_dict().values()):
+        assert torch.equal(a, b), name
+    lora = {n: p for n, p in trained.llm.named_parameters() if "lora_" in n}
+    loaded_lora = dict(loaded.model.llm.named_parameters())
+    assert lora and all(torch.equal(p, loaded_lora[n]) for n, p in lora.items())
+    # The frozen encoder is stored bit-identical to the one the run started from.
+    original = load_file(str(world["encoder"] / "encoder.safetensors"))
+    stored = load_file(str(tmp_path / "s2" / "checkpoint" / "encoder" / "encoder.safetensors"))
+    assert original.keys() == stored.keys() and all(torch.equal(original[k], stored[k]) for k in original)
+    info = json.loads((tmp_path / "s2" / "checkpoint" / "slidevlm.json").read_text())
+    assert info["has_adapter"] and info["feature_encoder"] == FEATURE_ENCODER
+    # Nothing in the checkpoint is a pickle.
+    files = [p for p in (tmp_path / "s2").rglob("*") if p.is_file()]
+    assert files and all(p.suffix in {".json", ".safetensors", ".jinja", ".md"} for p in files), sorted(map(str, files))
+
+
+class _Interrupt(RuntimeError):
+    pass
+
+
+def test_resume_continues_exactly_where_the_run_stopped(world: dict[str, Path], tmp_path: Path) -> None:
+    # Dropout on, so the restored RNG state matters; 3 micro-batches per epoch, 2 per step.
+    kwargs = dict(lora=LoraSettings(r=4, alpha=8, dropout=0.2), connector={**TINY_CONNECTOR, "dropout": 0.2})
+    settings = dict(epochs=2, batch_size=2, grad_accum=2, save_every=1)
+    straight = prepare_stage(stage_config(world, "stage2", tmp_path / "a", train=tiny_train(**settings), **kwargs))
+    straight.run()
+
+    broken = prepare_stage(stage_config(world, "stage2", tmp_path / "b", train=tiny_train(**settings), **kwargs))
+    calls = {"n": 0}
+    loss_fn = broken.loss_fn
+
+    def failing(module, batch):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == 4:  # dies inside the second optimizer step
+            raise _Interrupt
+        return loss_fn(module, batch)
+
+    broken.loss_fn = failing
+    with pytest.raises(_Interrupt):
+        broken.run()
+    assert load_state(tmp_path / "b" / "checkpoint" / "trainer", "trainer")["counters"]["step"] == 2
+
+    resumed = prepare_stage(stage_config(world, "stage2", tmp_path / "b", train=tiny_train(**settings), **kwargs), resume=True)
+    result = resumed.run()
+    assert result.steps == 4
+    a = straight.module.vlm
+    b = resumed.module.vlm
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_refuses_changed_options_and_overwrites(world: dict[str, Path], tmp_path: Path) -> None:
+    run_stage(stage_config(world, "stage1", tmp_path / "s1", train=tiny_train(max_steps=1)))
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        run_stage(stage_config(world, "stage1", tmp_path / "s1", train=tiny_train(max_steps=1)))
+    with pytest.raises(CheckpointError, match="train.lr"):
+        run_stage(stage_config(world, "stage1", tmp_path / "s1", train=tiny_train(max_steps=1, lr=5e-4)), resume=True)
+    with pytest.raises(CheckpointError, match="no run to resume"):
+        run_stage(stage_config(world, "stage1", tmp_path / "new", train=tiny_train(max_steps=1)), resume=True)
+
+
+def test_cli_reports_bad_input_clearly(world: dict[str, Path], tmp_path: Path) -> None:
+    result = runner.invoke(tune_app, ["stage1", "--records", str(world["records"]), "--out", str(tmp_path / "x"),
+                                      "--llm", str(tmp_path / "nowhere"), "--job", str(world["job"])])
+    assert result.exit_code == 1
+    assert "config.json" in result.output
+    result = runner.invoke(tune_app, ["stage2", "--records", str(world["records"]), "--out", str(tmp_path / "y"),
+                                      "--llm", str(world["llm"]), "--job", str(world["job"]), "--connector", "linear"])
+    assert result.exit_code == 1 and "connector kind" in result.output
+
+
+def test_warmup_stage1_stage2_ask_end_to_end(world: dict[str, Path], tmp_path: Path) -> None:
+    """The embedded path through the CLI: the answers must depend on the slide."""
+    common = ["--records", str(world["records"]), "--cpu", "--seed", "0"]
+    result = runner.invoke(tune_app, ["warmup", *common, "--out", str(tmp_path / "w"), "--vocab-size", "400", "--lm-hidden", "32",
+                                      "--lm-layers", "1", "--lm-heads", "4", "--lm-ffn", "64", "--epochs", "60", "--max-steps", "60",
+                                      "--batch-size", "10", "--lr", "1e-2"])
+    assert result.exit_code == 0, result.output
+    connector = ["--queries", "4", "--qformer-layers", "1", "--qformer-hidden", "32", "--qformer-heads", "4",
+                 "--qformer-ffn", "64", "--connector-dropout", "0"]
+    result = runner.invoke(tune_app, ["stage1", *common, "--out", str(tmp_path / "s1"), "--llm", str(tmp_path / "w"),
+                                      "--job", str(world["job"]), "--encoder", str(world["encoder"]), *connector,
+                                      "--epochs", "10", "--max-steps", "10", "--batch-size", "4", "--lr", "1e-3"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(tune_app, ["stage2", *common, "--out", str(tmp_path / "s2"), "--init", str(tmp_path / "s1"),
+                                      "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0", "--epochs", "200",
+                                      "--max-steps", "200", "--batch-size", "6", "--lr", "1e-2", "--warmup-ratio", "0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "s2" / "summary.json").read_text())
+    assert summary["steps"] == 200 and summary["final_loss"] < 1.0
+
+    records = {r.id: r for r in read_records(world["records"])}
+    assistant = SlideAssistant(tmp_path / "s2", device="cpu", cache_root=tmp_path / "cache")
+    visuals = {s: assistant.open_slide(s) for s in ("S1", "S2")}
+    single = [records["S1-single"], records["S2-single"]]
+    answers = assistant.answer_records(single, visuals, max_new_tokens=4)
+    assert answers == ["A", "B"], answers  # same question, different slides, different answers
+
+    question = "Is there a tumour?\nA. yes\nB. no"
+    for slide, expected in (("S1", "A"), ("S2", "B")):
+        result = runner.invoke(ask_app, [slide, question, "--checkpoint", str(tmp_path / "s2"), "--max-new-tokens", "4",
+                                         "--device", "cpu", "--cache", str(tmp_path / "cache")])
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == expected
+    result = runner.invoke(ask_app, ["S1", "--interactive", "--checkpoint", str(tmp_path / "s2"), "--device", "cpu", "--cache", str(tmp_path / "cache"),
+                                     "--max-new-tokens", "4"],
+                           input=f"{question}\n/bbox 768,0,1600,768\nWhich are present?\n/bbox 90000,0,90001,1\n/quit\n")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "A"
+    assert "region: 768,0,1600,768" in result.output
+    assert "intersects no tissue pack" in result.output
+    result = runner.invoke(ask_app, ["S9", "hello", "--checkpoint", str(tmp_path / "s2"), "--device", "cpu", "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 1 and "neither a slide file nor a slide id" in result.output
+
+
+def test_multi_turn_history_and_regions(world: dict[str, Path], tmp_path: Path) -> None:
+    run_stage(stage_config(world, "stage2", tmp_path / "s2", train=tiny_train(max_steps=1)))
+    assistant = SlideAssistant(tmp_path / "s2", device="cpu", cache_root=tmp_path / "cache")
+    chat = assistant.conversation(assistant.open_slide("S1"))
+    chat.ask("Describe the slide.", max_new_tokens=2)
+    chat.ask("And the tumour?", max_new_tokens=2)
+    chat.set_region((0, 0, 700, 700))
+    chat.ask("Describe this region.", max_new_tokens=2)
+    users = [m["content"] for m in chat.messages if m["role"] == "user"]
+    assert [u.startswith("<image>") for u in users] == [True, False, True]
+    assert len(chat.images) == 2
+    # The whole slide (6 packs + global) for the first placeholder; one pack + global for the region.
+    assert chat.images[0].shape[0] == 7 and chat.images[1].shape[0] == 2
+    chat.reset()
+    assert chat.messages == [] and chat.images == []
+
+
+def test_ask_from_a_raw_slide_file_preprocesses_it_once(world: dict[str, Path], tmp_path: Path) -> None:
+    from slide_fixtures import write_aperio_slide
+
+    from slidevl.features.config import PreprocessConfig
+    from slidevl.features.pipeline import preprocess
+    from slidevl.vqa.records import VQARecord, write_records
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    slide = write_aperio_slide(slides / "liver.svs", 1536, 1024)
+    train_job = tmp_path / "train_job"
+    assert preprocess(slide, train_job, PreprocessConfig(workers=0, progress=False)).exit_code == 0
+    dim = int(FeatureStore(train_job).load("liver").patch_features.shape[1])
+    records = write_records(tmp_path / "qa.jsonl", [
+        VQARecord("c", "liver", "WSI", "description", "caption", "Describe the slide.", "Two pieces of tissue."),
+    ])
+    cfg = stage_config(world, "stage1", tmp_path / "s1", records=str(records), job=str(train_job),
+                       encoder=str(make_encoder_dir(tmp_path / "enc", dim)), train=tiny_train(max_steps=1))
+    run_stage(cfg)
+
+    ask_job = tmp_path / "ask_job"
+    assistant = SlideAssistant(tmp_path / "s1", device="cpu", preprocess_workers=0, cache_root=tmp_path / "cache")
+    first = assistant.open_slide(slide, job=ask_job)
+    feature_file = next((ask_job / "features").rglob("liver.h5"))
+    stamp = feature_file.stat().st_mtime_ns
+    # Same settings as training, so the same features and the same visual tokens.
+    trained = SlideAssistant(tmp_path / "s1", device="cpu", cache_root=tmp_path / "cache").open_slide("liver", job=train_job)
+    torch.testing.assert_close(first.summary, trained.summary)
+    again = SlideAssistant(tmp_path / "s1", device="cpu", preprocess_workers=0, cache_root=tmp_path / "cache").open_slide(slide, job=ask_job)
+    assert feature_file.stat().st_mtime_ns == stamp  # skipped: already complete
+    torch.testing.assert_close(first.summary, again.summary)
+    assert isinstance(assistant.conversation(first).ask("Describe the slide.", max_new_tokens=3), str)
+
+
+def test_encoder_outputs_are_cached_per_encoder_and_feature_file(world: dict[str, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from slidevl.slidellm.encoder import load_encoder
+    from slidevl.slidellm.tuning import visual
+
+    job = tmp_path / "job"
+    shutil.copytree(world["job"], job)
+    store = FeatureStore(job, FEATURE_ENCODER)
+    calls: list[str] = []
+    real = visual.encode_slide
+
+    def counting(encoder, sf, **kw):  # noqa: ANN001, ANN003, ANN202
+        calls.append(sf.slide_id)
+        return real(encoder, sf, **kw)
+
+    monkeypatch.setattr(visual, "encode_slide", counting)
+    encoder = load_encoder(world["encoder"])
+    first = visual.CachedVisuals(encoder, store, tmp_path / "cache").get("S1")
+    again = visual.CachedVisuals(encoder, store, tmp_path / "cache").get("S1")
+    assert calls == ["S1"]  # the second instance read the safetensors cache
+    torch.testing.assert_close(first.summary, again.summary)
+    assert torch.equal(first.pack_boxes, again.pack_boxes)
+    # New features for the slide invalidate its entry.
+    store.write(store.load("S1"), float16=True)
+    visual.CachedVisuals(encoder, store, tmp_path / "cache").get("S1")
+    assert calls == ["S1", "S1"]
+    # Another encoder never reads this encoder's entries.
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)
+    visual.CachedVisuals(encoder, store, tmp_path / "cache").get("S1")
+    assert calls == ["S1", "S1", "S1"]
