@@ -2,10 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.slidevl-installed
+NPM_STAMP := node_modules/.package-lock.json
+CHROMIUM := /usr/bin/chromium
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup chromium demo test test-all clean
 
 # torch is pinned and installed first: pip then takes the CPU build from local disk
 # instead of resolving a multi-GB CUDA build for the package's torch requirement.
@@ -15,16 +17,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The viewer serves OpenSeadragon from node_modules: no CDN at run time.
+$(NPM_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(NPM_STAMP)
+
+setup: $(STAMP) $(NPM_STAMP)
+
+# The browser test drives Debian's Chromium; installing it needs root and apt.
+chromium:
+	test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 demo: setup
 	$(VENV)/bin/slidevl demo --out $(DEMO_DIR)
 
-test: setup
+test: setup chromium
 	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup chromium
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache node_modules

@@ -22,7 +22,6 @@ from slidevl.survival.hila.prompts import (
     load_prompt_bank,
 )
 from slidevl.survival.sinkhorn import sinkhorn_log
-from test_survival_fixtures import one_thread  # noqa: F401  (autouse fixture)
 
 
 def _bag(n: int = 50, r: int = 6, dim: int = 12, rdim: int = 8, seed: int = 0, key: int = 0) -> PatientBag:

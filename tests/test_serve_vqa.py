@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from test_slidellm_fixtures import one_thread, stage_config, tiny_train, world  # noqa: F401  (fixtures used by name)
+from test_slidellm_fixtures import stage_config, tiny_train, world  # noqa: F401  (fixtures used by name)
 
 from slidevl.atomic import write_json_atomic
 from slidevl.serve.answerer import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_slidellm_fixtures import TINY_LM, one_thread  # noqa: F401  (autouse fixture)
+from test_slidellm_fixtures import TINY_LM
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_slidellm_fixtures import one_thread  # noqa: F401  (autouse fixture)
-
 from slidevl.slidellm.connector import ConnectorConfig, MLPConnector, QFormerConnector, build_connector
 from slidevl.slidellm.model import pad_visual
 

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typing import Iterator
-
 import numpy as np
 import pytest
-import torch
 
 from slidevl.features.store import FeatureStore, SlideFeatures
 from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, save_encoder
@@ -103,15 +100,6 @@ def tiny_train(**overrides: object) -> TrainSettings:
     base = dict(epochs=1, batch_size=2, grad_accum=1, lr=1e-3, save_every=1000, max_tokens=256, seed=0, cpu=True)
     base.update(overrides)
     return TrainSettings(**base)  # type: ignore[arg-type]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run on one intra-op thread: on a shared machine, two threads are ~100x slower for tiny matrices."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_slidellm_fixtures import one_thread, slide_features  # noqa: F401  (autouse fixture)
+from test_slidellm_fixtures import slide_features
 
 from slidevl.slidellm.encoder import batch_from_slide_features
 from slidevl.slidellm.model import (

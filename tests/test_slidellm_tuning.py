@@ -12,7 +12,6 @@ from test_slidellm_fixtures import (  # noqa: F401  (fixtures are used by name)
     FEATURE_ENCODER,
     TINY_CONNECTOR,
     make_encoder_dir,
-    one_thread,
     stage_config,
     tiny_train,
     world,

@@ -17,7 +17,6 @@ from slidevl.survival.cv import run_cv
 from slidevl.survival.metrics import c_index, stratify
 from slidevl.survival.report import print_cv_table
 from slidevl.survival.toy import make_toy_cohort
-from test_survival_fixtures import one_thread  # noqa: F401  (autouse fixture)
 
 FAST = ["--epochs", "8", "--grad-accum", "4", "--lr", "1e-3", "--k", "3", "--device", "cpu", "--quiet"]
 

@@ -15,7 +15,6 @@ from slidevl.survival.hila.prompts import EncodedPrompts
 from slidevl.survival.models.transmil import NystromAttention, _pinv_iterative
 from slidevl.survival.registry import build_model
 from slidevl.survival.toy import make_toy_cohort
-from test_survival_fixtures import one_thread  # noqa: F401  (autouse fixture)
 
 
 def _bag(n: int = 40, dim: int = 12) -> PatientBag:

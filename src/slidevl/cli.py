@@ -10,7 +10,10 @@ import typer
 
 from slidevl.demo import demo_command
 from slidevl.features.cli import features_app, preprocess_command
+from slidevl.features.encoders.cli import app as encoders_app
 from slidevl.serve.cli import serve
+from slidevl.slidellm.ask_cli import ask_command
+from slidevl.slidellm.cli import app as slidellm_app
 from slidevl.survival.cli import app as survival_app
 from slidevl.synth.cli import app as synth_app
 from slidevl.vqa.cli import app as vqa_app
@@ -25,6 +28,9 @@ app.command("demo")(demo_command)
 app.add_typer(synth_app, name="synth")
 app.command("preprocess")(preprocess_command)
 app.add_typer(features_app, name="features")
+app.add_typer(encoders_app, name="encoders")
 app.add_typer(survival_app, name="survival")
 app.add_typer(vqa_app, name="vqa")
+app.add_typer(slidellm_app, name="slidellm")
+app.command("ask")(ask_command)
 app.command("serve")(serve)

@@ -46,10 +46,10 @@ class AnswerError(RuntimeError):
 
 
 def load_checkpoint_answerer(checkpoint: str | Path, job_dir: str | Path, *, device: str | None = None) -> Answerer:
-    """The slide VQA model of a ``slidevl slidellm tune`` checkpoint, answering over ``job_dir``."""
+    """The slide VQA model of a ``slidevl slidellm stage2`` checkpoint, answering over ``job_dir``."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
-        raise AnswererUnavailableError(f"{checkpoint}: VQA checkpoint not found; pass the folder `slidevl slidellm tune` wrote")
+        raise AnswererUnavailableError(f"{checkpoint}: VQA checkpoint not found; pass the folder `slidevl slidellm stage2` wrote")
     from slidevl.serve.vqa import SlideLLMAnswerer
     from slidevl.slidellm.model import SlideVLMError
     from slidevl.slidellm.tuning.state import CheckpointError

@@ -1,7 +1,7 @@
 """The slide VQA model as the chat's :class:`~slidevl.serve.answerer.Answerer`.
 
 Wraps :class:`slidevl.slidellm.ask.SlideAssistant` (a tuned checkpoint from
-``slidevl slidellm tune``). One :class:`~slidevl.slidellm.ask.Conversation` is kept per
+``slidevl slidellm stage2``). One :class:`~slidevl.slidellm.ask.Conversation` is kept per
 slide so follow-up questions see the earlier turns, as in ``slidevl ask --interactive``;
 the page's history is authoritative, so when it no longer matches (a reload, another
 tab) the conversation starts afresh. Generation is serialised: the model is not

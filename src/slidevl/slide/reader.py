@@ -205,7 +205,7 @@ class Slide(ABC):
             level = self.best_level(min(w0 / out_w, h0 / out_h))
         lw, lh = self.level_dimensions[level]
         ds = self.level_downsamples[level]
-        fx, fy = lw / out_w, lh / out_h
+        fy = lh / out_h
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
         band_rows = max(1, int(_BAND_PIXELS // max(1, lw) / max(fy, 1.0)))
         for r0 in range(0, out_h, band_rows):

@@ -1,4 +1,4 @@
-"""``slidevl slidellm``: commands of the slide-LLM stack (topo-pack encoder pretraining)."""
+"""``slidevl slidellm``: commands of the slide-LLM stack (encoder pretraining, language warm-up, stage 1 and 2 tuning)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import Any, Optional
 
 import typer
 
-app = typer.Typer(help="Slide-level vision-language model: topo-pack encoder pretraining.", no_args_is_help=True)
+from slidevl.slidellm.tuning.cli import app as tuning_app
+
+app = typer.Typer(help="Slide-level vision-language model: encoder pretraining, language warm-up, stage 1 and 2 tuning.", no_args_is_help=True)
 
 
 @app.callback()
@@ -119,3 +121,7 @@ def pretrain(
     last = result.log[-1] if result.log else {}
     loss = f", last loss {last['loss']:.4f}" if "loss" in last else ""
     typer.echo(f"{result.out_dir}: step {result.step}{loss}; encoder in {result.out_dir / 'encoder.safetensors'}")
+
+
+# The tuning stages live with their own code; without a name, their commands join this group.
+app.add_typer(tuning_app)

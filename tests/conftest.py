@@ -1,0 +1,22 @@
+"""Settings shared by every test module."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import pytest
+import torch
+
+# Rich wraps CLI output at the terminal width; a wide virtual terminal keeps long paths
+# and messages on one line so tests can look for them.
+os.environ["COLUMNS"] = "240"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: test tensors are tiny and the test machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
