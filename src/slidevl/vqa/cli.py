@@ -13,12 +13,12 @@ from typing import NoReturn, Optional
 
 import typer
 
-app = typer.Typer(help="Slide VQA: question data and evaluation.", no_args_is_help=True)
+app = typer.Typer(help="Slide VQA: question data, predictions and evaluation.", no_args_is_help=True)
 
 
 @app.callback()
 def _vqa() -> None:
-    """Slide VQA: question data and evaluation."""
+    """Slide VQA: question data, predictions and evaluation."""
     # A callback keeps `eval` a named subcommand even while it is the only one.
 
 
@@ -77,6 +77,31 @@ def eval_command(
 def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+@app.command("predict")
+def predict_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Tuned checkpoint folder (`slidevl slidellm stage2` output)."),
+    records: Path = typer.Option(..., "--records", help="VQA records JSONL to answer (e.g. QA/test.jsonl)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the predictions JSONL."),
+    job: Optional[Path] = typer.Option(None, "--job", help="Job folder with the slides' features (default: the checkpoint's)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Records answered together."),
+) -> None:
+    """Answer every record with a tuned slide VQA checkpoint; score the result with `slidevl vqa eval`."""
+    from transformers.utils import logging as hf_logging
+
+    from slidevl.features.store import FeatureStoreError
+    from slidevl.slidellm.predict import predict_records
+    from slidevl.slidellm.tuning.state import CheckpointError
+
+    hf_logging.disable_progress_bar()
+    try:
+        run = predict_records(checkpoint, records, out, job=job, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    # The record, model, store and tokenizer errors are all ValueErrors.
+    except (ValueError, CheckpointError, FeatureStoreError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{run.n_records} answers ({run.seconds_per_answer:.3f} s each) written to {run.path}")
 
 
 # `build` lives in its own module; registered here so `slidevl vqa` lists it.
