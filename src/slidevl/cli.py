@@ -24,6 +24,17 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+@app.callback()
+def _quiet_hub_progress() -> None:
+    """Vision-language analysis of whole-slide images."""
+    # Model loading bars from transformers would interleave with our own rich progress.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 app.command("demo")(demo_command)
 app.add_typer(synth_app, name="synth")
 app.command("preprocess")(preprocess_command)

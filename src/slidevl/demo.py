@@ -1,8 +1,10 @@
 """``slidevl demo``: the main job on the embedded default, a synthetic demo cohort.
 
 It renders a cohort with planted ground truth, turns its slides into a feature store,
-cross-validates HiLa against ABMIL, and prints where everything is and how to look at
-it. Every step is resumable: a second run reuses what the first one finished.
+cross-validates HiLa against ABMIL, builds a hierarchical QA set from the planted truth,
+trains the slide VQA model on the training patients and scores it on the held-out ones,
+and prints where everything is and how to look at it. Every step is resumable: a
+second run reuses what the first one finished.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ def _cohort_ready(cohort_dir: Path) -> bool:
 
 def demo_command(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for the cohort, the job and the runs."),
-    patients: int = typer.Option(30, "--patients", help="Patients in the synthetic cohort."),
+    patients: int = typer.Option(30, "--patients", min=20, help="Patients in the synthetic cohort (>= 20, so each of the 5 folds has events)."),
     slide_px: int = typer.Option(20000, "--slide-px", help="Level-0 width of each synthetic slide (0.5 µm/px)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the cohort and of every model."),
     epochs: int = typer.Option(20, "--epochs", help="Training epochs of the survival models."),
+    vqa: bool = typer.Option(True, "--vqa/--no-vqa", help="Also build the QA set and train and score the slide VQA model."),
 ) -> None:
-    """Synthetic cohort → features → survival cross-validation, with every output path printed."""
+    """Synthetic cohort → features → survival CV → slide VQA, with every output path printed."""
     # Imported here so that `slidevl --help` does not pay for torch and friends.
     from slidevl.features.config import PreprocessConfig
     from slidevl.features.pipeline import preprocess
@@ -67,6 +70,8 @@ def demo_command(
         timings[f"survival cv: {model}"] = time.perf_counter() - start
     print_cv_table(summaries, console=console, title="Demo cohort: 5-fold cross-validation (final epoch)")
 
+    vqa_paths = _vqa_steps(cohort_dir, job_dir, out / "qa", runs_dir / "vqa", seed, console, timings) if vqa else {}
+
     table = Table(title="Where things are", show_header=False)
     table.add_row("slides, clinical.csv, splits/, truth.json", str(cohort_dir))
     table.add_row("feature store", str(report.feature_dir))
@@ -74,6 +79,8 @@ def demo_command(
     table.add_row("manifest / summary", f"{report.manifest}  /  {report.summary}")
     for model in ("abmil", "hila"):
         table.add_row(f"{model} run (summary.json, km.png)", str(runs_dir / model))
+    for name, path in vqa_paths.items():
+        table.add_row(name, str(path))
     console.print(table)
 
     steps = Table(title="Timings")
@@ -82,4 +89,48 @@ def demo_command(
     for step, seconds in timings.items():
         steps.add_row(step, f"{seconds:.1f}")
     console.print(steps)
-    console.print(f"Look at it:  [bold].venv/bin/slidevl serve {job_dir} --survival-run {runs_dir / 'hila'}[/]")
+    serve = f".venv/bin/slidevl serve {job_dir} --survival-run {runs_dir / 'hila'}"
+    if vqa_paths:
+        serve += f" --rois {vqa_paths['QA ROIs']} --vqa-checkpoint {vqa_paths['VQA checkpoint']}"
+    console.print(f"Look at it:  [bold]{serve}[/]", soft_wrap=True)
+
+
+def _vqa_steps(cohort_dir: Path, job_dir: Path, qa_dir: Path, run_dir: Path, seed: int, console: Console,
+               timings: dict[str, float]) -> dict[str, Path]:
+    """QA set from the planted truth → VQA training → answers and scores on held-out patients."""
+    from slidevl.slidellm.ask import SlideAssistant
+    from slidevl.slidellm.predict import predict_records
+    from slidevl.slidellm.recipe import RecipeSizes, train_vqa
+    from slidevl.vqa.build import build_qa
+    from slidevl.vqa.evaluate import evaluate, report_table
+    from slidevl.vqa.records import read_records
+
+    start = time.perf_counter()
+    if (qa_dir / "test.jsonl").is_file():
+        console.print(f"[dim]QA set already in {qa_dir}, reusing it[/]")
+    else:
+        build_qa(cohort_dir, job_dir, qa_dir, console=console)
+    timings["VQA: build QA"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    trained = train_vqa(job_dir, qa_dir, run_dir, RecipeSizes(seed=seed))
+    timings["VQA: pretrain + tune"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    predictions = predict_records(trained.stage2, qa_dir / "test.jsonl", run_dir / "predictions.jsonl", job=job_dir,
+                                  cache_root=run_dir / "ask_cache", console=console)
+    report = evaluate(predictions.path, qa_dir / "test.jsonl", out=run_dir / "metrics.json")
+    timings["VQA: answer + score test set"] = time.perf_counter() - start
+    console.print(report_table(report))
+
+    record = next(r for r in read_records(qa_dir / "test.jsonl") if r.level == "WSI" and r.format == "caption")
+    assistant = SlideAssistant(trained.stage2, cache_root=run_dir / "ask_cache")
+    answer = assistant.conversation(assistant.open_slide(record.slide, job=job_dir)).ask(record.question)
+    console.print(f"[bold]slidevl ask {record.slide}[/] \"{record.question}\"\n  model: {answer}\n  truth: {record.answer}",
+                  markup=True, highlight=False)
+    return {
+        "QA train/test.jsonl, summary.json": qa_dir,
+        "QA ROIs": qa_dir / "rois",
+        "VQA checkpoint": trained.stage2,
+        "VQA predictions / metrics": run_dir / "metrics.json",
+    }

@@ -46,8 +46,6 @@ def ask_command(
     cache: Annotated[Path, typer.Option("--cache", help="Cache folder: features of slide files given without --job, and encoder outputs.")] = Path("~/.cache/slidevl/ask"),
 ) -> None:
     """Answer a question about a slide, from the slide file (or id) to the answer in one command."""
-    from transformers.utils import logging as hf_logging
-
     from slidevl.features.store import FeatureStoreError
     from slidevl.slidellm.ask import SlideAssistant
     from slidevl.slidellm.llm import LLMError
@@ -55,7 +53,6 @@ def ask_command(
     from slidevl.slidellm.tokenizer import TokenizerError
     from slidevl.slidellm.tuning.state import CheckpointError
 
-    hf_logging.disable_progress_bar()
     if question is None and not interactive:
         _fail("give a QUESTION, or --interactive to read questions from stdin")
     try:

@@ -89,13 +89,10 @@ def predict_command(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Records answered together."),
 ) -> None:
     """Answer every record with a tuned slide VQA checkpoint; score the result with `slidevl vqa eval`."""
-    from transformers.utils import logging as hf_logging
-
     from slidevl.features.store import FeatureStoreError
     from slidevl.slidellm.predict import predict_records
     from slidevl.slidellm.tuning.state import CheckpointError
 
-    hf_logging.disable_progress_bar()
     try:
         run = predict_records(checkpoint, records, out, job=job, max_new_tokens=max_new_tokens, batch_size=batch_size)
     # The record, model, store and tokenizer errors are all ValueErrors.
