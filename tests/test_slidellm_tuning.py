@@ -158,8 +158,9 @@ def test_cli_reports_bad_input_clearly(world: dict[str, Path], tmp_path: Path) -
 
 def test_warmup_stage1_stage2_ask_end_to_end(world: dict[str, Path], tmp_path: Path) -> None:
     """The embedded path through the CLI: the answers must depend on the slide."""
-    common = ["--records", str(world["records"]), "--cpu", "--seed", "0"]
-    result = runner.invoke(tune_app, ["warmup", *common, "--out", str(tmp_path / "w"), "--vocab-size", "400", "--lm-hidden", "32",
+    # Letters only and a fixed option order: the tiny model here has 200 steps to tell two slides apart.
+    common = ["--records", str(world["records"]), "--cpu", "--seed", "0", "--answer-style", "letter", "--no-shuffle-options"]
+    result = runner.invoke(tune_app, ["warmup", *common, "--no-blind-warmup", "--out", str(tmp_path / "w"), "--vocab-size", "400", "--lm-hidden", "32",
                                       "--lm-layers", "1", "--lm-heads", "4", "--lm-ffn", "64", "--epochs", "60", "--max-steps", "60",
                                       "--batch-size", "10", "--lr", "1e-2"])
     assert result.exit_code == 0, result.output

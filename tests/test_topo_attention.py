@@ -16,15 +16,6 @@ from slidevl.slidellm.encoder import TokenLayout, dense_mask, grouped_attention,
 from slidevl.slidellm.encoder.flex import topo_block_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are tiny: thread hand-offs cost more than they save, badly so on a
-    # shared CPU. Restored afterwards so other modules keep their setting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 VARIANTS = ["topo", "patch_sees_summary", "dense"]
 
 

@@ -10,16 +10,6 @@ from slidevl.slidellm.pretrain import add_feature_noise, crop_window, dihedral_t
 from slidevl.slidellm.pretrain.augment import transform_patch_grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are tiny: thread hand-offs cost more than they save, badly so on a
-    # shared CPU. Restored afterwards so other modules keep their setting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _absolute_positions(batch) -> dict[int, tuple[int, int]]:
     """patch row index → absolute (col, row) implied by its pack position and slot."""
     k = batch.pack_size

@@ -12,16 +12,6 @@ from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, collate_ba
 from slidevl.slidellm.encoder.synthetic import synthetic_slide
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are tiny: thread hand-offs cost more than they save, badly so on a
-    # shared CPU. Restored afterwards so other modules keep their setting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _config(**kw) -> TopoPackConfig:
     base = dict(patch_dim=32, pack_dim=24, global_dim=16, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, dropout=0.0)
     base.update(kw)

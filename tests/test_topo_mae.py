@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from slidevl.slidellm.encoder import TopoPackConfig, collate_batches
 from slidevl.slidellm.encoder.synthetic import synthetic_slide
 from slidevl.slidellm.pretrain import MAEMask, PretrainConfig, PretrainModel, mae_loss, mae_mask
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are tiny: thread hand-offs cost more than they save, badly so on a
-    # shared CPU. Restored afterwards so other modules keep their setting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batch():

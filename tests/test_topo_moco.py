@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -21,16 +20,6 @@ from slidevl.slidellm.pretrain import (
 )
 from slidevl.slidellm.pretrain import trainer as trainer_mod
 from slidevl.slidellm.pretrain.moco import EMPTY_SLIDE, momentum_update
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are tiny: thread hand-offs cost more than they save, badly so on a
-    # shared CPU. Restored afterwards so other modules keep their setting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _unit(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:

@@ -25,15 +25,6 @@ from slidevl.slidellm.pretrain import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are tiny: thread hand-offs cost more than they save, badly so on a
-    # shared CPU. Restored afterwards so other modules keep their setting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 ENC = TopoPackConfig(patch_dim=32, pack_dim=24, global_dim=16, d_model=32, n_layers=1, n_heads=4, ffn_dim=64, dropout=0.0)
 
 
