@@ -64,6 +64,41 @@ class TileEncoder(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r}, revision={self.revision!r}, feature_dim={self.feature_dim})"
 
 
+class NetworkTileEncoder(TileEncoder):
+    """A tile encoder whose weights live in the main process: workers only resize and normalise.
+
+    Subclasses set ``model``, ``device``, ``transform`` (tiles -> ``(B, 3, S, S)`` tensor)
+    and ``feature_dim``, and implement :meth:`_embed`.
+    """
+
+    _unpicklable = ("model",)
+    model: Any
+    device: torch.device
+    transform: Any
+
+    @abc.abstractmethod
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` features of a normalised batch already on ``self.device``."""
+
+    def worker_transform(self, tiles: np.ndarray) -> torch.Tensor:
+        return self.transform(tiles)
+
+    def encode(self, transformed: Any) -> np.ndarray:
+        if self.model is None:
+            raise EncoderError(f"{self.name}: this is a worker copy without the model; call encode() in the main process")
+        x = torch.as_tensor(transformed)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise EncoderError(f"{self.name}: encode() expects the (B, 3, S, S) tensor from worker_transform(), got {tuple(x.shape)}")
+        return check_features(self._forward(x), self.feature_dim, self.name)
+
+    def _forward(self, x: torch.Tensor) -> np.ndarray:
+        if x.shape[0] == 0:
+            return np.zeros((0, self.feature_dim), dtype=np.float32)
+        with torch.inference_mode():
+            feats = self._embed(x.to(self.device, dtype=torch.float32, non_blocking=True))
+        return feats.float().cpu().numpy()
+
+
 def check_tiles(tiles: np.ndarray) -> np.ndarray:
     """Validate a tile batch: uint8, shape ``(B, H, W, 3)`` with ``H == W``."""
     tiles = np.asarray(tiles)

@@ -30,8 +30,7 @@ import torch
 
 from slidevl.features.encoders.base import (
     EncoderError,
-    TileEncoder,
-    check_features,
+    NetworkTileEncoder,
     files_revision,
     model_dir_name,
     resolve_device,
@@ -137,10 +136,8 @@ def _load_processor(path: Path, spec: str) -> Any:
         ) from exc
 
 
-class HFEncoder(TileEncoder):
+class HFEncoder(NetworkTileEncoder):
     """A ``transformers`` vision model from a local folder (see module docstring)."""
-
-    _unpicklable = ("model",)
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu") -> None:
         spec = f"hf:{model_dir}"
@@ -174,24 +171,8 @@ class HFEncoder(TileEncoder):
             self.pooling = self._pooling_mode(self.model(pixel_values=probe.to(self.device)))
         self.feature_dim = int(self._forward(probe).shape[1])
 
-    def worker_transform(self, tiles: np.ndarray) -> torch.Tensor:
-        return self.transform(tiles)
-
-    def encode(self, transformed: Any) -> np.ndarray:
-        if self.model is None:
-            raise EncoderError(f"{self.name}: this is a worker copy without the model; call encode() in the main process")
-        x = torch.as_tensor(transformed)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise EncoderError(f"{self.name}: encode() expects the (B, 3, S, S) tensor from worker_transform(), got {tuple(x.shape)}")
-        return check_features(self._forward(x), self.feature_dim, self.name)
-
-    def _forward(self, x: torch.Tensor) -> np.ndarray:
-        if x.shape[0] == 0:
-            return np.zeros((0, self.feature_dim), dtype=np.float32)
-        with torch.inference_mode():
-            out = self.model(pixel_values=x.to(self.device, dtype=torch.float32, non_blocking=True))
-            feats = self._pool(out)
-        return feats.float().cpu().numpy()
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self._pool(self.model(pixel_values=x))
 
     def _pooling_mode(self, out: Any) -> str:
         hidden = getattr(out, "last_hidden_state", None)

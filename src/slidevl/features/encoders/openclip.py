@@ -28,8 +28,7 @@ import torch
 
 from slidevl.features.encoders.base import (
     EncoderError,
-    TileEncoder,
-    check_features,
+    NetworkTileEncoder,
     files_revision,
     resolve_device,
     safe_name,
@@ -70,10 +69,8 @@ def parse_openclip_spec(rest: str) -> tuple[str | None, Path]:
     return None, Path(rest).expanduser()
 
 
-class OpenCLIPEncoder(TileEncoder):
+class OpenCLIPEncoder(NetworkTileEncoder):
     """The image tower of an open_clip model (see module docstring)."""
-
-    _unpicklable = ("model",)
 
     def __init__(self, rest: str, *, device: str = "cpu") -> None:
         spec = f"openclip:{rest}"
@@ -112,20 +109,8 @@ class OpenCLIPEncoder(TileEncoder):
         probe = self.transform(np.zeros((1, self.input_size, self.input_size, 3), np.uint8))
         self.feature_dim = int(self._forward(probe).shape[1])
 
-    def worker_transform(self, tiles: np.ndarray) -> torch.Tensor:
-        return self.transform(tiles)
-
-    def encode(self, transformed: Any) -> np.ndarray:
-        if self.model is None:
-            raise EncoderError(f"{self.name}: this is a worker copy without the model; call encode() in the main process")
-        return check_features(self._forward(torch.as_tensor(transformed)), self.feature_dim, self.name)
-
-    def _forward(self, x: torch.Tensor) -> np.ndarray:
-        if x.shape[0] == 0:
-            return np.zeros((0, self.feature_dim), dtype=np.float32)
-        with torch.inference_mode():
-            feats = self.model.encode_image(x.to(self.device, dtype=torch.float32, non_blocking=True))
-        return feats.float().cpu().numpy()
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x)
 
     def provenance(self) -> dict[str, Any]:
         return {
