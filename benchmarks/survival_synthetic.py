@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--runs", default=None, help="Where run folders go (default: COHORT/runs).")
     parser.add_argument("--rerun", action="store_true", help="Re-train even when a matching run folder exists.")
     parser.add_argument("--name", default="survival_synthetic")
+    parser.add_argument("--note", default="", help="A paragraph for the results file (e.g. why the recipe differs).")
     args = parser.parse_args()
 
     import torch
@@ -146,7 +147,8 @@ def main() -> None:
                    **({k: any_summary["cohort"][k] for k in ("patients", "slides", "events")} if any_summary else {})},
         "protocol": {"epochs": args.epochs, "seed": args.seed, "threads": args.threads,
                      "train": any_summary["train"] if any_summary else None,
-                     "evaluation": "final epoch of each fold, no selection on validation"},
+                     "evaluation": "final epoch of each fold, no selection on validation",
+                     **({"note": args.note} if args.note else {})},
         "rows": rows,
         "goals": goals,
         "seconds": time.perf_counter() - started,
@@ -162,6 +164,7 @@ def main() -> None:
         f"gradient accumulation {args.grad_accum} (one patient per step), seed {args.seed}, final epoch evaluated, "
         "same recipe for every model. Seconds per epoch: wall (process CPU).",
         "",
+        *([args.note, ""] if args.note else []),
         "| model | C-index mean ± std | folds | log-rank p | s / epoch |",
         "|---|---:|---|---:|---:|",
     ]

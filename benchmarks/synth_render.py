@@ -9,7 +9,9 @@ Reports, for one slide of ``--px`` level-0 width:
 
 Usage::
 
-    python benchmarks/synth_render.py --px 30000 [--out /tmp/bench.tiff] [--json result.json]
+    python benchmarks/synth_render.py --px 30000 [--out /tmp/bench.tiff]
+
+Results go to ``benchmarks/results/synth_render.json`` (``--json`` to put them elsewhere).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slidevl.atomic import write_json_atomic
 from slidevl.synth.classes import FAT, LYMPHOCYTES, NECROSIS, STROMA, TUMOUR
 from slidevl.synth.layout import make_layout
 from slidevl.synth.model import sample_patients
@@ -38,7 +41,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--texture-px", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=None, help="TIFF path (default: a temporary file, deleted)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "synth_render.json",
+                    help="where to write the results")
     args = ap.parse_args()
 
     width = height = args.px // 16 * 16
@@ -95,8 +99,7 @@ def main() -> None:
         "peak_rss_mb": round(_peak_rss_mb()),
     }
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(args.json, result)
 
 
 def _peak_rss_mb() -> float:
