@@ -63,6 +63,14 @@ def test_round_trip_keeps_arrays_and_attributes(tmp_path: Path) -> None:
         assert f["patch/features"].compression == "gzip"
 
 
+def test_attribute_strings_round_trip_exactly(tmp_path: Path) -> None:
+    texts = {"bracket": "[not json", "brace": "{x}", "word": "null", "tagged": "json:[1]", "list": [1, "a"]}
+    sf = _features()
+    sf.attrs.update(texts)
+    back = read_slide_attrs(write_slide_features(tmp_path / "S-1.h5", sf))
+    assert {k: back[k] for k in texts} == texts
+
+
 def test_float16_storage_is_close(tmp_path: Path) -> None:
     sf = _features()
     back = read_slide_features(write_slide_features(tmp_path / "a.h5", sf))

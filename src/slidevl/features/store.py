@@ -100,25 +100,22 @@ def _write_array(group: h5py.Group, name: str, data: np.ndarray, dtype: Any = No
     group.create_dataset(name, data=data, **kwargs)
 
 
+_JSON_TAG = "json:"
+
+
 def _encode_attr(value: Any) -> Any:
-    # HDF5 attributes hold scalars/strings/arrays; nested structures go in as JSON.
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value)
-    if value is None:
-        return "null"
+    # HDF5 attributes hold scalars/strings/arrays; nested structures and None go in as
+    # tagged JSON, and so does any string that could be mistaken for the tag.
+    if isinstance(value, (dict, list, tuple)) or value is None or (isinstance(value, str) and value.startswith(_JSON_TAG)):
+        return _JSON_TAG + json.dumps(value)
     return value
 
 
 def _decode_attr(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode()
-    if isinstance(value, str) and value[:1] in "[{" :
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    if value == "null":
-        return None
+    if isinstance(value, str) and value.startswith(_JSON_TAG):
+        return json.loads(value[len(_JSON_TAG):])
     if isinstance(value, np.generic):
         return value.item()
     return value
