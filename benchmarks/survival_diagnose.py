@@ -78,7 +78,6 @@ def feature_ceiling(cache, cohort, folds, alphas):
 
 
 def training_curves(cache, cohort, folds, keys, model_name, args, in_dim, region_dim, encoded, n_folds):
-    import torch
     from accelerate.utils import set_seed
 
     from slidevl.survival.cv import _records

@@ -18,11 +18,18 @@ Variants (each changes one thing relative to ``full``):
     no_pretraining  same encoder architecture, random weights
     one_stage       no stage 1: stage 2 starts from a fresh connector
 
+Diagnostics next to the variants: a per-template logistic-regression probe from the raw
+patch features to the correct option (is the answer in the features at all?), and the
+``full`` model answering with another test slide's visual tokens (does it look?).
+
 Results go to ``benchmarks/results/vqa_ablations.json`` and ``.md``; the work folder keeps
 every intermediate (cohort, job, QA, encoders, runs, predictions, evaluation reports).
 
-    python benchmarks/vqa_ablations.py --work /tmp/vqa_bench            # full size
-    python benchmarks/vqa_ablations.py --work /tmp/vqa_bench --quick    # minutes, smoke-level numbers
+    python benchmarks/vqa_ablations.py --work /tmp/vqa_bench --threads 1  # the committed size
+    # The committed result: data, encoders and warm-up once (~12 min), then two processes side by side
+    # (--variants full,one_stage,queries_500 --name p1 / --variants dense_encoder,no_pretraining,mlp_all_tokens
+    # --name p2; ~25 min on 2 shared CPU cores, queries_500 stopped unfinished), then --merge p1,p2.
+    python benchmarks/vqa_ablations.py --work /tmp/vqa_q --quick           # minutes, smoke-level numbers
     python benchmarks/vqa_ablations.py --cohort C --job J --qa Q ...    # reuse existing data
 """
 
@@ -53,21 +60,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Sizes:
-    """Everything that sets the cost of a run (``--quick`` shrinks all of it)."""
+    """Everything that sets the cost of a run (``--quick`` shrinks all of it).
+
+    The defaults are the size the committed results were run at (see the module docstring).
+    """
 
     patients: int = 24
-    slide_px: int = 8192
-    mae_steps: int = 600
-    moco_steps: int = 300
-    warmup_epochs: int = 30
-    stage1_epochs: int = 20
-    stage2_epochs: int = 8
+    slide_px: int = 4096
+    mae_steps: int = 80
+    moco_steps: int = 40
+    warmup_epochs: int = 2
+    stage1_epochs: int = 4
+    stage2_epochs: int = 1
     batch_size: int = 8
-    max_new_tokens: int = 96
+    max_new_tokens: int = 64
 
 
-QUICK = Sizes(patients=8, slide_px=4096, mae_steps=60, moco_steps=30, warmup_epochs=8, stage1_epochs=4,
-              stage2_epochs=2, max_new_tokens=64)
+QUICK = Sizes(patients=8, slide_px=4096, mae_steps=20, moco_steps=10, warmup_epochs=2, stage1_epochs=1,
+              stage2_epochs=1, max_new_tokens=48)
 
 
 def _log(message: str) -> None:
@@ -123,6 +133,66 @@ def pretrain_encoders(job: Path, work: Path, sizes: Sizes, seed: int, names: set
     return out
 
 
+def probe_features(job: Path, qa: Path) -> dict[str, Any]:
+    """Is the answer in the features at all? A per-template logistic-regression probe.
+
+    For every single-choice template, a classifier from the mean and std of the raw patch
+    features under the record's box (the whole slide for WSI questions) to the correct
+    option *text* is fit on the train patients and scored on the test patients. It is a
+    rough ceiling for a model reading those features; the blind majority is beside it.
+    """
+    from collections import Counter, defaultdict
+
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from slidevl.features.store import FeatureStore
+    from slidevl.slidellm.model import patch_step_level0
+    from slidevl.vqa.records import OPTION_LETTERS, read_records
+
+    store = FeatureStore(job)
+    slides: dict[str, Any] = {}
+
+    def feature(r: Any) -> np.ndarray:
+        sf = slides.get(r.slide) or slides.setdefault(r.slide, store.load(r.slide, load=("patch",)))
+        f = np.asarray(sf.patch_features, dtype=np.float32)
+        if r.bbox is not None:
+            x0, y0, x1, y1 = r.bbox
+            step, c = patch_step_level0(sf), sf.patch_coords
+            inside = (c[:, 0] < x1) & (c[:, 0] + step > x0) & (c[:, 1] < y1) & (c[:, 1] + step > y0)
+            f = f[inside] if inside.any() else f
+        return np.concatenate([f.mean(0), f.std(0)])
+
+    def target(r: Any) -> str:
+        return r.options[OPTION_LETTERS.index(r.answer)]
+
+    groups: dict[tuple[str, str], tuple[list[Any], list[Any]]] = defaultdict(lambda: ([], []))
+    for side, name in ((0, "train.jsonl"), (1, "test.jsonl")):
+        for r in read_records(qa / name):
+            if r.format == "single":
+                groups[(r.level, r.meta.get("template", r.category))][side].append(r)
+    hits: dict[str, list[float]] = defaultdict(list)
+    majority: dict[str, list[float]] = defaultdict(list)
+    for (level, _), (train, test) in sorted(groups.items()):
+        if not train or not test:
+            continue
+        y_train, y_test = [target(r) for r in train], np.array([target(r) for r in test])
+        top = Counter(y_train).most_common(1)[0][0]
+        if len(set(y_train)) < 2:
+            pred = np.array([top] * len(test))
+        else:
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+            clf.fit(np.stack([feature(r) for r in train]), y_train)
+            pred = clf.predict(np.stack([feature(r) for r in test]))
+        for key in (level, "all"):
+            hits[key] += (pred == y_test).astype(float).tolist()
+            majority[key] += (y_test == top).astype(float).tolist()
+    return {k: {"n": len(v), "probe": round(float(np.mean(v)), 4), "majority_per_template": round(float(np.mean(majority[k])), 4)}
+            for k, v in hits.items()}
+
+
 def _train(seed: int, batch_size: int, epochs: int, **kw: Any) -> dict[str, Any]:
     return dict(epochs=epochs, batch_size=batch_size, seed=seed, save_every=10_000, **kw)
 
@@ -143,8 +213,15 @@ def run_stage_once(cfg_kwargs: dict[str, Any]) -> dict[str, Any]:
     return json.loads(summary.read_text())
 
 
-def answer_test(checkpoint: Path, test: Path, job: Path, out: Path, max_new_tokens: int) -> tuple[Path, float]:
-    """Greedy answers to every test record; returns the prediction file and seconds per answer."""
+def answer_test(checkpoint: Path, test: Path, job: Path, out: Path, max_new_tokens: int,
+                *, shuffle_visuals: bool = False) -> tuple[Path, float]:
+    """Greedy answers to every test record; returns the prediction file and seconds per answer.
+
+    ``shuffle_visuals`` is the "does the model look?" control: every record is answered
+    with the whole-slide visual tokens of another test slide (same text prompt).
+    """
+    from dataclasses import replace as replace_record
+
     from slidevl.atomic import write_json_atomic
     from slidevl.slidellm.ask import SlideAssistant
     from slidevl.vqa.predictions import write_predictions
@@ -155,9 +232,15 @@ def answer_test(checkpoint: Path, test: Path, job: Path, out: Path, max_new_toke
         return out, meta["seconds_per_answer"]
     records = read_records(test)
     assistant = SlideAssistant(checkpoint, cache_root=out.parent / "ask_cache")
-    visuals = {s: assistant.open_slide(s, job=job) for s in sorted({r.slide for r in records})}
+    slides = sorted({r.slide for r in records})
+    visuals = {s: assistant.open_slide(s, job=job) for s in slides}
+    asked = records
+    if shuffle_visuals:
+        other = {s: visuals[slides[(i + max(1, len(slides) // 2)) % len(slides)]] for i, s in enumerate(slides)}
+        visuals = other
+        asked = [replace_record(r, bbox=None) for r in records]
     started = time.perf_counter()
-    answers = assistant.answer_records(records, visuals, max_new_tokens=max_new_tokens, batch_size=16)
+    answers = assistant.answer_records(asked, visuals, max_new_tokens=max_new_tokens, batch_size=16)
     per_answer = (time.perf_counter() - started) / len(records)
     write_predictions(out, {r.id: a for r, a in zip(records, answers)})
     write_json_atomic(out.with_suffix(".meta.json"), {"seconds_per_answer": per_answer})
@@ -191,6 +274,17 @@ def run_variant(name: str, spec: dict[str, Any], ctx: dict[str, Any]) -> dict[st
                                    sizes.max_new_tokens)
     report = evaluate(pred, ctx["qa"] / "test.jsonl", out=folder / "evaluation.json", text_scorer=ctx["scorer"])
     keep = ("n", "accuracy", "n_unparsed", "meteor", "rouge_l")
+    control = None
+    if name == "full":
+        shuffled, _ = answer_test(folder / "stage2", ctx["qa"] / "test.jsonl", ctx["job"],
+                                  folder / "predictions_shuffled.jsonl", sizes.max_new_tokens, shuffle_visuals=True)
+        ctrl = evaluate(shuffled, ctx["qa"] / "test.jsonl", out=folder / "evaluation_shuffled.json",
+                        text_scorer=ctx["scorer"])
+        control = {
+            "overall": {k: ctrl["overall"][k] for k in keep},
+            "by_level": {lvl: {k: s[k] for k in keep} for lvl, s in ctrl["by_level"].items()},
+            "by_format": {fmt: {k: s[k] for k in keep} for fmt, s in ctrl["by_format"].items()},
+        }
     return {
         "spec": spec,
         "overall": {k: report["overall"][k] for k in keep},
@@ -198,6 +292,7 @@ def run_variant(name: str, spec: dict[str, Any], ctx: dict[str, Any]) -> dict[st
         "by_format": {fmt: {k: s[k] for k in keep} for fmt, s in report["by_format"].items()},
         "training": summaries,
         "seconds_per_answer": round(per_answer, 4),
+        "shuffled_visuals": control,
     }
 
 
@@ -250,8 +345,63 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"| {name} | {s1['steps'] if s1 else '-'} | {_fmt(s1['final_loss']) if s1 else '-'} | {s2['steps']} | "
             f"{_fmt(s2['final_loss'])} | {s2['trainable_parameters']:,} |"
         )
-    lines += ["", f"Machine: {result['machine']}. Total time {result['seconds'] / 60:.1f} min.", ""]
+    missing = [v for v in VARIANTS if v not in rows]
+    if missing:
+        lines += ["", f"Not run for this result: {', '.join(missing)}."]
+    full = rows.get("full", {}).get("shuffled_visuals")
+    if full:
+        ov, lv, fm = full["overall"], full["by_level"], full["by_format"]
+        lines += [
+            "",
+            "Control: `full` answering every test question with the whole-slide visual tokens of *another* test slide "
+            "(a model that reads the image must drop towards the blind baselines):",
+            "",
+            "| variant | acc all | acc WSI | acc ROI | acc patch | acc single | acc multi |",
+            "|---|---|---|---|---|---|---|",
+            f"| full, shuffled visuals | {_fmt(ov['accuracy'])} | "
+            + " | ".join(_fmt(lv.get(level, {}).get("accuracy")) for level in levels)
+            + f" | {_fmt(fm.get('single', {}).get('accuracy'))} | {_fmt(fm.get('multi', {}).get('accuracy'))} |",
+        ]
+    probe = result["data"].get("probe")
+    if probe:
+        lines += [
+            "",
+            "Is the answer in the features? Per-template logistic-regression probe from the mean/std of the raw patch "
+            "features under each question's box to the correct option text (train patients -> test patients), "
+            "single-choice questions only, against the per-template majority answer:",
+            "",
+            "| level | n | probe acc | majority acc |",
+            "|---|---|---|---|",
+        ]
+        for key in ("WSI", "ROI", "patch", "all"):
+            if key in probe:
+                lines.append(f"| {key} | {probe[key]['n']} | {_fmt(probe[key]['probe'])} | "
+                             f"{_fmt(probe[key]['majority_per_template'])} |")
+    parallel = f" The variants ran in {len(result['parts'])} processes side by side." if result.get("parts") else ""
+    lines += ["", f"Machine: {result['machine']}. Total time {result['seconds'] / 60:.1f} min.{parallel}", ""]
     return "\n".join(lines)
+
+
+def merge_results(parts: list[str], name: str) -> Path:
+    """Combine result files of runs that shared one work folder but split the variants
+    (``--variants a,b --name p1`` and ``--variants c,d --name p2`` run side by side, one
+    core each); the shared data, encoders and warm-up come from the first part."""
+    from slidevl.atomic import write_json_atomic, write_text_atomic
+
+    results = [json.loads((RESULTS / f"{part}.json").read_text()) for part in parts]
+    merged = dict(results[0])
+    merged["variants"] = {}
+    for r in results:
+        if r["data"]["cohort"] != merged["data"]["cohort"] or r["sizes"] != merged["sizes"]:
+            raise SystemExit(f"--merge: {parts} were not run on the same cohort with the same sizes")
+        merged["variants"].update(r["variants"])
+    order = [v for v in VARIANTS if v in merged["variants"]]
+    merged["variants"] = {v: merged["variants"][v] for v in order}
+    merged["seconds"] = max(r["seconds"] for r in results)
+    merged["parts"] = {part: sorted(r["variants"]) for part, r in zip(parts, results)}
+    write_json_atomic(RESULTS / f"{name}.json", merged)
+    write_text_atomic(RESULTS / f"{name}.md", render_markdown(merged))
+    return RESULTS / f"{name}.md"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,7 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--name", default="vqa_ablations", help="result file stem under benchmarks/results")
+    parser.add_argument("--merge", help="comma-separated result stems to combine into --name (no training)")
     args = parser.parse_args(argv)
+    if args.merge:
+        _log(f"merged -> {merge_results(args.merge.split(','), args.name)}")
+        return 0
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -306,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_train": len(read_records(qa / "train.jsonl")),
             "n_test": len(read_records(qa / "test.jsonl")),
             "blind_baselines": qa_summary.get("blind_baselines_on_test"),
+            "probe": probe_features(job, qa),
         },
         "warmup": warm,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "

@@ -3,9 +3,15 @@
 A record becomes a two-turn chat::
 
     user:       <image>\\n{question}[\\nA. option\\nB. option ...]
-    assistant:  {answer}            (option letters such as "B" or "A,C" for choice formats)
+    assistant:  {answer}            (choice formats: see :data:`ANSWER_STYLES`)
 
 Choice options are part of the user text, exactly as a user of ``slidevl ask`` types them.
+The stored gold answer of a choice record is its letters (``"B"``, ``"A,C"``); what the
+model is trained to *say* is set by the answer style. ``"letter_text"`` (the default)
+writes each chosen option as ``"B. fibrous stroma"`` on its own line; the evaluation
+still scores by letter (:func:`slidevl.vqa.choices.parse_choice` reads the line labels).
+A small LM trained from scratch learns this far better than a bare letter: the option
+text ties the letter to the visual concept (see ``benchmarks/results/vqa_ablations.md``).
 The chat is rendered with the tokenizer's own chat template; labels are -100 everywhere
 except the assistant's tokens (the answer and the template's end-of-turn marker, so the
 model learns to stop).
@@ -13,9 +19,10 @@ model learns to stop).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -23,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from slidevl.slidellm.model import IGNORE_INDEX
 from slidevl.slidellm.tokenizer import IMAGE_TOKEN, TokenizerError
-from slidevl.vqa.records import VQARecord, render_options
+from slidevl.vqa.records import OPTION_LETTERS, VQARecord, parse_answer_letters, render_options
 
 #: Which record formats each tuning stage learns from.
 STAGE_FORMATS: dict[str, tuple[str, ...]] = {
@@ -31,6 +38,29 @@ STAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "stage1": ("caption",),
     "stage2": ("single", "multi", "open"),
 }
+
+
+#: How a choice answer is written in the assistant turn.
+#: ``letter``: the stored letters ("B", "A,C"); ``letter_text``: "B. option text", one line
+#: per chosen option; ``text``: the option texts only, joined by ", ".
+ANSWER_STYLES = ("letter", "letter_text", "text")
+DEFAULT_ANSWER_STYLE = "letter_text"
+
+
+def assistant_answer(record: VQARecord, style: str = DEFAULT_ANSWER_STYLE) -> str:
+    """The assistant's answer to ``record`` in the given :data:`ANSWER_STYLES` style.
+
+    Open and caption answers are the record's text whatever the style.
+    """
+    if style not in ANSWER_STYLES:
+        raise ValueError(f"answer style must be one of {ANSWER_STYLES}, got {style!r}")
+    if not record.is_choice or style == "letter":
+        return record.answer
+    letters = sorted(parse_answer_letters(record.answer, len(record.options)))
+    chosen = [(letter, record.options[OPTION_LETTERS.index(letter)]) for letter in letters]
+    if style == "text":
+        return ", ".join(text for _, text in chosen)
+    return "\n".join(f"{letter}. {text}" for letter, text in chosen)
 
 
 def user_prompt(record: VQARecord) -> str:
@@ -41,17 +71,20 @@ def user_prompt(record: VQARecord) -> str:
     return "\n".join(lines)
 
 
-def chat_messages(record: VQARecord) -> list[dict[str, str]]:
-    """The record as chat messages (user question, assistant answer)."""
-    return [{"role": "user", "content": user_prompt(record)}, {"role": "assistant", "content": record.answer}]
+def chat_messages(record: VQARecord, answer_style: str = DEFAULT_ANSWER_STYLE) -> list[dict[str, str]]:
+    """The record as chat messages (user question, assistant answer in ``answer_style``)."""
+    return [
+        {"role": "user", "content": user_prompt(record)},
+        {"role": "assistant", "content": assistant_answer(record, answer_style)},
+    ]
 
 
-def corpus_texts(records: Iterable[VQARecord]) -> list[str]:
+def corpus_texts(records: Iterable[VQARecord], answer_style: str = DEFAULT_ANSWER_STYLE) -> list[str]:
     """Every text the embedded tokenizer should know: questions, options, answers."""
     texts: list[str] = []
     for r in records:
         texts.append(user_prompt(r).replace(IMAGE_TOKEN, ""))
-        texts.append(r.answer)
+        texts.append(assistant_answer(r, answer_style))
     return texts
 
 
@@ -101,13 +134,45 @@ def select_records(records: Iterable[VQARecord], stage: str) -> list[VQARecord]:
     return [r for r in records if r.format in STAGE_FORMATS[stage]]
 
 
+def shuffle_options(record: VQARecord, rng: np.random.Generator) -> VQARecord:
+    """The choice record with its options in a random order and the answer letters moved along.
+
+    The option order of a template record is arbitrary, so this is a label-preserving
+    augmentation: the same question about the same image, the same chosen option texts.
+    Non-choice records are returned unchanged.
+    """
+    if not record.is_choice:
+        return record
+    gold = {OPTION_LETTERS.index(x) for x in parse_answer_letters(record.answer, len(record.options))}
+    order = rng.permutation(len(record.options)).tolist()
+    options = tuple(record.options[i] for i in order)
+    answer = ",".join(OPTION_LETTERS[new] for new, old in enumerate(order) if old in gold)
+    return replace(record, options=options, answer=answer)
+
+
+def _peer_key(record: VQARecord) -> tuple[str, str, str]:
+    return record.level, str(record.meta.get("template", record.category)), record.format
+
+
 class ChatDataset(Dataset):
-    """Tokenised VQA records, tokenised once up front (QA text is small).
+    """Tokenised VQA records (tokenised up front unless the records change per epoch).
 
     ``supervise="answer"`` keeps labels on the assistant turn only (tuning stages);
     ``supervise="all"`` trains on every token of the chat (the embedded LLM's language
     warm-up, where the model must learn the question language as well).
     ``max_tokens`` truncates from the end; a truncated answer loses its end-of-turn token.
+
+    Two per-epoch views of the records (drawn from ``(seed, epoch, index)``, so a resumed
+    run sees the same data; the loop calls :meth:`set_epoch`):
+
+    * ``shuffle_options``: choice options in a fresh random order each epoch (see
+      :func:`shuffle_options`). Without it a model can learn each training record's
+      letter from its option order, i.e. by heart, instead of from the image.
+    * ``blind_answers`` (the text-only warm-up): every answer is replaced by the answer
+      of a random training record of the same level, template and format, and choice
+      answers pick random options (as many as that peer chose). The LM learns the
+      question and answer language and the answer formats, but not which answer goes
+      with which record: that can only come from the image, in stages 1 and 2.
     """
 
     def __init__(
@@ -117,23 +182,69 @@ class ChatDataset(Dataset):
         *,
         supervise: str = "answer",
         max_tokens: int = 1024,
+        answer_style: str = DEFAULT_ANSWER_STYLE,
+        shuffle_options: bool = False,
+        blind_answers: bool = False,
+        seed: int = 0,
     ) -> None:
         if supervise not in ("answer", "all"):
             raise ValueError(f"supervise must be 'answer' or 'all', got {supervise!r}")
         if not records:
             raise ValueError("no records to train on; check the record file and the formats the stage uses")
-        self.examples: list[Example] = []
-        for record in records:
-            ids, labels = encode_chat(tokenizer, chat_messages(record))
-            if supervise == "all":
-                labels = list(ids)
-            self.examples.append(Example(record, ids[:max_tokens], labels[:max_tokens]))
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.supervise = supervise
+        self.max_tokens = max_tokens
+        self.answer_style = answer_style
+        self.shuffle = shuffle_options
+        self.blind = blind_answers
+        self.seed = int(seed)
+        self.epoch = 0
+        self._peers: dict[tuple[str, str, str], list[int]] = {}
+        for i, r in enumerate(self.records):
+            self._peers.setdefault(_peer_key(r), []).append(i)
+        self.examples: list[Example] = [] if self.varies else [self._encode(r) for r in self.records]
+
+    @property
+    def varies(self) -> bool:
+        """Whether the records change from epoch to epoch."""
+        return self.blind or (self.shuffle and any(r.is_choice for r in self.records))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _encode(self, record: VQARecord) -> Example:
+        ids, labels = encode_chat(self.tokenizer, chat_messages(record, self.answer_style))
+        if self.supervise == "all":
+            labels = list(ids)
+        return Example(record, ids[: self.max_tokens], labels[: self.max_tokens])
+
+    def view(self, index: int) -> VQARecord:
+        """Record ``index`` as it is trained on in the current epoch."""
+        record = self.records[index]
+        if not self.varies:
+            return record
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.blind:
+            peers = self._peers[_peer_key(record)]
+            peer = self.records[peers[int(rng.integers(len(peers)))]]
+            if record.is_choice:
+                k = min(len(parse_answer_letters(peer.answer, len(peer.options))), len(record.options))
+                picked = sorted(rng.choice(len(record.options), size=k, replace=False).tolist())
+                record = replace(record, answer=",".join(OPTION_LETTERS[i] for i in picked))
+            else:
+                record = replace(record, answer=peer.answer)
+        if self.shuffle:
+            record = shuffle_options(record, rng)
+        return record
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.records)
 
     def __getitem__(self, index: int) -> Example:
-        return self.examples[index]
+        if self.examples:
+            return self.examples[index]
+        return self._encode(self.view(index))
 
 
 @dataclass

@@ -37,7 +37,7 @@ Epochs = Annotated[int, typer.Option("--epochs", min=1)]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Records per micro-batch.")]
 GradAccum = Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")]
-LR = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: warmup 1e-3, stage1 1e-4, stage2 2e-4).")]
+LR = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: warmup 1e-3, stage1 1e-3, stage2 5e-4).")]
 WeightDecay = Annotated[float, typer.Option("--weight-decay")]
 WarmupRatio = Annotated[float, typer.Option("--warmup-ratio", help="Share of steps with a linear LR ramp.")]
 Seed = Annotated[int, typer.Option("--seed")]
@@ -47,6 +47,13 @@ BF16 = Annotated[bool, typer.Option("--bf16", help="bf16 mixed precision (accele
 CPU = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even when a GPU is present.")]
 DType = Annotated[str, typer.Option("--llm-dtype", help="Weights dtype of the LLM: float32, bfloat16 or float16.")]
 FourBit = Annotated[bool, typer.Option("--load-in-4bit", help="Load the LLM in 4-bit (bitsandbytes, CUDA).")]
+AnswerStyle = Annotated[str, typer.Option(
+    "--answer-style", help="How choice answers are written: 'letter_text' (\"B. option text\", default), 'letter' or 'text'.")]
+ShuffleOptions = Annotated[bool, typer.Option(
+    "--shuffle-options/--no-shuffle-options", help="Re-order choice options every epoch (default on).")]
+BlindWarmup = Annotated[bool, typer.Option(
+    "--blind-warmup/--no-blind-warmup",
+    help="Warm-up pairs each question with another record's answer, so answers cannot be learnt from the text (default on).")]
 GradCkpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for LLM activation memory.")]
 
 
@@ -108,6 +115,9 @@ def warmup_command(
     max_tokens: MaxTokens = 1024,
     bf16: BF16 = False,
     cpu: CPU = False,
+    answer_style: AnswerStyle = "letter_text",
+    shuffle_options: ShuffleOptions = True,
+    blind_warmup: BlindWarmup = True,
 ) -> None:
     """Stage 0 for the embedded default LLM: train a tokenizer and a small LM on the QA text alone.
 
@@ -119,6 +129,9 @@ def warmup_command(
             records=str(records),
             out=str(out),
             vocab_size=vocab_size,
+            answer_style=answer_style,
+            shuffle_options=shuffle_options,
+            blind_warmup=blind_warmup,
             embedded_lm=dict(hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=ffn),
             train=dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                          weight_decay=weight_decay, warmup_ratio=warmup_ratio, seed=seed, save_every=save_every,
@@ -162,6 +175,8 @@ def stage1_command(
     llm_dtype: DType = "float32",
     load_in_4bit: FourBit = False,
     gradient_checkpointing: GradCkpt = False,
+    answer_style: AnswerStyle = "letter_text",
+    shuffle_options: ShuffleOptions = True,
 ) -> None:
     """Stage 1: align the connector on caption records; the encoder and the LLM stay frozen."""
     _run(
@@ -175,6 +190,8 @@ def stage1_command(
             encoder=None if encoder is None else str(encoder),
             encoder_init=encoder_init,
             train_encoder=train_encoder,
+            answer_style=answer_style,
+            shuffle_options=shuffle_options,
             connector=_connector(connector=connector, queries=queries, qformer_layers=qformer_layers,
                                  qformer_hidden=qformer_hidden, qformer_heads=qformer_heads, qformer_ffn=qformer_ffn,
                                  connector_dropout=connector_dropout, use_global=use_global),
@@ -226,6 +243,8 @@ def stage2_command(
     llm_dtype: DType = "float32",
     load_in_4bit: FourBit = False,
     gradient_checkpointing: GradCkpt = False,
+    answer_style: AnswerStyle = "letter_text",
+    shuffle_options: ShuffleOptions = True,
 ) -> None:
     """Stage 2: train the connector and LoRA adapters on single/multi/open VQA records."""
     targets: str | list[str] = lora_targets if lora_targets == "all-linear" else [t.strip() for t in lora_targets.split(",") if t.strip()]
@@ -241,6 +260,8 @@ def stage2_command(
             encoder=None if encoder is None else str(encoder),
             encoder_init=encoder_init,
             train_encoder=train_encoder,
+            answer_style=answer_style,
+            shuffle_options=shuffle_options,
             connector=_connector(connector=connector, queries=queries, qformer_layers=qformer_layers,
                                  qformer_hidden=qformer_hidden, qformer_heads=qformer_heads, qformer_ffn=qformer_ffn,
                                  connector_dropout=connector_dropout, use_global=use_global),

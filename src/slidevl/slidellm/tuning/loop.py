@@ -191,6 +191,9 @@ def run_loop(
             # accelerate's loaders re-seed their sampler from their own iteration counter,
             # so the epoch is set on the loader actually iterated (a skipping copy starts at 0).
             batches.set_epoch(counters["epoch"])
+            # Datasets whose records change per epoch (shuffled options) draw from (seed, epoch, index).
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(counters["epoch"])
             finished_epoch = True
             for batch in batches:
                 with accelerator.accumulate(module):

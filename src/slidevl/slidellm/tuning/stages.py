@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import Tensor, nn
@@ -142,9 +141,11 @@ def prepare_warmup(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         tokenizer = load_tokenizer(llm_dir)
         llm = load_llm(llm_dir, cfg.llm_options)
     else:
-        tokenizer = train_tokenizer(corpus_texts(records), vocab_size=cfg.vocab_size)
+        tokenizer = train_tokenizer(corpus_texts(records, cfg.answer_style), vocab_size=cfg.vocab_size)
         llm = build_embedded_llm(tokenizer, cfg.embedded_lm)
-    dataset = ChatDataset(records, tokenizer, supervise="all", max_tokens=cfg.train.max_tokens)
+    dataset = ChatDataset(records, tokenizer, supervise="all", max_tokens=cfg.train.max_tokens,
+                          answer_style=cfg.answer_style, shuffle_options=cfg.shuffle_options,
+                          blind_answers=cfg.blind_warmup, seed=cfg.train.seed)
     accelerator = make_accelerator(cfg.train)
 
     def loss_fn(model: nn.Module, batch: ChatBatch) -> Tensor:
@@ -258,7 +259,8 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         feature_encoder=store.encoder,
     )
     module = TuningModule(model, visuals, encoder if cfg.train_encoder else None)
-    dataset = ChatDataset(records, tokenizer, supervise="answer", max_tokens=cfg.train.max_tokens)
+    dataset = ChatDataset(records, tokenizer, supervise="answer", max_tokens=cfg.train.max_tokens,
+                          answer_style=cfg.answer_style, shuffle_options=cfg.shuffle_options, seed=cfg.train.seed)
 
     def save_model(folder: Path) -> None:
         save_vlm(folder, info, model, encoder, tokenizer)
