@@ -110,26 +110,13 @@ def prepare_data(args: argparse.Namespace, sizes: Sizes, work: Path) -> tuple[Pa
 
 def pretrain_encoders(job: Path, work: Path, sizes: Sizes, seed: int, names: set[str]) -> dict[str, Path]:
     """MAE -> MoCo pretraining of the encoders in ``names``: sparse (``topo``) and/or ``dense`` mask."""
-    from slidevl.slidellm.encoder import TopoPackConfig
-    from slidevl.slidellm.pretrain import FeatureStoreSource, PretrainConfig, pretrain
-    from slidevl.slidellm.pretrain.checkpoint import has_checkpoint, load_checkpoint
-    from slidevl.slidellm.pretrain.data import feature_dims
+    from slidevl.slidellm.recipe import pretrain_encoder
 
-    source = FeatureStoreSource(job)
-    first = source.load(source.slide_ids()[0])
-    patch_dim, pack_dim, global_dim = feature_dims(first)
-    config = PretrainConfig(mae_steps=sizes.mae_steps, moco_steps=sizes.moco_steps, seed=seed,
-                            warmup_steps=max(1, (sizes.mae_steps + sizes.moco_steps) // 20))
     out: dict[str, Path] = {}
     for name in sorted(names):
-        folder = work / "encoders" / name
-        done = has_checkpoint(folder) and load_checkpoint(folder).step >= config.total_steps
-        if not done:
-            _log(f"pretraining the {name} encoder ({config.total_steps} steps)")
-            enc_cfg = TopoPackConfig(patch_dim=patch_dim, pack_dim=pack_dim, global_dim=global_dim,
-                                     pack_size=first.pack_size, mask_variant=name)
-            pretrain(source, folder, config=config, encoder_config=enc_cfg, resume=has_checkpoint(folder), progress=False)
-        out[name] = folder
+        _log(f"{name} encoder: {sizes.mae_steps} MAE + {sizes.moco_steps} MoCo steps (skipped when done)")
+        out[name] = pretrain_encoder(job, work / "encoders" / name, mae_steps=sizes.mae_steps, moco_steps=sizes.moco_steps,
+                                     seed=seed, mask_variant=name, progress=False)
     return out
 
 
@@ -199,18 +186,11 @@ def _train(seed: int, batch_size: int, epochs: int, **kw: Any) -> dict[str, Any]
 
 def run_stage_once(cfg_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Run a tuning stage unless its run folder already finished; return its summary."""
+    from slidevl.slidellm import recipe
     from slidevl.slidellm.tuning.config import TuneConfig
-    from slidevl.slidellm.tuning.stages import run_stage, run_warmup
 
-    out = Path(cfg_kwargs["out"])
-    summary = out / "summary.json"
-    if summary.is_file():
-        return json.loads(summary.read_text())
-    cfg = TuneConfig.from_dict(cfg_kwargs)
-    resume = (out / "checkpoint").is_dir()
-    _log(f"{cfg.stage} -> {out}{' (resuming)' if resume else ''}")
-    (run_warmup if cfg.stage == "warmup" else run_stage)(cfg, resume=resume)
-    return json.loads(summary.read_text())
+    _log(f"{cfg_kwargs['stage']} -> {cfg_kwargs['out']} (skipped when done)")
+    return recipe.run_stage_once(TuneConfig.from_dict(cfg_kwargs))
 
 
 def answer_test(checkpoint: Path, test: Path, job: Path, out: Path, max_new_tokens: int,
