@@ -23,15 +23,22 @@ from slidevl.slidellm.tuning.stages import run_stage, run_warmup
 
 @dataclass
 class RecipeSizes:
-    """What sets the cost of the recipe; the defaults suit a CPU demo on a small cohort."""
+    """What sets the cost of the recipe.
 
-    mae_steps: int = 300
-    moco_steps: int = 150
-    warmup_epochs: int = 20
-    stage1_epochs: int = 10
-    stage2_epochs: int = 6
+    The defaults are a short schedule that runs in minutes on a CPU; they show the whole
+    path, not a converged model (see ``benchmarks/results/vqa_ablations.md``). ``encoder``
+    overrides :class:`~slidevl.slidellm.encoder.TopoPackConfig` fields (the paper's
+    6 layers x 512 by default) and ``connector`` the connector's.
+    """
+
+    mae_steps: int = 40
+    moco_steps: int = 20
+    warmup_epochs: int = 2
+    stage1_epochs: int = 2
+    stage2_epochs: int = 1
     batch_size: int = 8
     seed: int = 0
+    encoder: dict[str, Any] = field(default_factory=dict)
     connector: dict[str, Any] = field(default_factory=dict)
     encoder_mask: str = "topo"
 
@@ -48,8 +55,11 @@ class RecipeOutputs:
 
 
 def pretrain_encoder(job: Path, folder: Path, *, mae_steps: int, moco_steps: int, seed: int = 0,
-                     mask_variant: str = "topo", progress: bool = True) -> Path:
-    """MAE -> MoCo pretraining of a topo-pack encoder on ``job``'s features, resumable."""
+                     mask_variant: str = "topo", encoder: dict[str, Any] | None = None, progress: bool = True) -> Path:
+    """MAE -> MoCo pretraining of a topo-pack encoder on ``job``'s features, resumable.
+
+    ``encoder`` overrides fields of the encoder config (sizes, attention implementation).
+    """
     from slidevl.slidellm.encoder import TopoPackConfig
     from slidevl.slidellm.pretrain import FeatureStoreSource, PretrainConfig, pretrain
     from slidevl.slidellm.pretrain.checkpoint import has_checkpoint, load_checkpoint
@@ -64,7 +74,7 @@ def pretrain_encoder(job: Path, folder: Path, *, mae_steps: int, moco_steps: int
     if started and load_checkpoint(folder).step >= config.total_steps:
         return folder
     encoder_config = TopoPackConfig(patch_dim=patch_dim, pack_dim=pack_dim, global_dim=global_dim,
-                                    pack_size=first.pack_size, mask_variant=mask_variant)
+                                    pack_size=first.pack_size, mask_variant=mask_variant, **(encoder or {}))
     pretrain(source, folder, config=config, encoder_config=encoder_config, resume=started, progress=progress)
     return folder
 
@@ -84,7 +94,7 @@ def train_vqa(job: Path, qa: Path, out: Path, sizes: RecipeSizes | None = None, 
     sizes = sizes or RecipeSizes()
     records = str(qa / "train.jsonl")
     encoder = pretrain_encoder(job, out / "encoder", mae_steps=sizes.mae_steps, moco_steps=sizes.moco_steps,
-                               seed=sizes.seed, mask_variant=sizes.encoder_mask, progress=progress)
+                               seed=sizes.seed, mask_variant=sizes.encoder_mask, encoder=sizes.encoder, progress=progress)
 
     def train(epochs: int, **extra: Any) -> dict[str, Any]:
         return dict(epochs=epochs, batch_size=sizes.batch_size, seed=sizes.seed, save_every=10_000, **extra)

@@ -62,12 +62,41 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
+_CONNECTOR_OPTIONS = ("connector", "queries", "qformer_layers", "qformer_hidden", "qformer_heads", "qformer_ffn",
+                      "connector_dropout", "use_global")
+_TRAIN_OPTIONS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed",
+                  "save_every", "max_tokens", "bf16", "cpu")
+
+
 def _connector(**kwargs: Any) -> dict[str, Any]:
     # Only options given on the command line: the rest keep ConnectorConfig's defaults,
     # and a stage-2 --init run can tell "not given" from "given".
     names = {"connector": "kind", "queries": "num_queries", "qformer_layers": "num_layers", "qformer_hidden": "hidden_size",
              "qformer_heads": "num_heads", "qformer_ffn": "intermediate_size", "connector_dropout": "dropout", "use_global": "use_global"}
     return {names[k]: v for k, v in kwargs.items() if v is not None}
+
+
+def _stage_config(stage: str, p: dict[str, Any]) -> dict[str, Any]:
+    """The run config of stage 1 or 2 from the command's parameters (its ``locals()``)."""
+    def path(key: str) -> str | None:
+        return None if p[key] is None else str(p[key])
+
+    return dict(
+        stage=stage,
+        records=str(p["records"]),
+        out=str(p["out"]),
+        llm=path("llm"),
+        job=path("job"),
+        feature_encoder=p["feature_encoder"],
+        encoder=path("encoder"),
+        encoder_init=p["encoder_init"],
+        train_encoder=p["train_encoder"],
+        answer_style=p["answer_style"],
+        shuffle_options=p["shuffle_options"],
+        connector=_connector(**{k: p[k] for k in _CONNECTOR_OPTIONS}),
+        llm_options=dict(dtype=p["llm_dtype"], load_in_4bit=p["load_in_4bit"], gradient_checkpointing=p["gradient_checkpointing"]),
+        train={k: p[k] for k in _TRAIN_OPTIONS},
+    )
 
 
 def _run(cfg_kwargs: dict[str, Any], resume: bool) -> None:
@@ -179,29 +208,7 @@ def stage1_command(
     shuffle_options: ShuffleOptions = True,
 ) -> None:
     """Stage 1: align the connector on caption records; the encoder and the LLM stay frozen."""
-    _run(
-        dict(
-            stage="stage1",
-            records=str(records),
-            out=str(out),
-            llm=None if llm is None else str(llm),
-            job=None if job is None else str(job),
-            feature_encoder=feature_encoder,
-            encoder=None if encoder is None else str(encoder),
-            encoder_init=encoder_init,
-            train_encoder=train_encoder,
-            answer_style=answer_style,
-            shuffle_options=shuffle_options,
-            connector=_connector(connector=connector, queries=queries, qformer_layers=qformer_layers,
-                                 qformer_hidden=qformer_hidden, qformer_heads=qformer_heads, qformer_ffn=qformer_ffn,
-                                 connector_dropout=connector_dropout, use_global=use_global),
-            llm_options=dict(dtype=llm_dtype, load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing),
-            train=dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                         weight_decay=weight_decay, warmup_ratio=warmup_ratio, seed=seed, save_every=save_every,
-                         max_tokens=max_tokens, bf16=bf16, cpu=cpu),
-        ),
-        resume,
-    )
+    _run(_stage_config("stage1", locals()), resume)
 
 
 @app.command("stage2")
@@ -248,28 +255,8 @@ def stage2_command(
 ) -> None:
     """Stage 2: train the connector and LoRA adapters on single/multi/open VQA records."""
     targets: str | list[str] = lora_targets if lora_targets == "all-linear" else [t.strip() for t in lora_targets.split(",") if t.strip()]
-    _run(
-        dict(
-            stage="stage2",
-            records=str(records),
-            out=str(out),
-            init=None if init is None else str(init),
-            llm=None if llm is None else str(llm),
-            job=None if job is None else str(job),
-            feature_encoder=feature_encoder,
-            encoder=None if encoder is None else str(encoder),
-            encoder_init=encoder_init,
-            train_encoder=train_encoder,
-            answer_style=answer_style,
-            shuffle_options=shuffle_options,
-            connector=_connector(connector=connector, queries=queries, qformer_layers=qformer_layers,
-                                 qformer_hidden=qformer_hidden, qformer_heads=qformer_heads, qformer_ffn=qformer_ffn,
-                                 connector_dropout=connector_dropout, use_global=use_global),
-            lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets),
-            llm_options=dict(dtype=llm_dtype, load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing),
-            train=dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                         weight_decay=weight_decay, warmup_ratio=warmup_ratio, seed=seed, save_every=save_every,
-                         max_tokens=max_tokens, bf16=bf16, cpu=cpu),
-        ),
-        resume,
-    )
+    config = _stage_config("stage2", locals())
+    config["init"] = None if init is None else str(init)  # stage 2 only: a stage-1 run to start from
+    config["lora"] = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets)
+    _run(config, resume)
+
