@@ -27,6 +27,11 @@ def demo_command(
     slide_px: int = typer.Option(20000, "--slide-px", help="Level-0 width of each synthetic slide (0.5 µm/px)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the cohort and of every model."),
     epochs: int = typer.Option(20, "--epochs", help="Training epochs of the survival models."),
+    grad_accum: int = typer.Option(
+        1, "--grad-accum", min=1,
+        help="Patients per optimizer step of the survival models. The paper's 32 suits cohorts of hundreds; "
+             "with 24 training patients it would leave one step per epoch.",
+    ),
     vqa: bool = typer.Option(True, "--vqa/--no-vqa", help="Also build the QA set and train and score the slide VQA model."),
 ) -> None:
     """Synthetic cohort → features → survival CV → slide VQA, with every output path printed."""
@@ -62,7 +67,7 @@ def demo_command(
             run_cv(
                 CVConfig(
                     features=job_dir, clinical=cohort_dir / "clinical.csv", splits=cohort_dir / "splits",
-                    out=runs_dir / model, model=model, epochs=epochs, seed=seed,
+                    out=runs_dir / model, model=model, epochs=epochs, seed=seed, grad_accum=grad_accum,
                 ),
                 console=console,
             )
