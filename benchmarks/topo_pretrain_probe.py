@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     from slidevl.features.config import PreprocessConfig
     from slidevl.features.pipeline import preprocess
     from slidevl.features.store import FeatureStore
-    from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, batch_from_slide_features
+    from slidevl.slidellm.encoder import TopoPackEncoder, batch_from_slide_features
     from slidevl.slidellm.pretrain import FeatureStoreSource, PretrainConfig, pretrain
+    from slidevl.slidellm.pretrain.data import encoder_config_for
     from slidevl.synth import CLASSES, load_truth, make_cohort
 
     quick = args.quick
@@ -232,15 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     store = FeatureStore(job)
     truth = load_truth(cohort_dir)
     source = FeatureStoreSource(job)
-    first = batch_from_slide_features(store.load(store.slide_ids()[0]))
-    ecfg = TopoPackConfig(
-        patch_dim=first.patch_features.shape[-1],
-        pack_dim=first.pack_features.shape[-1],
-        global_dim=first.global_feature.shape[-1],
-        d_model=args.d_model,
-        n_layers=args.layers,
-        ffn_dim=4 * args.d_model,
-    )
+    ecfg = encoder_config_for(source, d_model=args.d_model, n_layers=args.layers, ffn_dim=4 * args.d_model)
     pcfg = PretrainConfig(
         mae_steps=mae_steps, moco_steps=moco_steps, warmup_steps=max(1, (mae_steps + moco_steps) // 20),
         lr=5e-4, save_every=max(1, (mae_steps + moco_steps) // 4), log_every=10, seed=args.seed,

@@ -125,15 +125,15 @@ def _vqa_steps(cohort_dir: Path, job_dir: Path, qa_dir: Path, run_dir: Path, see
     timings["VQA: pretrain + tune"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    predictions = predict_records(trained.stage2, qa_dir / "test.jsonl", run_dir / "predictions.jsonl", job=job_dir,
-                                  cache_root=run_dir / "ask_cache", console=console)
+    assistant = SlideAssistant(trained.stage2, cache_root=run_dir / "ask_cache")
+    predictions = predict_records(assistant, qa_dir / "test.jsonl", run_dir / "predictions.jsonl", job=job_dir,
+                                  console=console)
     report = evaluate(predictions.path, qa_dir / "test.jsonl", out=run_dir / "metrics.json")
     timings["VQA: answer + score test set"] = time.perf_counter() - start
     console.print(report_table(report))
 
     record = next((r for r in read_records(qa_dir / "test.jsonl") if r.level == "WSI" and r.format == "caption"), None)
     if record is not None:
-        assistant = SlideAssistant(trained.stage2, cache_root=run_dir / "ask_cache")
         answer = assistant.conversation(assistant.open_slide(record.slide, job=job_dir)).ask(record.question)
         console.print(f"[bold]slidevl ask {record.slide}[/] \"{record.question}\"\n  model: {answer}\n  truth: {record.answer}",
                       markup=True, highlight=False)

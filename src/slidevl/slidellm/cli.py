@@ -59,7 +59,7 @@ def pretrain(
     from slidevl.slidellm.encoder.config import TopoPackConfig
     from slidevl.slidellm.pretrain.checkpoint import CONFIG_NAME, PRETRAIN_CONFIG, CheckpointError, has_checkpoint
     from slidevl.slidellm.pretrain.config import PretrainConfig
-    from slidevl.slidellm.pretrain.data import FeatureStoreSource, feature_dims
+    from slidevl.slidellm.pretrain.data import FeatureStoreSource, encoder_config_for
     from slidevl.slidellm.pretrain.trainer import pretrain as run_pretrain
 
     train_options = _given(
@@ -100,11 +100,7 @@ def pretrain(
             ids = source.slide_ids()
             if not ids:
                 raise ValueError(f"{source.store.root}: no feature files; run `slidevl preprocess` first")
-            first = source.load(ids[0])
-            patch_dim, pack_dim, global_dim = feature_dims(first)
-            encoder_config = TopoPackConfig(
-                patch_dim=patch_dim, pack_dim=pack_dim, global_dim=global_dim, pack_size=first.pack_size, **model_options
-            )
+            encoder_config = encoder_config_for(source, **model_options)
         result = run_pretrain(
             source,
             out,

@@ -29,7 +29,7 @@ class PredictionRun:
 
 
 def predict_records(
-    checkpoint: str | Path,
+    checkpoint: str | Path | SlideAssistant,
     records: str | Path,
     out: str | Path,
     *,
@@ -41,8 +41,10 @@ def predict_records(
 ) -> PredictionRun:
     """Answer every record of ``records`` (JSONL) and write ``{"id", "answer"}`` lines to ``out``.
 
-    ``job`` holds the features of the records' slides; by default the checkpoint's own
-    training job. Nothing is written until every record has its answer.
+    ``checkpoint`` is a tuned checkpoint folder or an already loaded assistant (whose own
+    cache root then applies). ``job`` holds the features of the records' slides; by
+    default the checkpoint's own training job. Nothing is written until every record has
+    its answer.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -50,7 +52,7 @@ def predict_records(
     items = read_records(records)
     if not items:
         raise ValueError(f"{records}: no VQA records to answer")
-    assistant = SlideAssistant(checkpoint, cache_root=cache_root)
+    assistant = checkpoint if isinstance(checkpoint, SlideAssistant) else SlideAssistant(checkpoint, cache_root=cache_root)
     slides = sorted({r.slide for r in items})
     visuals = {s: assistant.open_slide(s, job=job, console=console) for s in slides}
     answers: list[str] = []

@@ -60,21 +60,17 @@ def pretrain_encoder(job: Path, folder: Path, *, mae_steps: int, moco_steps: int
 
     ``encoder`` overrides fields of the encoder config (sizes, attention implementation).
     """
-    from slidevl.slidellm.encoder import TopoPackConfig
     from slidevl.slidellm.pretrain import FeatureStoreSource, PretrainConfig, pretrain
     from slidevl.slidellm.pretrain.checkpoint import has_checkpoint, load_checkpoint
-    from slidevl.slidellm.pretrain.data import feature_dims
+    from slidevl.slidellm.pretrain.data import encoder_config_for
 
-    source = FeatureStoreSource(job)
-    first = source.load(source.slide_ids()[0])
-    patch_dim, pack_dim, global_dim = feature_dims(first)
     config = PretrainConfig(mae_steps=mae_steps, moco_steps=moco_steps, seed=seed,
                             warmup_steps=max(1, (mae_steps + moco_steps) // 20))
     started = has_checkpoint(folder)
     if started and load_checkpoint(folder).step >= config.total_steps:
         return folder
-    encoder_config = TopoPackConfig(patch_dim=patch_dim, pack_dim=pack_dim, global_dim=global_dim,
-                                    pack_size=first.pack_size, mask_variant=mask_variant, **(encoder or {}))
+    source = FeatureStoreSource(job)
+    encoder_config = encoder_config_for(source, mask_variant=mask_variant, **(encoder or {}))
     pretrain(source, folder, config=config, encoder_config=encoder_config, resume=started, progress=progress)
     return folder
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from slidevl.slidellm.encoder.batch import TopoPackBatch, batch_from_slide_features
+from slidevl.slidellm.encoder.config import TopoPackConfig
 
 
 class SlideSource(Protocol):
@@ -89,3 +90,13 @@ def feature_dims(batch: TopoPackBatch) -> tuple[int, int, int]:
         int(batch.pack_features.shape[-1]),
         int(batch.global_feature.shape[-1]),
     )
+
+
+def encoder_config_for(source: SlideSource, **overrides: Any) -> TopoPackConfig:
+    """An encoder config sized to ``source``'s feature widths and pack size; ``overrides`` set the rest."""
+    ids = source.slide_ids()
+    if not ids:
+        raise ValueError("the slide source is empty")
+    first = source.load(ids[0])
+    patch_dim, pack_dim, global_dim = feature_dims(first)
+    return TopoPackConfig(patch_dim=patch_dim, pack_dim=pack_dim, global_dim=global_dim, pack_size=first.pack_size, **overrides)

@@ -31,7 +31,7 @@ from slidevl.slidellm.pretrain.augment import (
 )
 from slidevl.slidellm.pretrain.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, write_loss_log
 from slidevl.slidellm.pretrain.config import RESUMABLE_FIELDS, PretrainConfig
-from slidevl.slidellm.pretrain.data import CachedSource, SlideSource, feature_dims
+from slidevl.slidellm.pretrain.data import CachedSource, SlideSource, encoder_config_for
 from slidevl.slidellm.pretrain.mae import mae_loss, mae_mask
 from slidevl.slidellm.pretrain.modules import MomentumNetworks, PretrainModel
 from slidevl.slidellm.pretrain.moco import EMPTY_SLIDE, moco_loss, pick_positives, slide_key
@@ -90,12 +90,7 @@ def _resolve_configs(
         return saved, ckpt.encoder_config, ckpt
     config = config or PretrainConfig()
     if encoder_config is None:
-        ids = source.slide_ids()
-        if not ids:
-            raise ValueError("the slide source is empty")
-        first = source.load(ids[0])
-        patch_dim, pack_dim, global_dim = feature_dims(first)
-        encoder_config = TopoPackConfig(patch_dim=patch_dim, pack_dim=pack_dim, global_dim=global_dim, pack_size=first.pack_size)
+        encoder_config = encoder_config_for(source)
     return config, encoder_config, None
 
 
