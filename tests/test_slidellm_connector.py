@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slidevl.slidellm.connector import ConnectorConfig, MLPConnector, QFormerConnector, build_connector
+from slidevl.slidellm.connector import ConnectorConfig, MLPConnector, QFormerConnector, TokenStandardizer, build_connector
 from slidevl.slidellm.model import pad_visual
 
 DIM, WIDTH = 12, 20
@@ -86,3 +86,53 @@ def test_bad_inputs_and_configs_are_rejected() -> None:
         _config(hidden_size=18, num_heads=4)
     with pytest.raises(ValueError, match="unknown"):
         ConnectorConfig.from_dict({**_config().to_dict(), "extra": 1})
+
+
+PATCH = 7
+
+
+@pytest.mark.parametrize("kind", ["qformer", "mlp"])
+def test_patch_features_join_the_tokens_and_their_padding_is_ignored(kind: str) -> None:
+    torch.manual_seed(0)
+    conn = build_connector(_config(kind, patch_dim=PATCH)).eval()
+    tokens, valid = torch.randn(1, 4, DIM), torch.ones(1, 4, dtype=torch.bool)
+    patches = torch.randn(1, 3, PATCH)
+    alone = conn(tokens, valid, patches, torch.ones(1, 3, dtype=torch.bool))
+    garbage = torch.full((1, 2, PATCH), float("nan"))
+    padded = conn(tokens, valid, torch.cat([patches, garbage], 1), torch.tensor([[True] * 3 + [False] * 2]))
+    n = alone.embeds.shape[1]
+    torch.testing.assert_close(padded.embeds[:, :n][padded.valid[:, :n]], alone.embeds[alone.valid], rtol=1e-5, atol=1e-5)
+    if kind == "mlp":
+        assert alone.embeds.shape == (1, 4 + 3, WIDTH)
+    # The patches matter: other patch features give other embeddings.
+    other = conn(tokens, valid, torch.randn(1, 3, PATCH), torch.ones(1, 3, dtype=torch.bool))
+    assert not torch.allclose(other.embeds, alone.embeds, atol=1e-4)
+
+
+def test_patch_inputs_must_match_the_config() -> None:
+    tokens, valid = torch.randn(1, 4, DIM), torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="pass patches"):
+        build_connector(_config(patch_dim=PATCH))(tokens, valid)
+    with pytest.raises(ValueError, match="reads no patch features"):
+        build_connector(_config())(tokens, valid, torch.randn(1, 2, PATCH), torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="patches of shape"):
+        build_connector(_config(patch_dim=PATCH))(tokens, valid, torch.randn(1, 2, PATCH + 1), torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_standardizer_centres_and_scales_and_starts_as_identity() -> None:
+    torch.manual_seed(0)
+    std = TokenStandardizer(DIM)
+    x = torch.randn(50, DIM) * 3 + 17
+    torch.testing.assert_close(std(x), x)
+    std.fit(x)
+    y = std(x)
+    torch.testing.assert_close(y.mean(0), torch.zeros(DIM), atol=1e-5, rtol=0)
+    assert abs(float(y.pow(2).mean()) - 1.0) < 1e-4
+    # A constant dimension is centred, not blown up (one scale for all dimensions).
+    x[:, 0] = 5.0
+    std.fit(x)
+    assert float(std(x)[:, 0].abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="identical"):
+        std.fit(torch.ones(4, DIM))
+    with pytest.raises(ValueError, match="to fit"):
+        std.fit(torch.ones(1, DIM))

@@ -79,3 +79,17 @@ def test_parse_bbox() -> None:
     for bad in ("1,2,3", "a,b,c,d", "10,0,5,5", "-1,0,5,5"):
         with pytest.raises(SlideVLMError):
             parse_bbox(bad)
+
+
+def test_patches_under_a_box_and_the_thinning_of_many() -> None:
+    vt = _visual([[0, 0, 768, 768]])
+    coords = torch.tensor([[x, y] for y in range(0, 768, 256) for x in range(0, 768, 256)], dtype=torch.int64)
+    vt = VisualTokens("S", vt.summary, vt.global_token, vt.pack_boxes, torch.arange(9.0)[:, None], torch.cat([coords, coords + 256], 1))
+    assert vt.patches_in((0, 0, 256, 256))[:, 0].tolist() == [0.0]
+    assert vt.patches_in((300, 300, 500, 500))[:, 0].tolist() == [4.0]
+    assert vt.patches_in((300, 300, 600, 600))[:, 0].tolist() == [4.0, 5.0, 7.0, 8.0]
+    assert vt.patches_in(None)[:, 0].tolist() == [float(i) for i in range(9)]
+    # Thinned evenly, keeping both ends.
+    assert vt.patches_in(None, limit=3)[:, 0].tolist() == [0.0, 4.0, 8.0]
+    with pytest.raises(SlideVLMError, match="no patch features"):
+        _visual([[0, 0, 768, 768]]).patches_in(None)

@@ -22,6 +22,7 @@ from slidevl.features.store import FeatureStore
 from slidevl.slidellm.ask import SlideAssistant
 from slidevl.slidellm.ask_cli import app as ask_app
 from slidevl.slidellm.llm import LoraSettings
+from slidevl.slidellm.model import boxes_intersecting
 from slidevl.slidellm.tuning.checkpoint import load_vlm
 from slidevl.slidellm.tuning.cli import app as tune_app
 from slidevl.slidellm.tuning.stages import prepare_stage, run_stage
@@ -214,7 +215,12 @@ def test_multi_turn_history_and_regions(world: dict[str, Path], tmp_path: Path) 
     assert [u.startswith("<image>") for u in users] == [True, False, True]
     assert len(chat.images) == 2
     # The whole slide (6 packs + global) for the first placeholder; one pack + global for the region.
-    assert chat.images[0].shape[0] == 7 and chat.images[1].shape[0] == 2
+    assert chat.images[0].tokens.shape[0] == 7 and chat.images[1].tokens.shape[0] == 2
+    # The patch features ride along: every patch of the slide, then only those under the box.
+    slide = chat.visual
+    assert chat.images[0].patches.shape[0] == slide.patch_features.shape[0]
+    under = int(boxes_intersecting(slide.patch_boxes, (0, 0, 700, 700)).numel())
+    assert 0 < chat.images[1].patches.shape[0] == under < slide.patch_features.shape[0]
     chat.reset()
     assert chat.messages == [] and chat.images == []
 

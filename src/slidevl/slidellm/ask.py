@@ -24,7 +24,7 @@ from rich.console import Console
 
 from slidevl.features.store import FeatureStore, read_slide_attrs
 from slidevl.slidellm.llm import LLMLoadOptions
-from slidevl.slidellm.model import BBox, SlideVLMError, VisualTokens
+from slidevl.slidellm.model import BBox, SlideVLMError, VisualInput, VisualTokens
 from slidevl.slidellm.tokenizer import IMAGE_TOKEN
 from slidevl.slidellm.tuning.checkpoint import LoadedVLM, load_vlm
 from slidevl.slidellm.tuning.visual import CachedVisuals
@@ -179,11 +179,11 @@ class SlideAssistant:
                 ]
                 for r in chunk
             ]
-            images = [[visuals[r.slide].select(r.bbox, use_global=model.use_global).to(self.device)] for r in chunk]
+            images = [[model.visual_input(visuals[r.slide], r.bbox).to(self.device)] for r in chunk]
             answers += self._generate(encoded, images, max_new_tokens)
         return answers
 
-    def _generate(self, encoded: list[list[int]], images: list[list[torch.Tensor]], max_new_tokens: int) -> list[str]:
+    def _generate(self, encoded: list[list[int]], images: list[list[VisualInput]], max_new_tokens: int) -> list[str]:
         tok = self.loaded.tokenizer
         length = max(len(e) for e in encoded)
         ids = torch.full((len(encoded), length), tok.pad_token_id, dtype=torch.long)
@@ -205,7 +205,7 @@ class Conversation:
     visual: VisualTokens
     bbox: BBox | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
-    images: list[torch.Tensor] = field(default_factory=list)
+    images: list[VisualInput] = field(default_factory=list)
     _region_changed: bool = True
 
     def set_region(self, bbox: BBox | None) -> None:
@@ -227,13 +227,17 @@ class Conversation:
         images = list(self.images)
         content = question
         if self._region_changed:
-            images.append(self.visual.select(self.bbox, use_global=model.use_global).to(self.assistant.device))
+            images.append(model.visual_input(self.visual, self.bbox).to(self.assistant.device))
             content = f"{IMAGE_TOKEN}\n{question}"
         messages = [*self.messages, {"role": "user", "content": content}]
         tok = self.assistant.tokenizer
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
         limit = getattr(model.llm.config, "max_position_embeddings", None)
-        n_visual = sum(img.shape[0] for img in images) if model.connector.config.kind == "mlp" else len(images) * model.connector.config.num_queries
+        n_visual = (
+            sum(img.tokens.shape[0] + (0 if img.patches is None else img.patches.shape[0]) for img in images)
+            if model.connector.config.kind == "mlp"
+            else len(images) * model.connector.config.num_queries
+        )
         if limit is not None and len(ids) + n_visual + max_new_tokens > limit:
             raise SlideVLMError(
                 f"the conversation no longer fits the LLM's {limit} positions; start a new one (/reset) or ask for fewer tokens"

@@ -97,6 +97,8 @@ class VisualTokens:
     summary: Tensor  # (P, d)
     global_token: Tensor  # (d,)
     pack_boxes: Tensor  # (P, 4) int64
+    patch_features: Tensor | None = None  # (N, d_patch): the tile encoder's features
+    patch_boxes: Tensor | None = None  # (N, 4) int64
 
     def __post_init__(self) -> None:
         p = self.summary.shape[0]
@@ -104,6 +106,13 @@ class VisualTokens:
             raise SlideVLMError(
                 f"slide {self.slide_id!r}: inconsistent visual tokens: summary {tuple(self.summary.shape)}, "
                 f"global {tuple(self.global_token.shape)}, pack boxes {tuple(self.pack_boxes.shape)}"
+            )
+        if (self.patch_features is None) != (self.patch_boxes is None) or (
+            self.patch_features is not None
+            and (self.patch_features.dim() != 2 or self.patch_boxes.shape != (self.patch_features.shape[0], 4))
+        ):
+            raise SlideVLMError(
+                f"slide {self.slide_id!r}: patch features and patch boxes must come together, (N, d) and (N, 4)"
             )
 
     def packs_in(self, bbox: Sequence[int]) -> Tensor:
@@ -126,24 +135,72 @@ class VisualTokens:
             return torch.cat([summary, self.global_token[None]], dim=0)
         return summary
 
+    def patches_in(self, bbox: Sequence[int] | None, limit: int | None = None) -> Tensor:
+        """(n, d_patch) features of the patches under ``bbox`` (all when None), at most ``limit``.
+
+        More than ``limit`` patches are thinned to ``limit`` evenly spaced ones in grid
+        order, so a whole-slide question still sees every part of the slide.
+        """
+        if self.patch_features is None or self.patch_boxes is None:
+            raise SlideVLMError(
+                f"slide {self.slide_id!r}: these visual tokens carry no patch features; encode the slide again "
+                "(delete its visual cache) with this version of slidevl"
+            )
+        features = self.patch_features
+        if bbox is not None:
+            features = features[boxes_intersecting(self.patch_boxes, bbox)]
+        if limit is not None and features.shape[0] > limit:
+            keep = torch.linspace(0, features.shape[0] - 1, limit, device=features.device).round().long()
+            features = features[keep]
+        return features
+
     def tensors(self) -> dict[str, Tensor]:
         """Contiguous CPU tensors, for the safetensors cache."""
-        return {
-            "summary": self.summary.detach().cpu().contiguous(),
-            "global_token": self.global_token.detach().cpu().contiguous(),
-            "pack_boxes": self.pack_boxes.detach().cpu().contiguous(),
+        out = {
+            "summary": self.summary,
+            "global_token": self.global_token,
+            "pack_boxes": self.pack_boxes,
+            "patch_features": self.patch_features,
+            "patch_boxes": self.patch_boxes,
         }
+        return {k: v.detach().cpu().contiguous() for k, v in out.items() if v is not None}
 
     @classmethod
     def from_tensors(cls, slide_id: str, tensors: dict[str, Tensor]) -> "VisualTokens":
-        return cls(slide_id, tensors["summary"], tensors["global_token"], tensors["pack_boxes"])
+        return cls(slide_id, tensors["summary"], tensors["global_token"], tensors["pack_boxes"],
+                   tensors.get("patch_features"), tensors.get("patch_boxes"))
+
+
+@dataclass
+class VisualInput:
+    """The connector input of one question: summary tokens (T, d), and patch features (n, d_patch) or None."""
+
+    tokens: Tensor
+    patches: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "VisualInput":
+        return VisualInput(self.tokens.to(device), None if self.patches is None else self.patches.to(device))
 
 
 def encode_slide(encoder: TopoPackEncoder, sf: SlideFeatures, *, device: torch.device | str = "cpu") -> VisualTokens:
-    """Run ``encoder`` over a whole slide; gradients flow when the caller enables them."""
+    """Run ``encoder`` over a whole slide; gradients flow when the caller enables them.
+
+    The slide's patch features and level-0 patch boxes ride along, for connectors that
+    read the patches under a question's box as well as the summary tokens.
+    """
     batch = batch_from_slide_features(sf)
     out = encoder(batch.to(device))
-    return VisualTokens(sf.slide_id, out.summary_tokens[0], out.global_token[0], pack_boxes(batch, patch_step_level0(sf)))
+    step = patch_step_level0(sf)
+    coords = torch.as_tensor(np.asarray(sf.patch_coords), dtype=torch.int64)
+    edge = int(round(step))
+    return VisualTokens(
+        sf.slide_id,
+        out.summary_tokens[0],
+        out.global_token[0],
+        pack_boxes(batch, step),
+        torch.as_tensor(np.asarray(sf.patch_features), dtype=torch.float32).to(device),
+        torch.cat([coords, coords + edge], dim=1).to(device),
+    )
 
 
 def pack_boxes(batch: TopoPackBatch, patch_step: float) -> Tensor:
@@ -164,7 +221,7 @@ def pad_visual(tokens: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Stack per-sample (T_i, d) tokens into (B, T_max, d) plus a (B, T_max) validity mask."""
     if not tokens:
         raise SlideVLMError("no visual tokens to batch")
-    t_max = max(t.shape[0] for t in tokens)
+    t_max = max(max(t.shape[0] for t in tokens), 1)
     out = tokens[0].new_zeros(len(tokens), t_max, tokens[0].shape[1])
     valid = torch.zeros(len(tokens), t_max, dtype=torch.bool, device=tokens[0].device)
     for i, t in enumerate(tokens):
@@ -195,19 +252,28 @@ class SlideVLM(nn.Module):
         self.image_token_id = int(image_token_id)
         self.pad_token_id = int(pad_token_id)
 
-    @property
-    def use_global(self) -> bool:
-        return self.connector.config.use_global
+    def visual_input(self, visual: VisualTokens, bbox: Sequence[int] | None = None) -> VisualInput:
+        """What the connector reads for a question about ``bbox`` (the whole slide when None)."""
+        config = self.connector.config
+        tokens = visual.select(bbox, use_global=config.use_global)
+        patches = visual.patches_in(bbox, config.max_patches) if config.reads_patches else None
+        return VisualInput(tokens, patches)
 
     def _llm_dtype(self) -> torch.dtype:
         return self.llm.get_input_embeddings().weight.dtype
 
-    def visual_embeds(self, tokens: Sequence[Tensor]) -> list[Tensor]:
+    def visual_embeds(self, inputs: Sequence[VisualInput]) -> list[Tensor]:
         """Connector outputs, one (T'_i, llm width) tensor per sample, padding removed."""
-        padded, valid = pad_visual(tokens)
-        out: ConnectorOutput = self.connector(padded, valid)
+        padded, valid = pad_visual([x.tokens for x in inputs])
+        patches = patch_valid = None
+        if self.connector.config.reads_patches:
+            missing = [i for i, x in enumerate(inputs) if x.patches is None]
+            if missing:
+                raise SlideVLMError(f"the connector reads patch features, but sample(s) {missing} have none")
+            patches, patch_valid = pad_visual([x.patches for x in inputs])  # type: ignore[misc]
+        out: ConnectorOutput = self.connector(padded, valid, patches, patch_valid)
         embeds = out.embeds.to(self._llm_dtype())
-        return [embeds[i][out.valid[i]] for i in range(len(tokens))]
+        return [embeds[i][out.valid[i]] for i in range(len(inputs))]
 
     def splice(
         self,
@@ -265,7 +331,7 @@ class SlideVLM(nn.Module):
                 out_labels[b, sl] = row_labels[b]
         return embeds, mask, out_labels
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Sequence[Tensor]) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Sequence[VisualInput]) -> Tensor:
         """Mean next-token loss on the labelled (answer) tokens of a batch with one image per row."""
         vis = self.visual_embeds(visual)
         embeds, mask, labels = self.splice(input_ids, attention_mask, [[v] for v in vis], labels)
@@ -276,12 +342,12 @@ class SlideVLM(nn.Module):
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        images: Sequence[Sequence[Tensor]],
+        images: Sequence[Sequence[VisualInput]],
         *,
         max_new_tokens: int = 128,
         eos_token_id: int | None = None,
     ) -> list[list[int]]:
-        """Greedy decoding; ``images[b]`` are the connector inputs (T, d) for row ``b``'s placeholders.
+        """Greedy decoding; ``images[b]`` are the connector inputs for row ``b``'s placeholders.
 
         Returns the generated token ids of each row, without the prompt.
         """

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,17 +90,21 @@ class TuneConfig:
             raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {self.answer_style!r}")
         if self.encoder_init not in ("pretrained", "random"):
             raise ValueError(f"encoder_init must be 'pretrained' or 'random', got {self.encoder_init!r}")
-        if "vision_dim" in self.connector or "llm_dim" in self.connector:
-            raise ValueError("connector widths come from the encoder and the LLM; do not set vision_dim/llm_dim")
+        if {"vision_dim", "llm_dim", "patch_dim"} & set(self.connector):
+            raise ValueError(
+                "connector widths come from the encoder, the LLM and the features; do not set vision_dim/llm_dim/patch_dim"
+            )
         # Validate the connector choices now rather than after minutes of caching.
-        self.connector_config(1, 1)
+        self.connector_config(1, 1, 1)
 
     @property
     def lr(self) -> float:
         return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.stage]
 
-    def connector_config(self, vision_dim: int, llm_dim: int) -> ConnectorConfig:
-        return ConnectorConfig(vision_dim=vision_dim, llm_dim=llm_dim, **self.connector)
+    def connector_config(self, vision_dim: int, llm_dim: int, patch_dim: int) -> ConnectorConfig:
+        """The connector's config; ``patch_dim`` is used only when the connector reads patches."""
+        config = ConnectorConfig(vision_dim=vision_dim, llm_dim=llm_dim, **self.connector)
+        return replace(config, patch_dim=patch_dim if config.use_patches else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+import torch
 from torch import Tensor, nn
 
-from slidevl.features.store import FeatureStore
+from slidevl.features.store import FeatureStore, SlideFeatures
 from slidevl.slidellm.connector import ConnectorConfig, build_connector
 from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, load_encoder
 from slidevl.slidellm.encoder.io import CONFIG_NAME
@@ -66,9 +67,7 @@ class TuningModule(nn.Module):
         device = next(self.vlm.connector.parameters()).device
         batch = batch.to(device)
         slides = {s: self.visuals.get(s) for s in dict.fromkeys(batch.slides)}
-        tokens = [
-            slides[s].select(bbox, use_global=self.vlm.use_global).to(device) for s, bbox in zip(batch.slides, batch.bboxes)
-        ]
+        tokens = [self.vlm.visual_input(slides[s], bbox).to(device) for s, bbox in zip(batch.slides, batch.bboxes)]
         return self.vlm(batch.input_ids, batch.attention_mask, batch.labels, tokens)
 
 
@@ -171,10 +170,7 @@ def _build_encoder(cfg: TuneConfig, store: FeatureStore, init: Path | None, resu
         if not (enc_dir / CONFIG_NAME).is_file():
             raise CheckpointError(f"{enc_dir / CONFIG_NAME}: not found; --encoder must be a topo-pack encoder folder")
         return TopoPackEncoder(TopoPackConfig.load(enc_dir / CONFIG_NAME))
-    slide_ids = store.slide_ids()
-    if not slide_ids:
-        raise CheckpointError(f"{store.root}: no feature files; run `slidevl preprocess` first")
-    sf = store.load(slide_ids[0])
+    sf = _first_slide(store)
     return TopoPackEncoder(
         TopoPackConfig(
             patch_dim=int(sf.patch_features.shape[1]),
@@ -183,6 +179,17 @@ def _build_encoder(cfg: TuneConfig, store: FeatureStore, init: Path | None, resu
             pack_size=sf.pack_size,
         )
     )
+
+
+def _first_slide(store: FeatureStore) -> SlideFeatures:
+    slide_ids = store.slide_ids()
+    if not slide_ids:
+        raise CheckpointError(f"{store.root}: no feature files; run `slidevl preprocess` first")
+    return store.load(slide_ids[0])
+
+
+def _patch_width(store: FeatureStore) -> int:
+    return int(_first_slide(store).patch_features.shape[1])
 
 
 def _llm_width(llm: nn.Module) -> int:
@@ -227,7 +234,7 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     conn_cfg = (
         ConnectorConfig.from_dict(init_info.connector)
         if init_info is not None
-        else cfg.connector_config(encoder.config.d_model, _llm_width(llm))
+        else cfg.connector_config(encoder.config.d_model, _llm_width(llm), _patch_width(store))
     )
     connector = build_connector(conn_cfg)
     if cfg.stage == "stage2":
@@ -248,6 +255,8 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         visuals = CachedVisuals(encoder, store, run_dir / CACHE_DIR, device=accelerator.device)
     visuals.precompute(r.slide for r in records)
     check_regions(records, visuals)
+    if resume_dir is None and init is None:
+        fit_standardizers(connector, visuals, (r.slide for r in records))
 
     info = CheckpointInfo(
         stage=cfg.stage,
@@ -268,6 +277,16 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     return PreparedRun(
         cfg, run_dir, resume, accelerator, module, dataset, ChatCollator(tokenizer.pad_token_id), _module_loss, save_model, placed
     )
+
+
+def fit_standardizers(connector: nn.Module, visuals: CachedVisuals | LiveVisuals, slide_ids: Iterable[str]) -> None:
+    """Fit the connector's input standardisers on every token (and patch) of the training slides."""
+    config = connector.config
+    with torch.no_grad():
+        slides = [visuals.get(s) for s in sorted(set(slide_ids))]
+        connector.standardize.fit(torch.cat([v.select(None, use_global=config.use_global) for v in slides]).detach())
+        if config.reads_patches:
+            connector.patch_standardize.fit(torch.cat([v.patches_in(None) for v in slides]))
 
 
 def _module_loss(module: nn.Module, batch: ChatBatch) -> Tensor:

@@ -76,6 +76,9 @@ class CachedVisuals:
                 meta = fh.metadata() or {}
             if meta.get("source") == stamp:
                 vt = VisualTokens.from_tensors(slide_id, load_tensors(cached))
+                # Caches written before patch features were kept are encoded again.
+                if vt.patch_features is None:
+                    vt = None
         if vt is None:
             with torch.no_grad():
                 vt = encode_slide(self.encoder, self.store.load(slide_id), device=self.device)
