@@ -11,7 +11,9 @@ run continues where it stopped)::
 
 Variants (each changes one thing relative to ``full``):
 
-    full            sparse encoder, MAE+MoCo, Q-Former with 32 queries, two-stage tuning
+    full            sparse encoder, MAE+MoCo, Q-Former with 32 queries reading the summary tokens
+                    and the patch features under the box, two-stage tuning
+    no_patches      the connector reads the summary tokens (and global token) only
     dense_encoder   encoder pretrained and used with the dense attention mask
     queries_500     Q-Former with 500 queries
     mlp_all_tokens  2-layer MLP per token, every summary token (+ global) to the LLM
@@ -50,6 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
+    "no_patches": {"connector": {"use_patches": False}},
     "dense_encoder": {"encoder": "dense"},
     "queries_500": {"connector": {"num_queries": 500}},
     "mlp_all_tokens": {"connector": {"kind": "mlp"}},

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from slidevl.slidellm.tuning.config import TuneConfig
-from slidevl.slidellm.vqa_data import ANSWER_STYLES, DEFAULT_ANSWER_STYLE, assistant_answer, chat_messages, corpus_texts
+from slidevl.slidellm.answers import ANSWER_STYLES, DEFAULT_ANSWER_STYLE, assistant_answer
+from slidevl.slidellm.vqa_data import chat_messages, corpus_texts
 from slidevl.vqa.choices import parse_choice
 from slidevl.vqa.records import VQARecord, parse_answer_letters
 
@@ -42,7 +43,8 @@ def test_a_wrong_letter_with_the_right_text_is_scored_by_the_letter() -> None:
 
 
 def test_tokenizer_corpus_uses_the_style_and_config_checks_it() -> None:
-    assert "C. fibrous stroma" in corpus_texts([SINGLE])
+    assert "fibrous stroma" in corpus_texts([SINGLE])
+    assert "C. fibrous stroma" in corpus_texts([SINGLE], "letter_text")
     assert "C" in corpus_texts([SINGLE], "letter")
     with pytest.raises(ValueError, match="answer style"):
         assistant_answer(SINGLE, "words")

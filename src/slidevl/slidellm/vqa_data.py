@@ -7,11 +7,13 @@ A record becomes a two-turn chat::
 
 Choice options are part of the user text, exactly as a user of ``slidevl ask`` types them.
 The stored gold answer of a choice record is its letters (``"B"``, ``"A,C"``); what the
-model is trained to *say* is set by the answer style. ``"letter_text"`` (the default)
-writes each chosen option as ``"B. fibrous stroma"`` on its own line; the evaluation
-still scores by letter (:func:`slidevl.vqa.choices.parse_choice` reads the line labels).
-A small LM trained from scratch learns this far better than a bare letter: the option
-text ties the letter to the visual concept (see ``benchmarks/results/vqa_ablations.md``).
+model is trained to *say* is set by the answer style. ``"text"`` (the default) writes the
+chosen options' texts (``"fibrous stroma"``, ``"tumour, necrosis"``); the evaluation still
+scores by letter (:func:`slidevl.vqa.choices.parse_choice` maps a restated option text to
+its letter). A small LM trained from scratch cannot both read the image and find the
+option's position in one token: the letter-first styles (``"B"``, ``"B. fibrous
+stroma"``) left it at the answer prior, while the option text is the visual concept
+itself, a per-template classification (see ``benchmarks/results/vqa_ablations.md``).
 The chat is rendered with the tokenizer's own chat template; labels are -100 everywhere
 except the assistant's tokens (the answer and the template's end-of-turn marker, so the
 model learns to stop).
@@ -28,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from slidevl.slidellm.answers import DEFAULT_ANSWER_STYLE, assistant_answer
 from slidevl.slidellm.model import IGNORE_INDEX
 from slidevl.slidellm.tokenizer import IMAGE_TOKEN, TokenizerError
 from slidevl.vqa.records import OPTION_LETTERS, VQARecord, parse_answer_letters, render_options
@@ -38,29 +41,6 @@ STAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "stage1": ("caption",),
     "stage2": ("single", "multi", "open"),
 }
-
-
-#: How a choice answer is written in the assistant turn.
-#: ``letter``: the stored letters ("B", "A,C"); ``letter_text``: "B. option text", one line
-#: per chosen option; ``text``: the option texts only, joined by ", ".
-ANSWER_STYLES = ("letter", "letter_text", "text")
-DEFAULT_ANSWER_STYLE = "letter_text"
-
-
-def assistant_answer(record: VQARecord, style: str = DEFAULT_ANSWER_STYLE) -> str:
-    """The assistant's answer to ``record`` in the given :data:`ANSWER_STYLES` style.
-
-    Open and caption answers are the record's text whatever the style.
-    """
-    if style not in ANSWER_STYLES:
-        raise ValueError(f"answer style must be one of {ANSWER_STYLES}, got {style!r}")
-    if not record.is_choice or style == "letter":
-        return record.answer
-    letters = sorted(parse_answer_letters(record.answer, len(record.options)))
-    chosen = [(letter, record.options[OPTION_LETTERS.index(letter)]) for letter in letters]
-    if style == "text":
-        return ", ".join(text for _, text in chosen)
-    return "\n".join(f"{letter}. {text}" for letter, text in chosen)
 
 
 def user_prompt(record: VQARecord) -> str:

@@ -13,6 +13,8 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 from rich.console import Console
 
+from slidevl.slidellm.answers import DEFAULT_ANSWER_STYLE
+
 app = typer.Typer(help="Tune the slide LLM: language warm-up, stage 1 (connector), stage 2 (connector + LoRA).", no_args_is_help=True)
 _err = Console(stderr=True)
 
@@ -33,6 +35,10 @@ QHeads = Annotated[Optional[int], typer.Option("--qformer-heads", help="Q-Former
 QFfn = Annotated[Optional[int], typer.Option("--qformer-ffn", help="Q-Former feed-forward width (default 2048).")]
 QDropout = Annotated[Optional[float], typer.Option("--connector-dropout", help="Connector dropout (default 0.1).")]
 UseGlobal = Annotated[Optional[bool], typer.Option("--global/--no-global", help="Let the connector read the global token (default on).")]
+UsePatches = Annotated[Optional[bool], typer.Option(
+    "--patches/--no-patches", help="Let the connector read the patch features under the question's box too (default on).")]
+MaxPatches = Annotated[Optional[int], typer.Option(
+    "--max-patches", min=1, help="Patch features per question at most; more are thinned evenly (default 1024).")]
 Epochs = Annotated[int, typer.Option("--epochs", min=1)]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Records per micro-batch.")]
@@ -48,7 +54,7 @@ CPU = Annotated[bool, typer.Option("--cpu", help="Train on the CPU even when a G
 DType = Annotated[str, typer.Option("--llm-dtype", help="Weights dtype of the LLM: float32, bfloat16 or float16.")]
 FourBit = Annotated[bool, typer.Option("--load-in-4bit", help="Load the LLM in 4-bit (bitsandbytes, CUDA).")]
 AnswerStyle = Annotated[str, typer.Option(
-    "--answer-style", help="How choice answers are written: 'letter_text' (\"B. option text\", default), 'letter' or 'text'.")]
+    "--answer-style", help="How choice answers are written: 'text' (the option texts, default), 'letter_text' (\"B. option text\") or 'letter'.")]
 ShuffleOptions = Annotated[bool, typer.Option(
     "--shuffle-options/--no-shuffle-options", help="Re-order choice options every epoch (default on).")]
 BlindWarmup = Annotated[bool, typer.Option(
@@ -63,7 +69,7 @@ def _fail(message: str) -> NoReturn:
 
 
 _CONNECTOR_OPTIONS = ("connector", "queries", "qformer_layers", "qformer_hidden", "qformer_heads", "qformer_ffn",
-                      "connector_dropout", "use_global")
+                      "connector_dropout", "use_global", "use_patches", "max_patches")
 _TRAIN_OPTIONS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed",
                   "save_every", "max_tokens", "bf16", "cpu")
 
@@ -72,7 +78,8 @@ def _connector(**kwargs: Any) -> dict[str, Any]:
     # Only options given on the command line: the rest keep ConnectorConfig's defaults,
     # and a stage-2 --init run can tell "not given" from "given".
     names = {"connector": "kind", "queries": "num_queries", "qformer_layers": "num_layers", "qformer_hidden": "hidden_size",
-             "qformer_heads": "num_heads", "qformer_ffn": "intermediate_size", "connector_dropout": "dropout", "use_global": "use_global"}
+             "qformer_heads": "num_heads", "qformer_ffn": "intermediate_size", "connector_dropout": "dropout", "use_global": "use_global",
+             "use_patches": "use_patches", "max_patches": "max_patches"}
     return {names[k]: v for k, v in kwargs.items() if v is not None}
 
 
@@ -144,7 +151,7 @@ def warmup_command(
     max_tokens: MaxTokens = 1024,
     bf16: BF16 = False,
     cpu: CPU = False,
-    answer_style: AnswerStyle = "letter_text",
+    answer_style: AnswerStyle = DEFAULT_ANSWER_STYLE,
     shuffle_options: ShuffleOptions = True,
     blind_warmup: BlindWarmup = True,
 ) -> None:
@@ -189,6 +196,8 @@ def stage1_command(
     qformer_ffn: QFfn = None,
     connector_dropout: QDropout = None,
     use_global: UseGlobal = None,
+    use_patches: UsePatches = None,
+    max_patches: MaxPatches = None,
     epochs: Epochs = 5,
     max_steps: MaxSteps = None,
     batch_size: BatchSize = 8,
@@ -204,7 +213,7 @@ def stage1_command(
     llm_dtype: DType = "float32",
     load_in_4bit: FourBit = False,
     gradient_checkpointing: GradCkpt = False,
-    answer_style: AnswerStyle = "letter_text",
+    answer_style: AnswerStyle = DEFAULT_ANSWER_STYLE,
     shuffle_options: ShuffleOptions = True,
 ) -> None:
     """Stage 1: align the connector on caption records; the encoder and the LLM stay frozen."""
@@ -231,6 +240,8 @@ def stage2_command(
     qformer_ffn: QFfn = None,
     connector_dropout: QDropout = None,
     use_global: UseGlobal = None,
+    use_patches: UsePatches = None,
+    max_patches: MaxPatches = None,
     lora_r: Annotated[int, typer.Option("--lora-r", min=1)] = 128,
     lora_alpha: Annotated[int, typer.Option("--lora-alpha", min=1)] = 256,
     lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = 0.05,
@@ -250,7 +261,7 @@ def stage2_command(
     llm_dtype: DType = "float32",
     load_in_4bit: FourBit = False,
     gradient_checkpointing: GradCkpt = False,
-    answer_style: AnswerStyle = "letter_text",
+    answer_style: AnswerStyle = DEFAULT_ANSWER_STYLE,
     shuffle_options: ShuffleOptions = True,
 ) -> None:
     """Stage 2: train the connector and LoRA adapters on single/multi/open VQA records."""

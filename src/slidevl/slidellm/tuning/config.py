@@ -10,7 +10,7 @@ from typing import Any
 from slidevl.atomic import write_json_atomic
 from slidevl.slidellm.connector import ConnectorConfig
 from slidevl.slidellm.llm import EmbeddedLMConfig, LLMLoadOptions, LoraSettings
-from slidevl.slidellm.vqa_data import ANSWER_STYLES, DEFAULT_ANSWER_STYLE
+from slidevl.slidellm.answers import ANSWER_STYLES, DEFAULT_ANSWER_STYLE
 
 STAGES = ("warmup", "stage1", "stage2")
 #: Where each stage starts when no learning rate is given: the embedded LM learns from
