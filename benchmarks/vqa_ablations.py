@@ -14,6 +14,7 @@ Variants (each changes one thing relative to ``full``):
     full            sparse encoder, MAE+MoCo, Q-Former with 32 queries reading the summary tokens
                     and the patch features under the box, two-stage tuning
     no_patches      the connector reads the summary tokens (and global token) only
+    llm_full        stage 2 tunes every weight of the embedded LM instead of LoRA adapters
     dense_encoder   encoder pretrained and used with the dense attention mask
     queries_500     Q-Former with 500 queries
     mlp_all_tokens  2-layer MLP per token, every summary token (+ global) to the LLM
@@ -28,9 +29,10 @@ Results go to ``benchmarks/results/vqa_ablations.json`` and ``.md``; the work fo
 every intermediate (cohort, job, QA, encoders, runs, predictions, evaluation reports).
 
     python benchmarks/vqa_ablations.py --work /tmp/vqa_bench --threads 1  # the committed size
-    # The committed result: data, encoders and warm-up once (~12 min), then two processes side by side
-    # (--variants full,one_stage,queries_500 --name p1 / --variants dense_encoder,no_pretraining,mlp_all_tokens
-    # --name p2; ~25 min on 2 shared CPU cores, queries_500 stopped unfinished), then --merge p1,p2.
+    # The committed result: data and encoders once (~12 min); then the warm-up
+    # and two processes side by side (--variants full,queries_500,one_stage,no_patches --name vqa_p1 /
+    # --variants dense_encoder,no_pretraining,mlp_all_tokens --name vqa_p2, --threads 1 each), then
+    # --merge vqa_p1,vqa_p2.
     python benchmarks/vqa_ablations.py --work /tmp/vqa_q --quick           # minutes, smoke-level numbers
     python benchmarks/vqa_ablations.py --cohort C --job J --qa Q ...    # reuse existing data
 """
@@ -49,10 +51,13 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Variants also answered with another slide's visual input (does the model look?).
+CONTROLLED = ("full", "llm_full")
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
     "no_patches": {"connector": {"use_patches": False}},
+    "llm_full": {"llm_tuning": "full"},
     "dense_encoder": {"encoder": "dense"},
     "queries_500": {"connector": {"num_queries": 500}},
     "mlp_all_tokens": {"connector": {"kind": "mlp"}},
@@ -74,7 +79,7 @@ class Sizes:
     moco_steps: int = 40
     warmup_epochs: int = 2
     stage1_epochs: int = 4
-    stage2_epochs: int = 1
+    stage2_epochs: int = 2
     batch_size: int = 8
     max_new_tokens: int = 64
 
@@ -244,7 +249,7 @@ def run_variant(name: str, spec: dict[str, Any], ctx: dict[str, Any]) -> dict[st
             train=_train(ctx["seed"], sizes.batch_size, sizes.stage1_epochs), **common))
         init = str(folder / "stage1")
     stage2 = dict(stage="stage2", out=str(folder / "stage2"), train=_train(ctx["seed"], sizes.batch_size, sizes.stage2_epochs),
-                  **common)
+                  llm_tuning=spec.get("llm_tuning", "lora"), **common)
     if init is None:
         stage2.update(llm=str(ctx["llm"]), connector=spec.get("connector", {}))
     else:
@@ -258,7 +263,7 @@ def run_variant(name: str, spec: dict[str, Any], ctx: dict[str, Any]) -> dict[st
     report = evaluate(pred, ctx["qa"] / "test.jsonl", out=folder / "evaluation.json", text_scorer=ctx["scorer"])
     keep = ("n", "accuracy", "n_unparsed", "meteor", "rouge_l")
     control = None
-    if name == "full":
+    if name in CONTROLLED:
         shuffled, _ = answer_test(folder / "stage2", ctx["qa"] / "test.jsonl", ctx["job"],
                                   folder / "predictions_shuffled.jsonl", sizes.max_new_tokens, shuffle_visuals=True)
         ctrl = evaluate(shuffled, ctx["qa"] / "test.jsonl", out=folder / "evaluation_shuffled.json",
@@ -331,20 +336,24 @@ def render_markdown(result: dict[str, Any]) -> str:
     missing = [v for v in VARIANTS if v not in rows]
     if missing:
         lines += ["", f"Not run for this result: {', '.join(missing)}."]
-    full = rows.get("full", {}).get("shuffled_visuals")
-    if full:
-        ov, lv, fm = full["overall"], full["by_level"], full["by_format"]
+    controls = {name: r["shuffled_visuals"] for name, r in rows.items() if r.get("shuffled_visuals")}
+    if controls:
         lines += [
             "",
-            "Control: `full` answering every test question with the whole-slide visual tokens of *another* test slide "
-            "(a model that reads the image must drop towards the blind baselines):",
+            "Control: " + ", ".join(f"`{name}`" for name in controls) + " answering every test question with the "
+            "whole-slide visual input of *another* test slide (a model that reads the image must drop towards the "
+            "blind baselines):",
             "",
             "| variant | acc all | acc WSI | acc ROI | acc patch | acc single | acc multi |",
             "|---|---|---|---|---|---|---|",
-            f"| full, shuffled visuals | {_fmt(ov['accuracy'])} | "
-            + " | ".join(_fmt(lv.get(level, {}).get("accuracy")) for level in levels)
-            + f" | {_fmt(fm.get('single', {}).get('accuracy'))} | {_fmt(fm.get('multi', {}).get('accuracy'))} |",
         ]
+        for name, control in controls.items():
+            ov, lv, fm = control["overall"], control["by_level"], control["by_format"]
+            lines.append(
+                f"| {name}, shuffled visuals | {_fmt(ov['accuracy'])} | "
+                + " | ".join(_fmt(lv.get(level, {}).get("accuracy")) for level in levels)
+                + f" | {_fmt(fm.get('single', {}).get('accuracy'))} | {_fmt(fm.get('multi', {}).get('accuracy'))} |"
+            )
     probe = result["data"].get("probe")
     if probe:
         lines += [

@@ -24,6 +24,7 @@ from slidevl.slidellm.ask_cli import app as ask_app
 from slidevl.slidellm.llm import LoraSettings
 from slidevl.slidellm.model import boxes_intersecting
 from slidevl.slidellm.tuning.checkpoint import load_vlm
+from slidevl.slidellm.tuning.config import TuneConfig
 from slidevl.slidellm.tuning.cli import app as tune_app
 from slidevl.slidellm.tuning.stages import prepare_stage, run_stage
 from slidevl.slidellm.tuning.state import CheckpointError, load_state
@@ -292,3 +293,23 @@ def test_encoder_outputs_are_cached_per_encoder_and_feature_file(world: dict[str
         next(encoder.parameters()).add_(1.0)
     visual.CachedVisuals(encoder, store, tmp_path / "cache").get("S1")
     assert calls == ["S1", "S1", "S1"]
+
+
+def test_full_llm_tuning_trains_every_llm_weight_and_round_trips(world: dict[str, Path], tmp_path: Path) -> None:
+    run_stage(stage_config(world, "stage1", tmp_path / "s1", train=tiny_train(max_steps=1)))
+    prepared = prepare_stage(stage_config(world, "stage2", tmp_path / "s2", init=str(tmp_path / "s1"),
+                                          train=tiny_train(max_steps=2), llm_tuning="full"))
+    trainable = _check_one_step(prepared, lambda n: n.startswith(("vlm.connector.", "vlm.llm.")))
+    assert not any("lora_" in n for n in trainable)
+    assert any(".embed_tokens." in n for n in trainable) and any(".q_proj." in n for n in trainable)
+    prepared.run()
+    folder = tmp_path / "s2" / "checkpoint"
+    assert (folder / "llm" / "config.json").is_file() and not (folder / "adapter").exists()
+    loaded = load_vlm(tmp_path / "s2")
+    assert loaded.info.tuned_llm and not loaded.info.has_adapter
+    tuned = dict(prepared.module.vlm.llm.named_parameters())
+    assert all(torch.equal(tuned[n], p) for n, p in loaded.model.llm.named_parameters())
+    base = load_vlm(tmp_path / "s1").model.llm
+    assert not all(torch.equal(tuned[n], p) for n, p in base.named_parameters())
+    with pytest.raises(ValueError, match="llm_tuning"):
+        TuneConfig(stage="stage2", records="r.jsonl", out="o", llm_tuning="half")

@@ -7,10 +7,12 @@ Layout (everything safetensors or JSON, nothing pickled)::
         connector.safetensors
         encoder/                topo-pack encoder (encoder.safetensors + encoder_config.json)
         tokenizer/              tokenizer with the <image> placeholder and chat template
-        adapter/                LoRA adapters (peft ``save_pretrained``), stage 2 only
+        adapter/                LoRA adapters (peft ``save_pretrained``), stage 2 with LoRA
+        llm/                    the whole tuned LLM, stage 2 with ``llm_tuning="full"`` only
         trainer/                optimizer, scheduler, RNG and counters for --resume
 
-The base LLM is referenced by path, not copied: a 7B model stays where it is. The
+The base LLM is referenced by path, not copied: a 7B model stays where it is (unless
+all of its weights were tuned, when they are the checkpoint's own ``llm/``). The
 language warm-up writes ``<run>/checkpoint/llm/``, an ordinary Hugging Face model folder.
 """
 
@@ -48,6 +50,7 @@ class CheckpointInfo:
     connector: dict[str, Any]
     has_adapter: bool
     llm_options: dict[str, Any] = field(default_factory=dict)
+    tuned_llm: bool = False
     job: str | None = None
     feature_encoder: str | None = None
     format: str = FORMAT
@@ -106,6 +109,13 @@ def save_vlm(
         if not isinstance(model.llm, PeftModel):
             raise CheckpointError("the checkpoint claims LoRA adapters but the LLM has none")
         model.llm.save_pretrained(directory / "adapter")
+    if info.tuned_llm:
+        model.llm.save_pretrained(directory / "llm")
+
+
+def checkpoint_llm_dir(directory: Path, info: CheckpointInfo) -> Path:
+    """Where a checkpoint's LLM weights are: its own ``llm/`` when tuned in full, else the base model."""
+    return directory / "llm" if info.tuned_llm else Path(info.llm)
 
 
 def load_connector_weights(model: SlideVLM, directory: Path) -> None:
@@ -146,7 +156,7 @@ def load_vlm(
     info = CheckpointInfo.load(directory / INFO_NAME)
     tokenizer = load_tokenizer(directory / "tokenizer")
     options = llm_options or LLMLoadOptions(**info.llm_options)
-    llm_dir = Path(info.llm)
+    llm_dir = checkpoint_llm_dir(directory, info)
     if not (llm_dir / "config.json").is_file():
         raise CheckpointError(
             f"{directory}: its base LLM {llm_dir} is missing; restore that folder (the checkpoint references it by path)"

@@ -246,6 +246,8 @@ def stage2_command(
     lora_alpha: Annotated[int, typer.Option("--lora-alpha", min=1)] = 256,
     lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = 0.05,
     lora_targets: Annotated[str, typer.Option("--lora-targets", help="'all-linear' or comma-separated module names.")] = "all-linear",
+    llm_tuning: Annotated[str, typer.Option(
+        "--llm-tuning", help="'lora' (adapters, default) or 'full' (every LLM weight; for the small embedded LM).")] = "lora",
     epochs: Epochs = 5,
     max_steps: MaxSteps = None,
     batch_size: BatchSize = 8,
@@ -269,5 +271,6 @@ def stage2_command(
     config = _stage_config("stage2", locals())
     config["init"] = None if init is None else str(init)  # stage 2 only: a stage-1 run to start from
     config["lora"] = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets)
+    config["llm_tuning"] = llm_tuning
     _run(config, resume)
 

@@ -13,6 +13,7 @@ from slidevl.slidellm.llm import EmbeddedLMConfig, LLMLoadOptions, LoraSettings
 from slidevl.slidellm.answers import ANSWER_STYLES, DEFAULT_ANSWER_STYLE
 
 STAGES = ("warmup", "stage1", "stage2")
+LLM_TUNING = ("lora", "full")
 #: Where each stage starts when no learning rate is given: the embedded LM learns from
 #: scratch (high); the connector alone is aligned at 1e-3 (LLaVA's projector pre-training rate:
 #: at 1e-4 a fresh Q-Former stays near its initialisation within a CPU-sized stage 1 and the
@@ -79,6 +80,7 @@ class TuneConfig:
     answer_style: str = DEFAULT_ANSWER_STYLE
     shuffle_options: bool = True
     blind_warmup: bool = True
+    llm_tuning: str = "lora"
 
     def __post_init__(self) -> None:
         # shuffle_options: choice options re-ordered every epoch (stages 1, 2 and the warm-up).
@@ -88,6 +90,11 @@ class TuneConfig:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.answer_style not in ANSWER_STYLES:
             raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {self.answer_style!r}")
+        # llm_tuning (stage 2): "lora" trains adapters (the paper; the only sane choice for a 7B
+        # model); "full" trains every LLM weight, which suits the small embedded LM that was
+        # itself trained from scratch on this QA text.
+        if self.llm_tuning not in LLM_TUNING:
+            raise ValueError(f"llm_tuning must be one of {LLM_TUNING}, got {self.llm_tuning!r}")
         if self.encoder_init not in ("pretrained", "random"):
             raise ValueError(f"encoder_init must be 'pretrained' or 'random', got {self.encoder_init!r}")
         if {"vision_dim", "llm_dim", "patch_dim"} & set(self.connector):

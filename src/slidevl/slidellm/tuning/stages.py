@@ -7,8 +7,9 @@
   load a downloaded 7B chat model, so "LLM frozen" in stage 1 means the same thing for
   both.
 * ``stage1``: caption records; only the connector trains (encoder and LLM frozen).
-* ``stage2``: single/multi/open records; connector + LoRA adapters train. It starts
-  from a stage-1 checkpoint (``init``) or, for the one-stage ablation, from scratch.
+* ``stage2``: single/multi/open records; connector + LoRA adapters train (or, with
+  ``llm_tuning="full"``, connector + every LLM weight). It starts from a stage-1
+  checkpoint (``init``) or, for the one-stage ablation, from scratch.
 
 The topo-pack encoder is frozen unless ``train_encoder`` is set; frozen outputs are
 computed once per slide and cached (:mod:`slidevl.slidellm.tuning.visual`).
@@ -36,6 +37,7 @@ from slidevl.slidellm.tuning.checkpoint import (
     CHECKPOINT_DIR,
     INFO_NAME,
     CheckpointInfo,
+    checkpoint_llm_dir,
     load_checkpoint_encoder,
     load_connector_weights,
     resolve_checkpoint,
@@ -204,7 +206,7 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     init_info = CheckpointInfo.load(init / INFO_NAME) if init is not None else None
     if init_info is not None and cfg.connector:
         raise ValueError(f"--init {init} fixes the connector; drop the connector options (or start without --init)")
-    llm_dir = Path(init_info.llm) if init_info is not None and cfg.llm is None else None
+    llm_dir = checkpoint_llm_dir(init, init_info) if init is not None and init_info is not None and cfg.llm is None else None
     if llm_dir is None:
         if cfg.llm is None:
             raise ValueError("pass --llm (a Hugging Face causal-LM folder or a warm-up run) or --init (a stage-1 run)")
@@ -225,7 +227,8 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     accelerator = make_accelerator(cfg.train)
 
     tokenizer = load_tokenizer((init / "tokenizer") if init is not None else llm_dir)
-    llm = freeze(load_llm(llm_dir, cfg.llm_options))
+    full_llm = cfg.stage == "stage2" and cfg.llm_tuning == "full"
+    llm = freeze(load_llm(resume_dir / "llm" if full_llm and resume_dir is not None else llm_dir, cfg.llm_options))
     encoder = _build_encoder(cfg, store, init, resume_dir)
     if cfg.train_encoder:
         encoder.train()
@@ -237,7 +240,9 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         else cfg.connector_config(encoder.config.d_model, _llm_width(llm), _patch_width(store))
     )
     connector = build_connector(conn_cfg)
-    if cfg.stage == "stage2":
+    if full_llm:
+        llm.requires_grad_(True)
+    elif cfg.stage == "stage2":
         llm = load_lora(llm, resume_dir / "adapter", trainable=True) if resume_dir is not None else add_lora(llm, cfg.lora)
     model = SlideVLM(connector, llm, image_token_id=image_token_id(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if resume_dir is not None:
@@ -262,7 +267,8 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         stage=cfg.stage,
         llm=str(llm_dir.resolve()),
         connector=conn_cfg.to_dict(),
-        has_adapter=cfg.stage == "stage2",
+        has_adapter=cfg.stage == "stage2" and not full_llm,
+        tuned_llm=full_llm,
         llm_options=asdict(cfg.llm_options),
         job=str(Path(job).resolve()),
         feature_encoder=store.encoder,
