@@ -202,11 +202,12 @@ def run_stage_once(cfg_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def answer_test(checkpoint: Path, test: Path, job: Path, out: Path, max_new_tokens: int,
-                *, shuffle_visuals: bool = False) -> tuple[Path, float]:
+                *, shuffle_visuals: bool = False, rank_single: bool = False) -> tuple[Path, float]:
     """Greedy answers to every test record; returns the prediction file and seconds per answer.
 
     ``shuffle_visuals`` is the "does the model look?" control: every record is answered
     with the whole-slide visual tokens of another test slide (same text prompt).
+    ``rank_single`` answers single-choice records with the model's most likely option.
     """
     from dataclasses import replace as replace_record
 
@@ -228,7 +229,8 @@ def answer_test(checkpoint: Path, test: Path, job: Path, out: Path, max_new_toke
         visuals = other
         asked = [replace_record(r, bbox=None) for r in records]
     started = time.perf_counter()
-    answers = assistant.answer_records(asked, visuals, max_new_tokens=max_new_tokens, batch_size=16)
+    answers = assistant.answer_records(asked, visuals, max_new_tokens=max_new_tokens, batch_size=16,
+                                       rank_single=rank_single)
     per_answer = (time.perf_counter() - started) / len(records)
     write_predictions(out, {r.id: a for r, a in zip(records, answers)})
     write_json_atomic(out.with_suffix(".meta.json"), {"seconds_per_answer": per_answer})
@@ -262,6 +264,13 @@ def run_variant(name: str, spec: dict[str, Any], ctx: dict[str, Any]) -> dict[st
                                    sizes.max_new_tokens)
     report = evaluate(pred, ctx["qa"] / "test.jsonl", out=folder / "evaluation.json", text_scorer=ctx["scorer"])
     keep = ("n", "accuracy", "n_unparsed", "meteor", "rouge_l")
+
+    def single_ranked(stem: str, shuffle_visuals: bool) -> float:
+        ranked, _ = answer_test(folder / "stage2", ctx["qa"] / "test.jsonl", ctx["job"], folder / f"{stem}.jsonl",
+                                sizes.max_new_tokens, shuffle_visuals=shuffle_visuals, rank_single=True)
+        scored = evaluate(ranked, ctx["qa"] / "test.jsonl", out=folder / f"evaluation_{stem}.json")
+        return scored["by_format"]["single"]["accuracy"]
+
     control = None
     if name in CONTROLLED:
         shuffled, _ = answer_test(folder / "stage2", ctx["qa"] / "test.jsonl", ctx["job"],
@@ -272,6 +281,7 @@ def run_variant(name: str, spec: dict[str, Any], ctx: dict[str, Any]) -> dict[st
             "overall": {k: ctrl["overall"][k] for k in keep},
             "by_level": {lvl: {k: s[k] for k in keep} for lvl, s in ctrl["by_level"].items()},
             "by_format": {fmt: {k: s[k] for k in keep} for fmt, s in ctrl["by_format"].items()},
+            "single_ranked": single_ranked("predictions_ranked_shuffled", True),
         }
     return {
         "spec": spec,
@@ -280,6 +290,7 @@ def run_variant(name: str, spec: dict[str, Any], ctx: dict[str, Any]) -> dict[st
         "by_format": {fmt: {k: s[k] for k in keep} for fmt, s in report["by_format"].items()},
         "training": summaries,
         "seconds_per_answer": round(per_answer, 4),
+        "single_ranked": single_ranked("predictions_ranked", False),
         "shuffled_visuals": control,
     }
 
@@ -306,17 +317,21 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"({result['data']['cohort']}); sizes: `{json.dumps(result['sizes'])}`.",
         _baselines(result["data"].get("blind_baselines")),
         "",
-        "Choice accuracy (single: 1/0; multi: 1 exact, 0.5 strict subset) per level, and text metrics on open/caption answers.",
+        "Choice accuracy (single: 1/0; multi: 1 exact, 0.5 strict subset) per level, and text metrics on open/caption "
+        "answers; free generation, except \"ranked\": each single-choice question answered with the option the model "
+        "finds most likely.",
         "",
-        "| variant | acc all | acc WSI | acc ROI | acc patch | acc single | acc multi | METEOR open | METEOR caption | unparsed | s/answer |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | acc all | acc WSI | acc ROI | acc patch | acc single | acc single, ranked | acc multi "
+        "| METEOR open | METEOR caption | unparsed | s/answer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lv, fm = r["by_level"], r["by_format"]
         lines.append(
             f"| {name} | {_fmt(r['overall']['accuracy'])} | "
             + " | ".join(_fmt(lv.get(level, {}).get("accuracy")) for level in levels)
-            + f" | {_fmt(fm.get('single', {}).get('accuracy'))} | {_fmt(fm.get('multi', {}).get('accuracy'))}"
+            + f" | {_fmt(fm.get('single', {}).get('accuracy'))} | {_fmt(r.get('single_ranked'))}"
+            + f" | {_fmt(fm.get('multi', {}).get('accuracy'))}"
             + f" | {_fmt(fm.get('open', {}).get('meteor'))} | {_fmt(fm.get('caption', {}).get('meteor'))}"
             + f" | {r['overall']['n_unparsed']} | {r['seconds_per_answer']:.3f} |"
         )
@@ -344,15 +359,16 @@ def render_markdown(result: dict[str, Any]) -> str:
             "whole-slide visual input of *another* test slide (a model that reads the image must drop towards the "
             "blind baselines):",
             "",
-            "| variant | acc all | acc WSI | acc ROI | acc patch | acc single | acc multi |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | acc all | acc WSI | acc ROI | acc patch | acc single | acc single, ranked | acc multi |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, control in controls.items():
             ov, lv, fm = control["overall"], control["by_level"], control["by_format"]
             lines.append(
                 f"| {name}, shuffled visuals | {_fmt(ov['accuracy'])} | "
                 + " | ".join(_fmt(lv.get(level, {}).get("accuracy")) for level in levels)
-                + f" | {_fmt(fm.get('single', {}).get('accuracy'))} | {_fmt(fm.get('multi', {}).get('accuracy'))} |"
+                + f" | {_fmt(fm.get('single', {}).get('accuracy'))} | {_fmt(control.get('single_ranked'))}"
+                + f" | {_fmt(fm.get('multi', {}).get('accuracy'))} |"
             )
     probe = result["data"].get("probe")
     if probe:

@@ -49,3 +49,41 @@ def test_predict_bad_inputs_name_the_file(world: dict[str, Path], checkpoint: Pa
     none = runner.invoke(app, ["vqa", "predict", "--checkpoint", str(checkpoint), "--records", str(empty), "--out", str(pred)])
     assert none.exit_code == 2 and "no VQA records" in none.output
     assert not pred.exists()
+
+
+def test_ranked_single_choice_answers_pick_the_most_likely_option(world: dict[str, Path], checkpoint: Path,
+                                                                  tmp_path: Path) -> None:  # noqa: F811
+    from dataclasses import replace
+
+    from slidevl.slidellm.ask import SlideAssistant
+    from slidevl.slidellm.vqa_data import ChatCollator, Example, chat_messages, encode_chat
+    from slidevl.vqa.choices import parse_choice
+    from slidevl.vqa.records import OPTION_LETTERS
+
+    assistant = SlideAssistant(checkpoint, device="cpu", cache_root=tmp_path / "cache")
+    model, tok = assistant.loaded.model, assistant.tokenizer
+    singles = [r for r in read_records(world["records"]) if r.format == "single"]
+    assert singles
+    for record in singles:
+        visual = assistant.open_slide(record.slide)
+        image = model.visual_input(visual, record.bbox)
+        # The library's own loss, one option at a time: mean NLL over the answer tokens.
+        totals = []
+        for i in range(len(record.options)):
+            option = replace(record, answer=OPTION_LETTERS[i])
+            ids, labels = encode_chat(tok, chat_messages(option, assistant.loaded.info.answer_style))
+            batch = ChatCollator(tok.pad_token_id)([Example(option, ids, labels)])
+            loss = model(batch.input_ids, batch.attention_mask, batch.labels, [image])
+            n_answer = sum(1 for x in labels[1:] if x != -100)
+            totals.append(-float(loss) * n_answer)
+            ll = model.answer_log_likelihood(batch.input_ids, batch.attention_mask, batch.labels, [image])
+            assert abs(float(ll[0]) - totals[-1]) < 1e-3
+        best = OPTION_LETTERS[max(range(len(totals)), key=totals.__getitem__)]
+        answer = assistant.rank_options(record, visual)
+        assert parse_choice(answer, record.options) == frozenset(best)
+    pred = tmp_path / "pred.jsonl"
+    result = runner.invoke(app, ["vqa", "predict", "--checkpoint", str(checkpoint), "--records", str(world["records"]),
+                                 "--out", str(pred), "--max-new-tokens", "4", "--rank-single"])
+    assert result.exit_code == 0, result.output
+    answers = read_predictions(pred)
+    assert all(len(parse_choice(answers[r.id], r.options)) == 1 for r in singles)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,8 +28,9 @@ from slidevl.slidellm.model import BBox, SlideVLMError, VisualInput, VisualToken
 from slidevl.slidellm.tokenizer import IMAGE_TOKEN
 from slidevl.slidellm.tuning.checkpoint import LoadedVLM, load_vlm
 from slidevl.slidellm.tuning.visual import CachedVisuals
-from slidevl.slidellm.vqa_data import user_prompt
-from slidevl.vqa.records import VQARecord
+from slidevl.slidellm.answers import assistant_answer
+from slidevl.slidellm.vqa_data import ChatCollator, Example, chat_messages, encode_chat, user_prompt
+from slidevl.vqa.records import OPTION_LETTERS, VQARecord
 
 #: Where features of slides given as files are kept when no --job is passed.
 DEFAULT_ASK_JOB = Path("~/.cache/slidevl/ask")
@@ -167,12 +168,23 @@ class SlideAssistant:
         *,
         max_new_tokens: int = 128,
         batch_size: int = 8,
+        rank_single: bool = False,
     ) -> list[str]:
-        """Single-turn answers to records (prompted exactly as in training), batched."""
-        answers: list[str] = []
+        """Single-turn answers to records (prompted exactly as in training), batched.
+
+        ``rank_single`` answers each single-choice record with the option whose answer the
+        model finds most likely (written as in training), instead of free generation; a
+        free answer can name a concept that is not among the options.
+        """
+        answers: dict[int, str] = {}
+        if rank_single:
+            for i, r in enumerate(records):
+                if r.format == "single":
+                    answers[i] = self.rank_options(r, visuals[r.slide])
         model, tok = self.loaded.model, self.loaded.tokenizer
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
+        todo = [i for i in range(len(records)) if i not in answers]
+        for start in range(0, len(todo), batch_size):
+            chunk = [records[i] for i in todo[start : start + batch_size]]
             encoded = [
                 tok.apply_chat_template([{"role": "user", "content": user_prompt(r)}], add_generation_prompt=True, return_dict=True)[
                     "input_ids"
@@ -180,8 +192,21 @@ class SlideAssistant:
                 for r in chunk
             ]
             images = [[model.visual_input(visuals[r.slide], r.bbox).to(self.device)] for r in chunk]
-            answers += self._generate(encoded, images, max_new_tokens)
-        return answers
+            answers.update(zip(todo[start : start + batch_size], self._generate(encoded, images, max_new_tokens)))
+        return [answers[i] for i in range(len(records))]
+
+    def rank_options(self, record: VQARecord, visual: VisualTokens) -> str:
+        """The answer to a single-choice ``record`` that the model scores highest, in its training style."""
+        if record.format != "single":
+            raise SlideVLMError(f"record {record.id!r}: only single-choice questions are answered by ranking")
+        style = self.loaded.info.answer_style
+        candidates = [replace(record, answer=OPTION_LETTERS[i]) for i in range(len(record.options))]
+        examples = [Example(c, *encode_chat(self.tokenizer, chat_messages(c, style))) for c in candidates]
+        batch = ChatCollator(self.tokenizer.pad_token_id)(examples).to(self.device)
+        model = self.loaded.model
+        image = model.visual_input(visual, record.bbox).to(self.device)
+        scores = model.answer_log_likelihood(batch.input_ids, batch.attention_mask, batch.labels, [image] * len(examples))
+        return assistant_answer(candidates[int(scores.argmax())], style)
 
     def _generate(self, encoded: list[list[int]], images: list[list[VisualInput]], max_new_tokens: int) -> list[str]:
         tok = self.loaded.tokenizer

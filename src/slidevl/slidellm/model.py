@@ -338,6 +338,19 @@ class SlideVLM(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
     @torch.no_grad()
+    def answer_log_likelihood(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Sequence[VisualInput]
+    ) -> Tensor:
+        """(B,) summed log-probability of each row's labelled (answer) tokens, one image per row."""
+        vis = self.visual_embeds(visual)
+        embeds, mask, labels = self.splice(input_ids, attention_mask, [[v] for v in vis], labels)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
+        return (picked * keep).sum(dim=1)
+
+    @torch.no_grad()
     def generate(
         self,
         input_ids: Tensor,

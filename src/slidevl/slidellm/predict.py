@@ -38,13 +38,15 @@ def predict_records(
     batch_size: int = 16,
     cache_root: str | Path = DEFAULT_ASK_JOB,
     console: Console | None = None,
+    rank_single: bool = False,
 ) -> PredictionRun:
     """Answer every record of ``records`` (JSONL) and write ``{"id", "answer"}`` lines to ``out``.
 
     ``checkpoint`` is a tuned checkpoint folder or an already loaded assistant (whose own
     cache root then applies). ``job`` holds the features of the records' slides; by
-    default the checkpoint's own training job. Nothing is written until every record has
-    its answer.
+    default the checkpoint's own training job. ``rank_single`` answers single-choice records
+    with the most likely option (:meth:`SlideAssistant.rank_options`). Nothing is written
+    until every record has its answer.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -62,7 +64,8 @@ def predict_records(
         task = progress.add_task("answering", total=len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            answers += assistant.answer_records(chunk, visuals, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            answers += assistant.answer_records(chunk, visuals, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                rank_single=rank_single)
             progress.advance(task, len(chunk))
     seconds = (time.perf_counter() - started) / len(items)
     path = write_predictions(out, [(r.id, a) for r, a in zip(items, answers)])

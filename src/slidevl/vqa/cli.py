@@ -87,6 +87,8 @@ def predict_command(
     job: Optional[Path] = typer.Option(None, "--job", help="Job folder with the slides' features (default: the checkpoint's)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Records answered together."),
+    rank_single: bool = typer.Option(
+        False, "--rank-single", help="Answer single-choice questions with the option the model finds most likely."),
 ) -> None:
     """Answer every record with a tuned slide VQA checkpoint; score the result with `slidevl vqa eval`."""
     from slidevl.features.store import FeatureStoreError
@@ -94,7 +96,8 @@ def predict_command(
     from slidevl.slidellm.tuning.state import CheckpointError
 
     try:
-        run = predict_records(checkpoint, records, out, job=job, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        run = predict_records(checkpoint, records, out, job=job, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              rank_single=rank_single)
     # The record, model, store and tokenizer errors are all ValueErrors.
     except (ValueError, CheckpointError, FeatureStoreError, FileNotFoundError) as exc:
         _fail(str(exc))

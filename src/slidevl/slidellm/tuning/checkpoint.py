@@ -28,6 +28,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from slidevl.atomic import write_json_atomic
+from slidevl.slidellm.answers import DEFAULT_ANSWER_STYLE
 from slidevl.slidellm.connector import ConnectorConfig, build_connector
 from slidevl.slidellm.encoder import TopoPackEncoder, load_encoder, save_encoder
 from slidevl.slidellm.llm import LLMLoadOptions, freeze, load_llm, load_lora
@@ -51,6 +52,7 @@ class CheckpointInfo:
     has_adapter: bool
     llm_options: dict[str, Any] = field(default_factory=dict)
     tuned_llm: bool = False
+    answer_style: str = DEFAULT_ANSWER_STYLE
     job: str | None = None
     feature_encoder: str | None = None
     format: str = FORMAT

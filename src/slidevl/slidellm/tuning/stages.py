@@ -269,6 +269,7 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         connector=conn_cfg.to_dict(),
         has_adapter=cfg.stage == "stage2" and not full_llm,
         tuned_llm=full_llm,
+        answer_style=cfg.answer_style,
         llm_options=asdict(cfg.llm_options),
         job=str(Path(job).resolve()),
         feature_encoder=store.encoder,
