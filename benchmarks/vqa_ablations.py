@@ -52,7 +52,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Variants also answered with another slide's visual input (does the model look?).
-CONTROLLED = ("full", "llm_full")
+CONTROLLED = ("full", "llm_full", "mlp_all_tokens")
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -339,14 +339,14 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         "Training (final loss = mean of the last 10 optimizer steps):",
         "",
-        "| variant | stage 1 steps | stage 1 loss | stage 2 steps | stage 2 loss | stage 2 trainable params |",
-        "|---|---|---|---|---|---|",
+        "| variant | stage 1 steps | stage 1 loss | stage 2 steps | stage 2 loss | stage 2 trainable params | stage 2 min |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         s1, s2 = r["training"].get("stage1"), r["training"]["stage2"]
         lines.append(
             f"| {name} | {s1['steps'] if s1 else '-'} | {_fmt(s1['final_loss']) if s1 else '-'} | {s2['steps']} | "
-            f"{_fmt(s2['final_loss'])} | {s2['trainable_parameters']:,} |"
+            f"{_fmt(s2['final_loss'])} | {s2['trainable_parameters']:,} | {s2['seconds'] / 60:.1f} |"
         )
     missing = [v for v in VARIANTS if v not in rows]
     if missing:

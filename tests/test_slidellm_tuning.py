@@ -313,3 +313,17 @@ def test_full_llm_tuning_trains_every_llm_weight_and_round_trips(world: dict[str
     assert not all(torch.equal(tuned[n], p) for n, p in base.named_parameters())
     with pytest.raises(ValueError, match="llm_tuning"):
         TuneConfig(stage="stage2", records="r.jsonl", out="o", llm_tuning="half")
+
+
+def test_connector_standardisers_are_fitted_once_on_the_training_slides(world: dict[str, Path], tmp_path: Path) -> None:
+    s1 = prepare_stage(stage_config(world, "stage1", tmp_path / "s1", train=tiny_train(max_steps=1)))
+    connector = s1.module.vlm.connector
+    assert connector.config.reads_patches
+    for std in (connector.standardize, connector.patch_standardize):
+        assert float(std.scale) != 1.0 and bool(std.mean.abs().sum() > 0)
+    s1.run()
+    # Stage 2 keeps the stage-1 statistics instead of refitting them.
+    s2 = prepare_stage(stage_config(world, "stage2", tmp_path / "s2", init=str(tmp_path / "s1"), train=tiny_train(max_steps=1)))
+    for name in ("standardize", "patch_standardize"):
+        a, b = getattr(connector, name), getattr(s2.module.vlm.connector, name)
+        assert torch.equal(a.mean, b.mean) and torch.equal(a.scale, b.scale)
