@@ -29,10 +29,13 @@ Results go to ``benchmarks/results/vqa_ablations.json`` and ``.md``; the work fo
 every intermediate (cohort, job, QA, encoders, runs, predictions, evaluation reports).
 
     python benchmarks/vqa_ablations.py --work /tmp/vqa_bench --threads 1  # the committed size
-    # The committed result: data and encoders once (~12 min); then the warm-up
-    # and two processes side by side (--variants full,queries_500,one_stage,no_patches --name vqa_p1 /
-    # --variants dense_encoder,no_pretraining,mlp_all_tokens --name vqa_p2, --threads 1 each), then
-    # --merge vqa_p1,vqa_p2.
+    # The committed result: data and encoders once (~12 min); the warm-up; the variants trained in
+    # processes side by side (--variants ... --name part_k --threads 1 each, one core each, 10-15 min per
+    # variant); then one run over all of them (--name vqa_ablations), which reuses every finished stage
+    # and answer and adds the ranked answers and controls. queries_500 was left out: its stage 1 had not
+    # finished after 24 min (the 32-query stage 1 takes under 2 min).
+    # vqa_full_long / vqa_mlp_long: --variants full|mlp_all_tokens --set stage2_epochs=6, reusing the
+    # stage 1 and warm-up of the run above.
     python benchmarks/vqa_ablations.py --work /tmp/vqa_q --quick           # minutes, smoke-level numbers
     python benchmarks/vqa_ablations.py --cohort C --job J --qa Q ...    # reuse existing data
 """
@@ -386,7 +389,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {key} | {probe[key]['n']} | {_fmt(probe[key]['probe'])} | "
                              f"{_fmt(probe[key]['majority_per_template'])} |")
     parallel = f" The variants ran in {len(result['parts'])} processes side by side." if result.get("parts") else ""
-    lines += ["", f"Machine: {result['machine']}. Total time {result['seconds'] / 60:.1f} min.{parallel}", ""]
+    lines += ["", f"Machine: {result['machine']}. This invocation took {result['seconds'] / 60:.1f} min (stages and "
+                  f"answers already in the work folder are reused; stage-2 times are in the training table).{parallel}", ""]
     return "\n".join(lines)
 
 
