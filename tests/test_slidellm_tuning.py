@@ -313,6 +313,9 @@ def test_full_llm_tuning_trains_every_llm_weight_and_round_trips(world: dict[str
     assert not all(torch.equal(tuned[n], p) for n, p in base.named_parameters())
     with pytest.raises(ValueError, match="llm_tuning"):
         TuneConfig(stage="stage2", records="r.jsonl", out="o", llm_tuning="half")
+    with pytest.raises(ValueError, match="4-bit"):
+        TuneConfig.from_dict(dict(stage="stage2", records="r.jsonl", out="o", llm_tuning="full",
+                                  llm_options=dict(load_in_4bit=True)))
 
 
 def test_connector_standardisers_are_fitted_once_on_the_training_slides(world: dict[str, Path], tmp_path: Path) -> None:

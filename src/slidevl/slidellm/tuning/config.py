@@ -95,6 +95,8 @@ class TuneConfig:
         # itself trained from scratch on this QA text.
         if self.llm_tuning not in LLM_TUNING:
             raise ValueError(f"llm_tuning must be one of {LLM_TUNING}, got {self.llm_tuning!r}")
+        if self.llm_tuning == "full" and self.llm_options.load_in_4bit:
+            raise ValueError("a 4-bit LLM cannot be tuned in full; use llm_tuning='lora' (QLoRA) or drop load_in_4bit")
         if self.encoder_init not in ("pretrained", "random"):
             raise ValueError(f"encoder_init must be 'pretrained' or 'random', got {self.encoder_init!r}")
         if {"vision_dim", "llm_dim", "patch_dim"} & set(self.connector):
