@@ -2,13 +2,16 @@
 
 Data path of one question::
 
-    SlideFeatures ──encode_slide──▶ VisualTokens (summary tokens, global token, pack boxes)
-                   ──select(bbox)──▶ (T, d) tokens ──connector──▶ (T', llm width)
+    SlideFeatures ──encode_slide──▶ VisualTokens (summary tokens, global token, pack boxes,
+                                                  patch features and boxes)
+                   ──visual_input(bbox)──▶ VisualInput ((T, d) tokens [+ (n, d_patch) patches])
+                   ──connector──▶ (T', llm width)
     chat text with one <image> ──▶ token embeddings with the T' visual rows spliced in
                    ──▶ causal LM ──▶ loss on the assistant answer, or generated answer
 
 A region question carries a level-0 bbox: only the summary tokens of packs whose box
-intersects it are kept (the global token stays). The encoder runs once per slide, on the
+intersects it are kept (the global token stays), and, for a connector that reads patches,
+the tile features of the patches under the box. The encoder runs once per slide, on the
 whole slide, so the selected summaries still carry slide context.
 """
 
