@@ -34,7 +34,7 @@ every intermediate (cohort, job, QA, encoders, runs, predictions, evaluation rep
     # variant); then one run over all of them (--name vqa_ablations), which reuses every finished stage
     # and answer and adds the ranked answers and controls. queries_500 was left out: its stage 1 had not
     # finished after 24 min (the 32-query stage 1 takes under 2 min).
-    # vqa_full_long / vqa_mlp_long: --variants full|mlp_all_tokens --set stage2_epochs=6, reusing the
+    # vqa_full_long / vqa_mlp_long / vqa_mlp_10ep: --variants full|mlp_all_tokens --set stage2_epochs=6 (10), reusing the
     # stage 1 and warm-up of the run above.
     python benchmarks/vqa_ablations.py --work /tmp/vqa_q --quick           # minutes, smoke-level numbers
     python benchmarks/vqa_ablations.py --cohort C --job J --qa Q ...    # reuse existing data
