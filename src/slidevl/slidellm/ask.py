@@ -23,12 +23,12 @@ import torch
 from rich.console import Console
 
 from slidevl.features.store import FeatureStore, read_slide_attrs
+from slidevl.slidellm.answers import assistant_answer
 from slidevl.slidellm.llm import LLMLoadOptions
 from slidevl.slidellm.model import BBox, SlideVLMError, VisualInput, VisualTokens
 from slidevl.slidellm.tokenizer import IMAGE_TOKEN
 from slidevl.slidellm.tuning.checkpoint import LoadedVLM, load_vlm
 from slidevl.slidellm.tuning.visual import CachedVisuals
-from slidevl.slidellm.answers import assistant_answer
 from slidevl.slidellm.vqa_data import ChatCollator, Example, chat_messages, encode_chat, user_prompt
 from slidevl.vqa.records import OPTION_LETTERS, VQARecord
 

@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 import torch
 from torch import Tensor, nn
 
-from slidevl.features.store import FeatureStore, SlideFeatures
+from slidevl.features.store import FeatureStore
 from slidevl.slidellm.connector import ConnectorConfig, build_connector
 from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, load_encoder
 from slidevl.slidellm.encoder.io import CONFIG_NAME
@@ -172,7 +172,10 @@ def _build_encoder(cfg: TuneConfig, store: FeatureStore, init: Path | None, resu
         if not (enc_dir / CONFIG_NAME).is_file():
             raise CheckpointError(f"{enc_dir / CONFIG_NAME}: not found; --encoder must be a topo-pack encoder folder")
         return TopoPackEncoder(TopoPackConfig.load(enc_dir / CONFIG_NAME))
-    sf = _first_slide(store)
+    slide_ids = store.slide_ids()
+    if not slide_ids:
+        raise CheckpointError(f"{store.root}: no feature files; run `slidevl preprocess` first")
+    sf = store.load(slide_ids[0])
     return TopoPackEncoder(
         TopoPackConfig(
             patch_dim=int(sf.patch_features.shape[1]),
@@ -181,17 +184,6 @@ def _build_encoder(cfg: TuneConfig, store: FeatureStore, init: Path | None, resu
             pack_size=sf.pack_size,
         )
     )
-
-
-def _first_slide(store: FeatureStore) -> SlideFeatures:
-    slide_ids = store.slide_ids()
-    if not slide_ids:
-        raise CheckpointError(f"{store.root}: no feature files; run `slidevl preprocess` first")
-    return store.load(slide_ids[0])
-
-
-def _patch_width(store: FeatureStore) -> int:
-    return int(_first_slide(store).patch_features.shape[1])
 
 
 def _llm_width(llm: nn.Module) -> int:
@@ -237,7 +229,7 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     conn_cfg = (
         ConnectorConfig.from_dict(init_info.connector)
         if init_info is not None
-        else cfg.connector_config(encoder.config.d_model, _llm_width(llm), _patch_width(store))
+        else cfg.connector_config(encoder.config.d_model, _llm_width(llm), encoder.config.patch_dim)
     )
     connector = build_connector(conn_cfg)
     if full_llm:
