@@ -76,7 +76,7 @@ def test_ranked_single_choice_answers_pick_the_most_likely_option(world: dict[st
             loss = model(batch.input_ids, batch.attention_mask, batch.labels, [image])
             n_answer = sum(1 for x in labels[1:] if x != -100)
             totals.append(-float(loss) * n_answer)
-            ll = model.answer_log_likelihood(batch.input_ids, batch.attention_mask, batch.labels, [image])
+            ll = model.answer_log_likelihood(batch.input_ids, batch.attention_mask, batch.labels, image)
             assert abs(float(ll[0]) - totals[-1]) < 1e-3
         best = OPTION_LETTERS[max(range(len(totals)), key=totals.__getitem__)]
         answer = assistant.rank_options(record, visual)

@@ -205,7 +205,7 @@ class SlideAssistant:
         batch = ChatCollator(self.tokenizer.pad_token_id)(examples).to(self.device)
         model = self.loaded.model
         image = model.visual_input(visual, record.bbox).to(self.device)
-        scores = model.answer_log_likelihood(batch.input_ids, batch.attention_mask, batch.labels, [image] * len(examples))
+        scores = model.answer_log_likelihood(batch.input_ids, batch.attention_mask, batch.labels, image)
         return assistant_answer(candidates[int(scores.argmax())], style)
 
     def _generate(self, encoded: list[list[int]], images: list[list[VisualInput]], max_new_tokens: int) -> list[str]:

@@ -342,11 +342,14 @@ class SlideVLM(nn.Module):
 
     @torch.no_grad()
     def answer_log_likelihood(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: Sequence[VisualInput]
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, visual: VisualInput
     ) -> Tensor:
-        """(B,) summed log-probability of each row's labelled (answer) tokens, one image per row."""
-        vis = self.visual_embeds(visual)
-        embeds, mask, labels = self.splice(input_ids, attention_mask, [[v] for v in vis], labels)
+        """(B,) summed log-probability of each row's labelled (answer) tokens, every row about ``visual``.
+
+        The connector runs once: the rows are candidate answers to one question about one image.
+        """
+        (vis,) = self.visual_embeds([visual])
+        embeds, mask, labels = self.splice(input_ids, attention_mask, [[vis]] * input_ids.shape[0], labels)
         logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
