@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_slidellm_fixtures import slide_features
+from test_slidellm_fixtures import FEATURE_DIM, slide_features
 
-from slidevl.slidellm.encoder import batch_from_slide_features
+from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, batch_from_slide_features
 from slidevl.slidellm.model import (
     SlideVLMError,
     VisualTokens,
+    encode_slide,
     parse_bbox,
     patch_step_level0,
     slide_pack_boxes,
@@ -93,3 +94,16 @@ def test_patches_under_a_box_and_the_thinning_of_many() -> None:
     assert vt.patches_in(None, limit=3)[:, 0].tolist() == [0.0, 4.0, 8.0]
     with pytest.raises(SlideVLMError, match="no patch features"):
         _visual([[0, 0, 768, 768]]).patches_in(None)
+
+
+def test_encoded_slides_keep_half_precision_patch_features_and_widen_what_a_question_reads() -> None:
+    sf = slide_features("S", 4, 4)
+    sf.patch_features = sf.patch_features.astype(np.float16)  # what the store writes by default
+    encoder = TopoPackEncoder(TopoPackConfig(patch_dim=FEATURE_DIM, pack_dim=FEATURE_DIM, global_dim=FEATURE_DIM, d_model=8,
+                                             n_layers=1, n_heads=2, ffn_dim=16, attention_impl="gather"))
+    with torch.no_grad():
+        vt = encode_slide(encoder, sf)
+    assert vt.patch_features is not None and vt.patch_features.dtype == torch.float16
+    read = vt.patches_in(None)
+    assert read.dtype == torch.float32
+    assert torch.equal(read, torch.from_numpy(sf.patch_features.astype(np.float32)))

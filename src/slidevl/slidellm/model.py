@@ -100,7 +100,7 @@ class VisualTokens:
     summary: Tensor  # (P, d)
     global_token: Tensor  # (d,)
     pack_boxes: Tensor  # (P, 4) int64
-    patch_features: Tensor | None = None  # (N, d_patch): the tile encoder's features
+    patch_features: Tensor | None = None  # (N, d_patch): the tile encoder's features, in the store's dtype
     patch_boxes: Tensor | None = None  # (N, 4) int64
 
     def __post_init__(self) -> None:
@@ -139,7 +139,7 @@ class VisualTokens:
         return summary
 
     def patches_in(self, bbox: Sequence[int] | None, limit: int | None = None) -> Tensor:
-        """(n, d_patch) features of the patches under ``bbox`` (all when None), at most ``limit``.
+        """(n, d_patch) float32 features of the patches under ``bbox`` (all when None), at most ``limit``.
 
         More than ``limit`` patches are thinned to ``limit`` evenly spaced ones in grid
         order, so a whole-slide question still sees every part of the slide.
@@ -155,7 +155,7 @@ class VisualTokens:
         if limit is not None and features.shape[0] > limit:
             keep = torch.linspace(0, features.shape[0] - 1, limit, device=features.device).round().long()
             features = features[keep]
-        return features
+        return features.float()
 
     def tensors(self) -> dict[str, Tensor]:
         """Contiguous CPU tensors, for the safetensors cache."""
@@ -189,7 +189,9 @@ def encode_slide(encoder: TopoPackEncoder, sf: SlideFeatures, *, device: torch.d
     """Run ``encoder`` over a whole slide; gradients flow when the caller enables them.
 
     The slide's patch features and level-0 patch boxes ride along, for connectors that
-    read the patches under a question's box as well as the summary tokens.
+    read the patches under a question's box as well as the summary tokens. The features
+    keep the store's dtype (float16 by default): a slide of 100k patches stays at half the
+    memory in the visual cache, and only the patches a question reads are widened.
     """
     batch = batch_from_slide_features(sf)
     out = encoder(batch.to(device))
@@ -201,7 +203,7 @@ def encode_slide(encoder: TopoPackEncoder, sf: SlideFeatures, *, device: torch.d
         out.summary_tokens[0],
         out.global_token[0],
         pack_boxes(batch, step),
-        torch.as_tensor(np.asarray(sf.patch_features), dtype=torch.float32).to(device),
+        torch.as_tensor(np.asarray(sf.patch_features)).to(device),
         torch.cat([coords, coords + edge], dim=1).to(device),
     )
 
