@@ -21,9 +21,9 @@ Variants (each changes one thing relative to ``full``):
     no_pretraining  same encoder architecture, random weights
     one_stage       no stage 1: stage 2 starts from a fresh connector
 
-Diagnostics next to the variants: a per-template logistic-regression probe from the raw
-patch features to the correct option (is the answer in the features at all?), and the
-``full`` model answering with another test slide's visual tokens (does it look?).
+Diagnostics next to the variants: per-template probes from the patch features to the
+correct option (is the answer in the features at all? see ``vqa_probes.py``), and some
+variants answering with another test slide's visual tokens (do they look?).
 
 Results go to ``benchmarks/results/vqa_ablations.json`` and ``.md``; the work folder keeps
 every intermediate (cohort, job, QA, encoders, runs, predictions, evaluation reports).
@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from vqa_probes import probe_features, render_probes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Variants also answered with another slide's visual input (does the model look?).
@@ -129,66 +130,6 @@ def pretrain_encoders(job: Path, work: Path, sizes: Sizes, seed: int, names: set
         out[name] = pretrain_encoder(job, work / "encoders" / name, mae_steps=sizes.mae_steps, moco_steps=sizes.moco_steps,
                                      seed=seed, mask_variant=name, progress=False)
     return out
-
-
-def probe_features(job: Path, qa: Path) -> dict[str, Any]:
-    """Is the answer in the features at all? A per-template logistic-regression probe.
-
-    For every single-choice template, a classifier from the mean and std of the raw patch
-    features under the record's box (the whole slide for WSI questions) to the correct
-    option *text* is fit on the train patients and scored on the test patients. It is a
-    rough ceiling for a model reading those features; the blind majority is beside it.
-    """
-    from collections import Counter, defaultdict
-
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from slidevl.features.store import FeatureStore
-    from slidevl.slidellm.model import patch_step_level0
-    from slidevl.vqa.records import OPTION_LETTERS, read_records
-
-    store = FeatureStore(job)
-    slides: dict[str, Any] = {}
-
-    def feature(r: Any) -> np.ndarray:
-        sf = slides.get(r.slide) or slides.setdefault(r.slide, store.load(r.slide, load=("patch",)))
-        f = np.asarray(sf.patch_features, dtype=np.float32)
-        if r.bbox is not None:
-            x0, y0, x1, y1 = r.bbox
-            step, c = patch_step_level0(sf), sf.patch_coords
-            inside = (c[:, 0] < x1) & (c[:, 0] + step > x0) & (c[:, 1] < y1) & (c[:, 1] + step > y0)
-            f = f[inside] if inside.any() else f
-        return np.concatenate([f.mean(0), f.std(0)])
-
-    def target(r: Any) -> str:
-        return r.options[OPTION_LETTERS.index(r.answer)]
-
-    groups: dict[tuple[str, str], tuple[list[Any], list[Any]]] = defaultdict(lambda: ([], []))
-    for side, name in ((0, "train.jsonl"), (1, "test.jsonl")):
-        for r in read_records(qa / name):
-            if r.format == "single":
-                groups[(r.level, r.meta.get("template", r.category))][side].append(r)
-    hits: dict[str, list[float]] = defaultdict(list)
-    majority: dict[str, list[float]] = defaultdict(list)
-    for (level, _), (train, test) in sorted(groups.items()):
-        if not train or not test:
-            continue
-        y_train, y_test = [target(r) for r in train], np.array([target(r) for r in test])
-        top = Counter(y_train).most_common(1)[0][0]
-        if len(set(y_train)) < 2:
-            pred = np.array([top] * len(test))
-        else:
-            clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-            clf.fit(np.stack([feature(r) for r in train]), y_train)
-            pred = clf.predict(np.stack([feature(r) for r in test]))
-        for key in (level, "all"):
-            hits[key] += (pred == y_test).astype(float).tolist()
-            majority[key] += (y_test == top).astype(float).tolist()
-    return {k: {"n": len(v), "probe": round(float(np.mean(v)), 4), "majority_per_template": round(float(np.mean(majority[k])), 4)}
-            for k, v in hits.items()}
 
 
 def _train(seed: int, batch_size: int, epochs: int, **kw: Any) -> dict[str, Any]:
@@ -374,20 +315,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                 + f" | {_fmt(fm.get('multi', {}).get('accuracy'))} |"
             )
     probe = result["data"].get("probe")
-    if probe:
-        lines += [
-            "",
-            "Is the answer in the features? Per-template logistic-regression probe from the mean/std of the raw patch "
-            "features under each question's box to the correct option text (train patients -> test patients), "
-            "single-choice questions only, against the per-template majority answer:",
-            "",
-            "| level | n | probe acc | majority acc |",
-            "|---|---|---|---|",
-        ]
-        for key in ("WSI", "ROI", "patch", "all"):
-            if key in probe:
-                lines.append(f"| {key} | {probe[key]['n']} | {_fmt(probe[key]['probe'])} | "
-                             f"{_fmt(probe[key]['majority_per_template'])} |")
+    if probe and "by_key" in probe:  # older result files kept a different probe table
+        lines += render_probes(probe, _fmt)
     parallel = f" The variants ran in {len(result['parts'])} processes side by side." if result.get("parts") else ""
     lines += ["", f"Machine: {result['machine']}. This invocation took {result['seconds'] / 60:.1f} min (stages and "
                   f"answers already in the work folder are reused; stage-2 times are in the training table).{parallel}", ""]
@@ -472,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_train": len(read_records(qa / "train.jsonl")),
             "n_test": len(read_records(qa / "test.jsonl")),
             "blind_baselines": qa_summary.get("blind_baselines_on_test"),
-            "probe": probe_features(job, qa),
+            "probe": probe_features(job, qa, cohort),
         },
         "warmup": warm,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "

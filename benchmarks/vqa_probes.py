@@ -1,0 +1,182 @@
+"""Is the answer in the features? Probes that bound what a reader of the patch features can score.
+
+Every probe is fit per single-choice template on the train patients and scored on the test
+patients, predicting the correct option *text* from a summary of the patches under the
+record's box (the whole slide for WSI questions):
+
+* ``linear``: logistic regression on the mean and std of the raw patch features;
+* ``tissue``: a patch-level tissue classifier (logistic regression from a patch's
+  features to its dominant class in the label map, fit on the train slides), its class
+  probabilities averaged over the box and re-expressed as fractions of the tissue (the
+  questions' unit), then boosted trees on those fractions together
+  with the mean and std of the features. It is the structured reader a model could
+  learn: classify patches, count them, compare with the template's bins;
+* ``oracle``: boosted trees on the *true* tissue fractions of the patches under the box
+  (from the label map) and the planted grade. What patch-level evidence allows at best
+  with this much training data; questions whose bins are finer than a patch, or that
+  need the shape of the tumour (nodule counts), stay below 1 even here.
+
+The per-template majority answer of the train records is the blind reference.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+PROBES = ("linear", "tissue", "oracle")
+
+
+@dataclass
+class _Slide:
+    features: np.ndarray  # (N, D) float32
+    coords: np.ndarray  # (N, 2) level-0 top-left
+    step: float  # level-0 patch edge
+    fractions: np.ndarray  # (N, n_classes) true class fractions of each patch
+    grade: int
+    tissue_proba: np.ndarray | None = None  # (N, n_classes) from the patch classifier
+
+    def under(self, bbox: Any) -> np.ndarray:
+        if bbox is None:
+            return np.ones(len(self.coords), bool)
+        x0, y0, x1, y1 = bbox
+        c = self.coords
+        inside = (c[:, 0] < x1) & (c[:, 0] + self.step > x0) & (c[:, 1] < y1) & (c[:, 1] + self.step > y0)
+        return inside if inside.any() else np.ones(len(c), bool)
+
+
+def _load_slides(job: Path, cohort: Path, slide_ids: set[str]) -> dict[str, _Slide]:
+    from slidevl.features.store import FeatureStore
+    from slidevl.slidellm.model import patch_step_level0
+    from slidevl.synth.truth import class_fractions, load_truth
+
+    store, truth = FeatureStore(job), load_truth(cohort)
+    out = {}
+    for sid in sorted(slide_ids):
+        sf, st = store.load(sid, load=("patch",)), truth.slides[sid]
+        step, coords = patch_step_level0(sf), np.asarray(sf.patch_coords)
+        labels = st.labels()
+        fractions = np.stack([class_fractions(labels, [x, y, x + step, y + step], st.label_downsample) for x, y in coords])
+        out[sid] = _Slide(np.asarray(sf.patch_features, np.float32), coords, step, fractions, st.grade)
+    return out
+
+
+def _fit_tissue_classifier(slides: dict[str, _Slide], train_ids: set[str]) -> float:
+    """Fit the patch classifier on the train slides, fill every slide's probabilities; return test accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.concatenate([slides[s].features for s in sorted(train_ids)])
+    y = np.concatenate([slides[s].fractions.argmax(1) for s in sorted(train_ids)])
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000)).fit(x, y)
+    n_classes = slides[next(iter(slides))].fractions.shape[1]
+    hits = []
+    for sid, s in slides.items():
+        proba = np.zeros((len(s.features), n_classes))
+        proba[:, clf.classes_] = clf.predict_proba(s.features)
+        s.tissue_proba = proba
+        if sid not in train_ids:
+            hits.append(proba.argmax(1) == s.fractions.argmax(1))
+    return float(np.concatenate(hits).mean()) if hits else float("nan")
+
+
+def _of_tissue(fractions: np.ndarray) -> np.ndarray:
+    """Class fractions (background first) as fractions of the tissue, as the questions state them."""
+    tissue = fractions[1:]
+    return tissue / max(float(tissue.sum()), 1e-9)
+
+
+def _summaries(slides: dict[str, _Slide]) -> dict[str, Callable[[Any], np.ndarray]]:
+    def linear(r: Any) -> np.ndarray:
+        f = slides[r.slide].features[slides[r.slide].under(r.bbox)]
+        return np.concatenate([f.mean(0), f.std(0)])
+
+    def tissue(r: Any) -> np.ndarray:
+        s = slides[r.slide]
+        assert s.tissue_proba is not None
+        return np.concatenate([_of_tissue(s.tissue_proba[s.under(r.bbox)].mean(0)), linear(r)])
+
+    def oracle(r: Any) -> np.ndarray:
+        s = slides[r.slide]
+        return np.concatenate([_of_tissue(s.fractions[s.under(r.bbox)].mean(0)), [s.grade]])
+
+    return {"linear": linear, "tissue": tissue, "oracle": oracle}
+
+
+def _classifier(probe: str) -> Any:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if probe == "linear":
+        return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    return HistGradientBoostingClassifier(max_depth=3, max_iter=100, random_state=0)
+
+
+def probe_features(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
+    """Accuracy of every probe (and the majority answer) per level, per template and overall."""
+    from slidevl.vqa.records import OPTION_LETTERS, read_records
+
+    splits = {side: [r for r in read_records(qa / f"{side}.jsonl") if r.format == "single"] for side in ("train", "test")}
+    train_ids = {r.slide for r in splits["train"]}
+    slides = _load_slides(job, cohort, train_ids | {r.slide for r in splits["test"]})
+    patch_accuracy = _fit_tissue_classifier(slides, train_ids)
+    summaries = _summaries(slides)
+
+    def target(r: Any) -> str:
+        return r.options[OPTION_LETTERS.index(r.answer)]
+
+    groups: dict[tuple[str, str], dict[str, list[Any]]] = defaultdict(lambda: {"train": [], "test": []})
+    for side, records in splits.items():
+        for r in records:
+            groups[(r.level, r.meta.get("template", r.category))][side].append(r)
+    hits: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (level, template), group in sorted(groups.items()):
+        train, test = group["train"], group["test"]
+        if not train or not test:
+            continue
+        y_train, y_test = [target(r) for r in train], np.array([target(r) for r in test])
+        top = Counter(y_train).most_common(1)[0][0]
+        predictions = {"majority": np.array([top] * len(test))}
+        for probe in PROBES:
+            if len(set(y_train)) < 2:
+                predictions[probe] = predictions["majority"]
+                continue
+            clf = _classifier(probe).fit(np.stack([summaries[probe](r) for r in train]), y_train)
+            predictions[probe] = clf.predict(np.stack([summaries[probe](r) for r in test]))
+        for name, pred in predictions.items():
+            for key in (level, f"{level}/{template}", "all"):
+                hits[key][name] += (pred == y_test).astype(float).tolist()
+    return {
+        "patch_tissue_accuracy": round(patch_accuracy, 4),
+        "by_key": {key: {"n": len(v["majority"]), **{name: round(float(np.mean(h)), 4) for name, h in v.items()}}
+                   for key, v in hits.items()},
+    }
+
+
+def render_probes(probe: dict[str, Any], fmt: Callable[[Any], str]) -> list[str]:
+    """Markdown lines: the probes per level, then per template."""
+    lines = [
+        "",
+        "Is the answer in the features? Probes fit per single-choice template on the train patients and scored on the "
+        "test patients (see `benchmarks/vqa_probes.py`): `linear` is logistic regression on the mean/std of the raw "
+        "patch features under the box; `tissue` is boosted trees on the box-averaged output of a patch tissue "
+        f"classifier (patch accuracy on test slides {fmt(probe['patch_tissue_accuracy'])}) plus those mean/std; "
+        "`oracle` is boosted trees on the true patch class fractions and the planted grade.",
+        "",
+        "| level / template | n | majority | linear | tissue | oracle |",
+        "|---|---|---|---|---|---|",
+    ]
+    by_key = probe["by_key"]
+    order = [k for k in ("WSI", "ROI", "patch", "all") if k in by_key] + sorted(k for k in by_key if "/" in k)
+    for key in order:
+        row = by_key[key]
+        name = f"**{key}**" if "/" not in key else key
+        lines.append(f"| {name} | {row['n']} | " + " | ".join(fmt(row.get(p)) for p in ("majority", *PROBES)) + " |")
+    return lines
