@@ -22,9 +22,10 @@ The per-template majority answer of the train records is the blind reference.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -164,11 +165,11 @@ def render_probes(probe: dict[str, Any], fmt: Callable[[Any], str]) -> list[str]
     """Markdown lines: the probes per level, then per template."""
     lines = [
         "",
-        "Is the answer in the features? Probes fit per single-choice template on the train patients and scored on the "
+        ("Is the answer in the features? Probes fit per single-choice template on the train patients and scored on the "
         "test patients (see `benchmarks/vqa_probes.py`): `linear` is logistic regression on the mean/std of the raw "
         "patch features under the box; `tissue` is boosted trees on the box-averaged output of a patch tissue "
         f"classifier (patch accuracy on test slides {fmt(probe['patch_tissue_accuracy'])}) plus those mean/std; "
-        "`oracle` is boosted trees on the true patch class fractions and the planted grade.",
+        "`oracle` is boosted trees on the true tissue fractions of the patches and the planted grade."),
         "",
         "| level / template | n | majority | linear | tissue | oracle |",
         "|---|---|---|---|---|---|",
