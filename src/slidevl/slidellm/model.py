@@ -340,7 +340,7 @@ class SlideVLM(nn.Module):
         """Mean next-token loss on the labelled (answer) tokens of a batch with one image per row."""
         vis = self.visual_embeds(visual)
         embeds, mask, labels = self.splice(input_ids, attention_mask, [[v] for v in vis], labels)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
 
     @torch.no_grad()
     def answer_log_likelihood(
@@ -352,7 +352,7 @@ class SlideVLM(nn.Module):
         """
         (vis,) = self.visual_embeds([visual])
         embeds, mask, labels = self.splice(input_ids, attention_mask, [[vis]] * input_ids.shape[0], labels)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
         picked = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp_min(0)[..., None])[..., 0]

@@ -151,7 +151,8 @@ def prepare_warmup(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
 
     def loss_fn(model: nn.Module, batch: ChatBatch) -> Tensor:
         batch = batch.to(accelerator.device)
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                     use_cache=False).loss
 
     def save_model(folder: Path) -> None:
         llm.save_pretrained(folder / "llm")
