@@ -39,6 +39,7 @@ class _Slide:
     step: float  # level-0 patch edge
     fractions: np.ndarray  # (N, n_classes) true class fractions of each patch
     grade: int
+    class_area: np.ndarray  # (n_classes,) level-0 px² of each class on the whole slide
     tissue_proba: np.ndarray | None = None  # (N, n_classes) from the patch classifier
 
     def under(self, bbox: Any) -> np.ndarray:
@@ -62,8 +63,21 @@ def _load_slides(job: Path, cohort: Path, slide_ids: set[str]) -> dict[str, _Sli
         step, coords = patch_step_level0(sf), np.asarray(sf.patch_coords)
         labels = st.labels()
         fractions = np.stack([class_fractions(labels, [x, y, x + step, y + step], st.label_downsample) for x, y in coords])
-        out[sid] = _Slide(np.asarray(sf.patch_features, np.float32), coords, step, fractions, st.grade)
+        area = np.bincount(labels.ravel(), minlength=fractions.shape[1])[: fractions.shape[1]] * st.label_downsample ** 2
+        out[sid] = _Slide(np.asarray(sf.patch_features, np.float32), coords, step, fractions, st.grade, area)
     return out
+
+
+def class_coverage(slides: dict[str, _Slide]) -> dict[str, float]:
+    """Share of each tissue class's area (label map) that lies in a patch the feature job kept.
+
+    A class the tissue mask misses cannot be read from the features by any model.
+    """
+    from slidevl.synth.classes import CLASSES, TISSUE_CLASSES
+
+    kept = sum(s.fractions.sum(0) * s.step ** 2 for s in slides.values())
+    total = sum(s.class_area for s in slides.values())
+    return {CLASSES[c]: round(float(min(kept[c] / total[c], 1.0)), 4) for c in TISSUE_CLASSES if total[c] > 0}
 
 
 def _fit_tissue_classifier(slides: dict[str, _Slide], train_ids: set[str]) -> float:
@@ -156,6 +170,7 @@ def probe_features(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
                 hits[key][name] += (pred == y_test).astype(float).tolist()
     return {
         "patch_tissue_accuracy": round(patch_accuracy, 4),
+        "class_coverage": class_coverage(slides),
         "by_key": {key: {"n": len(v["majority"]), **{name: round(float(np.mean(h)), 4) for name, h in v.items()}}
                    for key, v in hits.items()},
     }
@@ -169,7 +184,9 @@ def render_probes(probe: dict[str, Any], fmt: Callable[[Any], str]) -> list[str]
         "test patients (see `benchmarks/vqa_probes.py`): `linear` is logistic regression on the mean/std of the raw "
         "patch features under the box; `tissue` is boosted trees on the box-averaged output of a patch tissue "
         f"classifier (patch accuracy on test slides {fmt(probe['patch_tissue_accuracy'])}) plus those mean/std; "
-        "`oracle` is boosted trees on the true tissue fractions of the patches and the planted grade."),
+        "`oracle` is boosted trees on the true tissue fractions of the patches and the planted grade. Share of each "
+        "class's area inside the kept patches: "
+        + ", ".join(f"{name} {fmt(v)}" for name, v in probe.get("class_coverage", {}).items()) + "."),
         "",
         "| level / template | n | majority | linear | tissue | oracle |",
         "|---|---|---|---|---|---|",
