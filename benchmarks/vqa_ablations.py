@@ -36,6 +36,9 @@ every intermediate (cohort, job, QA, encoders, runs, predictions, evaluation rep
     # finished after 24 min (the 32-query stage 1 takes under 2 min).
     # vqa_full_long / vqa_mlp_long / vqa_mlp_10ep: --variants full|mlp_all_tokens --set stage2_epochs=6 (10), reusing the
     # stage 1 and warm-up of the run above.
+    # vqa_big (96 patients, 4 epochs of stage 2): --work /tmp/vqa_big --set patients=96 --set stage2_epochs=4, one
+    # process per variant (mlp_all_tokens with --threads 2, full with --threads 1, side by side; ~1 h each), then
+    # one run over both (--variants mlp_all_tokens,full --name vqa_big) for the combined tables and probes.
     python benchmarks/vqa_ablations.py --work /tmp/vqa_q --quick           # minutes, smoke-level numbers
     python benchmarks/vqa_ablations.py --cohort C --job J --qa Q ...    # reuse existing data
 """
