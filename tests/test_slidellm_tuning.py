@@ -330,3 +330,17 @@ def test_connector_standardisers_are_fitted_once_on_the_training_slides(world: d
     for name in ("standardize", "patch_standardize"):
         a, b = getattr(connector, name), getattr(s2.module.vlm.connector, name)
         assert torch.equal(a.mean, b.mean) and torch.equal(a.scale, b.scale)
+
+
+def test_a_stage2_checkpoint_as_init_continues_its_adapters(world: dict[str, Path], tmp_path: Path) -> None:
+    run_stage(stage_config(world, "stage2", tmp_path / "s2", train=tiny_train(max_steps=2)))
+    trained = {n: p for n, p in load_vlm(tmp_path / "s2").model.llm.named_parameters() if "lora_B" in n}
+    # Fresh LoRA starts with B = 0; two steps moved it.
+    assert trained and any(bool(p.abs().sum() > 0) for p in trained.values())
+    more = prepare_stage(stage_config(world, "stage2", tmp_path / "s2b", init=str(tmp_path / "s2"), train=tiny_train(max_steps=1)))
+    continued = dict(more.module.vlm.llm.named_parameters())
+    assert all(torch.equal(continued[n], p) and continued[n].requires_grad for n, p in trained.items())
+    for stage, extra in (("stage1", {}), ("stage2", {"llm_tuning": "full"})):
+        with pytest.raises(ValueError, match="only a stage-2 run with LoRA"):
+            prepare_stage(stage_config(world, stage, tmp_path / f"bad_{stage}", init=str(tmp_path / "s2"),
+                                       train=tiny_train(max_steps=1), **extra))

@@ -224,7 +224,9 @@ def stage1_command(
 def stage2_command(
     records: Records,
     out: Out,
-    init: Annotated[Optional[Path], typer.Option("--init", help="Stage-1 run to start from (omit for one-stage tuning).")] = None,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", help="Stage-1 run to start from (omit for one-stage tuning), or a stage-2 LoRA run to continue."
+    )] = None,
     llm: LLM = None,
     job: Job = None,
     resume: Resume = False,

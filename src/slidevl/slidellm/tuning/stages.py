@@ -9,7 +9,8 @@
 * ``stage1``: caption records; only the connector trains (encoder and LLM frozen).
 * ``stage2``: single/multi/open records; connector + LoRA adapters train (or, with
   ``llm_tuning="full"``, connector + every LLM weight). It starts from a stage-1
-  checkpoint (``init``) or, for the one-stage ablation, from scratch.
+  checkpoint (``init``) or, for the one-stage ablation, from scratch. A stage-2 LoRA
+  checkpoint as ``init`` continues its adapters (their LoRA settings win over ``lora``).
 
 The topo-pack encoder is frozen unless ``train_encoder`` is set; frozen outputs are
 computed once per slide and cached (:mod:`slidevl.slidellm.tuning.visual`).
@@ -199,6 +200,12 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     init_info = CheckpointInfo.load(init / INFO_NAME) if init is not None else None
     if init_info is not None and cfg.connector:
         raise ValueError(f"--init {init} fixes the connector; drop the connector options (or start without --init)")
+    continues_adapter = init_info is not None and init_info.has_adapter
+    if continues_adapter and not (cfg.stage == "stage2" and cfg.llm_tuning == "lora"):
+        raise ValueError(
+            f"--init {init} is a stage-2 checkpoint with LoRA adapters; only a stage-2 run with LoRA tuning can "
+            "continue them (start stage 1 or full tuning from a stage-1 checkpoint instead)"
+        )
     llm_dir = checkpoint_llm_dir(init, init_info) if init is not None and init_info is not None and cfg.llm is None else None
     if llm_dir is None:
         if cfg.llm is None:
@@ -235,8 +242,13 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     connector = build_connector(conn_cfg)
     if full_llm:
         llm.requires_grad_(True)
+    elif cfg.stage == "stage2" and resume_dir is not None:
+        llm = load_lora(llm, resume_dir / "adapter", trainable=True)
+    elif continues_adapter and init is not None:
+        # A stage-2 checkpoint as --init: its adapters keep training (more epochs, more data).
+        llm = load_lora(llm, init / "adapter", trainable=True)
     elif cfg.stage == "stage2":
-        llm = load_lora(llm, resume_dir / "adapter", trainable=True) if resume_dir is not None else add_lora(llm, cfg.lora)
+        llm = add_lora(llm, cfg.lora)
     model = SlideVLM(connector, llm, image_token_id=image_token_id(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if resume_dir is not None:
         load_connector_weights(model, resume_dir)
