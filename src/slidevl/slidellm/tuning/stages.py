@@ -200,8 +200,8 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     init_info = CheckpointInfo.load(init / INFO_NAME) if init is not None else None
     if init_info is not None and cfg.connector:
         raise ValueError(f"--init {init} fixes the connector; drop the connector options (or start without --init)")
-    continues_adapter = init_info is not None and init_info.has_adapter
-    if continues_adapter and not (cfg.stage == "stage2" and cfg.llm_tuning == "lora"):
+    init_adapter = init / "adapter" if init is not None and init_info is not None and init_info.has_adapter else None
+    if init_adapter is not None and not (cfg.stage == "stage2" and cfg.llm_tuning == "lora"):
         raise ValueError(
             f"--init {init} is a stage-2 checkpoint with LoRA adapters; only a stage-2 run with LoRA tuning can "
             "continue them (start stage 1 or full tuning from a stage-1 checkpoint instead)"
@@ -244,9 +244,9 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         llm.requires_grad_(True)
     elif cfg.stage == "stage2" and resume_dir is not None:
         llm = load_lora(llm, resume_dir / "adapter", trainable=True)
-    elif continues_adapter and init is not None:
+    elif init_adapter is not None:
         # A stage-2 checkpoint as --init: its adapters keep training (more epochs, more data).
-        llm = load_lora(llm, init / "adapter", trainable=True)
+        llm = load_lora(llm, init_adapter, trainable=True)
     elif cfg.stage == "stage2":
         llm = add_lora(llm, cfg.lora)
     model = SlideVLM(connector, llm, image_token_id=image_token_id(tokenizer), pad_token_id=tokenizer.pad_token_id)
