@@ -20,21 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from vqa_ablations import RESULTS, answer_test
+from vqa_ablations import RESULTS, _train, answer_test, run_stage_once
 
 
 def continue_variant(work: Path, variant: str, epochs: int, lr: float, seed: int) -> dict[str, Any]:
-    from slidevl.slidellm import recipe
-    from slidevl.slidellm.tuning.config import TuneConfig
     from slidevl.vqa.evaluate import evaluate
 
     source = work / "runs" / variant / "stage2"
     base = json.loads((source / "run.json").read_text())
     folder = work / "runs" / f"{variant}_continued"
-    summary = recipe.run_stage_once(TuneConfig.from_dict(dict(
+    summary = run_stage_once(dict(
         stage="stage2", records=base["records"], out=str(folder / "stage2"), job=base["job"], encoder=base["encoder"],
-        init=str(source), train=dict(epochs=epochs, batch_size=base["train"]["batch_size"], seed=seed, lr=lr,
-                                     save_every=10_000))))
+        init=str(source), train=_train(seed, base["train"]["batch_size"], epochs, lr=lr)))
     test, job = Path(base["records"]).with_name("test.jsonl"), Path(base["job"])
     scores: dict[str, Any] = {"previous_epochs": base["train"]["epochs"], "epochs": epochs, "lr": lr, "training": summary}
     for stem, shuffle, rank in (("predictions", False, False), ("predictions_ranked", False, True),

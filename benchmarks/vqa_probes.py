@@ -35,7 +35,7 @@ PROBES = ("linear", "tissue", "oracle")
 @dataclass
 class _Slide:
     features: np.ndarray  # (N, D) float32
-    coords: np.ndarray  # (N, 2) level-0 top-left
+    boxes: Any  # (N, 4) int64 tensor: level-0 patch boxes, exclusive ends
     step: float  # level-0 patch edge
     fractions: np.ndarray  # (N, n_classes) true class fractions of each patch
     grade: int
@@ -43,15 +43,18 @@ class _Slide:
     tissue_proba: np.ndarray | None = None  # (N, n_classes) from the patch classifier
 
     def under(self, bbox: Any) -> np.ndarray:
-        if bbox is None:
-            return np.ones(len(self.coords), bool)
-        x0, y0, x1, y1 = bbox
-        c = self.coords
-        inside = (c[:, 0] < x1) & (c[:, 0] + self.step > x0) & (c[:, 1] < y1) & (c[:, 1] + self.step > y0)
-        return inside if inside.any() else np.ones(len(c), bool)
+        """Mask of the patches a connector reads for ``bbox`` (every patch when None or none intersect)."""
+        from slidevl.slidellm.model import boxes_intersecting
+
+        inside = np.zeros(len(self.features), bool)
+        if bbox is not None:
+            inside[boxes_intersecting(self.boxes, bbox).numpy()] = True
+        return inside if inside.any() else np.ones(len(self.features), bool)
 
 
 def _load_slides(job: Path, cohort: Path, slide_ids: set[str]) -> dict[str, _Slide]:
+    import torch
+
     from slidevl.features.store import FeatureStore
     from slidevl.slidellm.model import patch_step_level0
     from slidevl.synth.truth import class_fractions, load_truth
@@ -60,11 +63,12 @@ def _load_slides(job: Path, cohort: Path, slide_ids: set[str]) -> dict[str, _Sli
     out = {}
     for sid in sorted(slide_ids):
         sf, st = store.load(sid, load=("patch",)), truth.slides[sid]
-        step, coords = patch_step_level0(sf), np.asarray(sf.patch_coords)
+        step, coords = patch_step_level0(sf), torch.as_tensor(np.asarray(sf.patch_coords), dtype=torch.int64)
+        boxes = torch.cat([coords, coords + round(step)], dim=1)  # as the connector sees them
         labels = st.labels()
-        fractions = np.stack([class_fractions(labels, [x, y, x + step, y + step], st.label_downsample) for x, y in coords])
+        fractions = np.stack([class_fractions(labels, box, st.label_downsample) for box in boxes.tolist()])
         area = np.bincount(labels.ravel(), minlength=fractions.shape[1])[: fractions.shape[1]] * st.label_downsample ** 2
-        out[sid] = _Slide(np.asarray(sf.patch_features, np.float32), coords, step, fractions, st.grade, area)
+        out[sid] = _Slide(np.asarray(sf.patch_features, np.float32), boxes, step, fractions, st.grade, area)
     return out
 
 
