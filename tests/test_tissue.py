@@ -12,6 +12,7 @@ from slidevl.slide.geojson import mask_polygons, tissue_geojson
 from slidevl.slide.qc import render_qc
 from slidevl.slide.reader import open_slide
 from slidevl.slide.tissue import TissueMask, TissueParams, segment_image, segment_slide
+from slidevl.slide.tissue import saturation as tissue_saturation
 from slidevl.tiling.grid import GridSpec, SlideGrid
 
 
@@ -117,3 +118,80 @@ def test_qc_picture_highlights_kept_patches():
     far = grid.patch_boxes(np.array([[1, 10]]))[0] // 8
     assert np.abs(picture[far[1] + 3 : far[3] - 3, far[0] + 3 : far[2] - 3].astype(int)
                   - img[far[1] + 3 : far[3] - 3, far[0] + 3 : far[2] - 3].astype(int)).max() == 0
+
+
+def _membrane_net(img: np.ndarray, box: tuple[float, float, float, float], spacing: int, rng) -> np.ndarray:
+    """Draw 1-px pink cell walls ``spacing`` px apart in the relative ``box``; returns the box's mask."""
+    h, w = img.shape[:2]
+    x0, y0, x1, y1 = int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)
+    for x in range(x0, x1, spacing):
+        xx = min(x1 - 1, x + int(rng.integers(-8, 9)))
+        img[y0:y1, xx] = (228, 160, 200)
+    for y in range(y0, y1, spacing):
+        yy = min(y1 - 1, y + int(rng.integers(-8, 9)))
+        img[yy, x0:x1] = (228, 160, 200)
+    truth = np.zeros((h, w), dtype=bool)
+    truth[y0:y1, x0:x1] = True
+    return truth
+
+
+def test_adipose_recovery_adds_membrane_networks_that_touch_tissue(tmp_path):
+    """Fat next to a tissue piece vanishes in the overview; its membranes at 1 µm/px bring it back.
+
+    A second membrane network away from the tissue and sparse pink specks (debris more
+    than the closing's diameter apart) on the noisy glass stay out: closing fills only
+    gaps between lines, and only networks touching tissue count.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    blob = Blob(0.3, 0.4, 0.2, 0.25)
+    img = tissue_image(2048, 1536, blobs=(blob,))
+    fat = _membrane_net(img, (0.48, 0.1, 0.95, 0.55), 140, rng)  # 70 µm cells at 0.5 µm/px
+    apart = _membrane_net(img, (0.55, 0.75, 0.95, 0.95), 140, rng)
+    for y in range(1060, 1500, 260):
+        for x in range(60, 1000, 260):
+            img[y : y + 3, x : x + 3] = (228, 160, 200)
+    path = write_aperio_slide(tmp_path / "fat.svs", image=img, mpp=0.5)
+
+    def overview(truth: np.ndarray) -> np.ndarray:
+        return truth.reshape(96, 16, 128, 16).mean(axis=(1, 3)) > 0.5
+
+    with open_slide(path) as slide:
+        plain, _ = segment_slide(slide, 0.5, TissueParams(adipose_radius_um=0))
+        tissue, _ = segment_slide(slide, 0.5, TissueParams())
+    assert tissue.mask.shape == (96, 128) and tissue.line_threshold is not None
+    tissue_truth = overview(blob_mask(2048, 1536, (blob,)))
+    fat_only = overview(fat) & ~tissue_truth
+    assert plain.mask[fat_only].mean() < 0.2
+    assert tissue.mask[fat_only].mean() > 0.9
+    assert tissue.mask[tissue_truth].mean() > 0.95
+    assert tissue.mask[overview(apart)].mean() < 0.05
+    glass = ~ndimage.binary_dilation(tissue_truth | overview(fat) | overview(apart), iterations=2)
+    assert tissue.mask[glass].mean() < 0.01
+    assert plain.attrs()["adipose_threshold_used"] is None
+
+
+def test_max_saturation_is_the_block_maximum(tmp_path, monkeypatch):
+    import slidevl.slide.tissue as tissue_module
+
+    path = write_aperio_slide(tmp_path / "s.svs", 512, 384, mpp=0.5)
+    monkeypatch.setattr(tissue_module, "BAND_PIXELS", 512 * 20)  # many bands
+    with open_slide(path) as slide:
+        full = tissue_module.saturation(np.asarray(slide.read_region_image((0, 0), 0, (512, 384))))
+        got = tissue_module.max_saturation(slide, 0, (37, 50))
+        with pytest.raises(ValueError, match="coarser than"):
+            tissue_module.max_saturation(slide, 1, (384, 512))
+    rows = np.floor(np.arange(38) * 384 / 37).astype(int)
+    cols = np.floor(np.arange(51) * 512 / 50).astype(int)
+    rows[-1], cols[-1] = 384, 512
+    want = np.array([[full[rows[i] : rows[i + 1], cols[j] : cols[j + 1]].max() for j in range(50)] for i in range(37)])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_saturation_matches_hsv():
+    from skimage.color import rgb2hsv
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    want = np.floor(rgb2hsv(rgb)[..., 1] * 255 + 1e-6)
+    np.testing.assert_allclose(tissue_saturation(rgb), want, atol=1)

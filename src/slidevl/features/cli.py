@@ -56,6 +56,10 @@ def preprocess_command(
     closing_radius_um: float = typer.Option(16.0, help="Morphological closing radius in µm."),
     min_object_um2: float = typer.Option(20000.0, help="Drop tissue pieces smaller than this (µm²)."),
     max_hole_um2: float = typer.Option(50000.0, help="Fill holes up to this area (µm²); 0 keeps all holes."),
+    adipose_radius_um: float = typer.Option(
+        50.0, help="Recover adipose tissue: close networks of stained membranes up to this radius (µm); 0 = off."),
+    adipose_um_per_px: float = typer.Option(
+        1.0, help="Resolution (µm/px) at which membranes are read for adipose recovery; coarser reads faster."),
     pack_features: bool = typer.Option(True, help="Encode the stitched 3x3 pack images."),
     global_feature: bool = typer.Option(True, help="Encode the whole-slide thumbnail."),
     float32: bool = typer.Option(False, "--float32", help="Store features as float32 (default float16)."),
@@ -87,6 +91,8 @@ def preprocess_command(
                 closing_radius_um=closing_radius_um,
                 min_object_area_um2=min_object_um2,
                 max_hole_area_um2=max_hole_um2,
+                adipose_radius_um=adipose_radius_um,
+                adipose_um_per_px=adipose_um_per_px,
             ),
             min_tissue=min_tissue,
             encoder=encoder,

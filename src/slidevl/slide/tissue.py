@@ -4,6 +4,14 @@ Stained tissue is saturated, glass is not. The saturation channel is median-filt
 thresholded with Otsu (or a fixed override, never below a floor so that an empty slide
 stays empty), closed, cleaned of small specks and filled where holes are small. Sizes
 are given in physical units (µm, µm²) so the same parameters work at any scan mpp.
+
+Adipose tissue defeats the saturation cue: an adipocyte is a clear vacuole inside a
+membrane under a micron wide, so an area-averaged overview shows fat as pale as glass.
+The membranes stay saturated at about 1 µm/px, though. Adipose recovery therefore reads
+the slide at that resolution, keeps each overview pixel's *highest* saturation (a max, so
+the thin lines survive the downsampling), closes the network of stained lines at the
+adipocyte scale and adds the closed networks that touch tissue. A closing only fills gaps
+between lines narrower than its diameter, so isolated specks (dust) do not grow into tissue.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from scipy import ndimage
 from skimage.filters import rank, threshold_otsu
 from skimage.morphology import disk
 
-from slidevl.slide.reader import Slide
+from slidevl.slide.reader import BAND_PIXELS, Slide
 from slidevl.tiling.grid import SlideGrid
 
 
@@ -32,6 +40,8 @@ class TissueParams:
     closing_radius_um: float = 16.0
     min_object_area_um2: float = 20_000.0
     max_hole_area_um2: float = 50_000.0  # holes up to this area are filled; 0 keeps every hole
+    adipose_radius_um: float = 50.0  # close stained-line networks up to this radius (adipocytes); 0 = off
+    adipose_um_per_px: float = 1.0  # resolution at which membranes are read for adipose recovery
 
     def __post_init__(self) -> None:
         if not self.downsample >= 1:
@@ -40,9 +50,12 @@ class TissueParams:
             raise ValueError(f"tissue level must be >= 0, got {self.level}")
         if self.saturation_threshold is not None and not 0 <= self.saturation_threshold <= 255:
             raise ValueError(f"saturation threshold must be in 0..255, got {self.saturation_threshold}")
-        for name in ("median_size", "closing_radius_um", "min_object_area_um2", "max_hole_area_um2", "min_saturation"):
+        for name in ("median_size", "closing_radius_um", "min_object_area_um2", "max_hole_area_um2", "min_saturation",
+                     "adipose_radius_um"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.adipose_um_per_px > 0:
+            raise ValueError(f"adipose_um_per_px must be > 0, got {self.adipose_um_per_px}")
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -58,6 +71,7 @@ class TissueMask:
     threshold: float
     level: int
     params: TissueParams
+    line_threshold: float | None = None  # fine-level membrane threshold when adipose recovery ran
 
     @property
     def tissue_fraction(self) -> float:
@@ -67,6 +81,7 @@ class TissueMask:
         return {
             **self.params.as_dict(),
             "threshold_used": self.threshold,
+            "adipose_threshold_used": self.line_threshold,
             "read_level": self.level,
             "mask_shape": list(self.mask.shape),
             "mask_scale": [self.scale_x, self.scale_y],
@@ -114,14 +129,20 @@ def _bilinear(integral: np.ndarray, v: float, u_i: np.ndarray, u_f: np.ndarray) 
     return top * (1 - v_f) + bottom * v_f
 
 
+def _saturation_table() -> np.ndarray:
+    hi = np.arange(256, dtype=np.int32)[:, None]
+    lo = np.arange(256, dtype=np.int32)[None, :]
+    table = np.where(hi > 0, np.clip(hi - lo, 0, None) * 255 // np.maximum(hi, 1), 0)
+    return table.astype(np.uint8)
+
+
+_SATURATION = _saturation_table()  # [max channel, min channel] -> saturation; a lookup is ~10x faster
+
+
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation scaled to 0..255 (uint8), computed without a float HSV image."""
-    hi = rgb.max(axis=2).astype(np.uint16)
-    lo = rgb.min(axis=2).astype(np.uint16)
-    sat = np.zeros(hi.shape, dtype=np.uint8)
-    nz = hi > 0
-    sat[nz] = ((hi[nz] - lo[nz]) * 255 // hi[nz]).astype(np.uint8)
-    return sat
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return _SATURATION[np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)]
 
 
 def _components_at_most(mask: np.ndarray, max_px: float, *, keep_border: bool = False) -> np.ndarray:
@@ -139,8 +160,12 @@ def _components_at_most(mask: np.ndarray, max_px: float, *, keep_border: bool = 
 
 
 def segment_image(rgb: np.ndarray, um_per_px: float, params: TissueParams, *, scale: tuple[float, float] = (1.0, 1.0),
-                  level: int = 0) -> TissueMask:
-    """Segment an overview ``rgb`` whose pixels are ``um_per_px`` microns wide."""
+                  level: int = 0, line_saturation: np.ndarray | None = None) -> TissueMask:
+    """Segment an overview ``rgb`` whose pixels are ``um_per_px`` microns wide.
+
+    ``line_saturation`` (see :func:`max_saturation`), on the overview's grid, turns on
+    adipose recovery when ``params.adipose_radius_um`` is positive.
+    """
     sat = saturation(rgb)
     if params.median_size > 1:
         sat = rank.median(sat, footprint=np.ones((params.median_size, params.median_size), dtype=bool))
@@ -151,18 +176,67 @@ def segment_image(rgb: np.ndarray, um_per_px: float, params: TissueParams, *, sc
         otsu = float(threshold_otsu(sat)) if sat.size and sat.min() != sat.max() else 0.0
         threshold = max(otsu, params.min_saturation)
     mask = sat > threshold
+    line_threshold = None
     radius = int(round(params.closing_radius_um / um_per_px))
     if radius >= 1 and mask.any():
         pad = radius + 1
         padded = np.pad(mask, pad)
         mask = ndimage.binary_closing(padded, structure=disk(radius).astype(bool))[pad:-pad, pad:-pad]
+    if line_saturation is not None and params.adipose_radius_um > 0 and mask.any():
+        if line_saturation.shape != mask.shape:
+            raise ValueError(f"line saturation map {line_saturation.shape} does not match the overview {mask.shape}")
+        # Halfway between the glass's own level and the tissue threshold: thin membranes lose
+        # about half their saturation to JPEG chroma subsampling, and a tinted glass raises both.
+        glass = float(np.median(line_saturation[~mask])) if not mask.all() else 0.0
+        line_threshold = max(params.min_saturation, (glass + threshold) / 2)
+        mask |= _line_networks(line_saturation > line_threshold, mask, params.adipose_radius_um / um_per_px)
     px_area = um_per_px * um_per_px
     if params.min_object_area_um2 > 0:
         # Objects strictly smaller than the minimum area go.
         mask &= ~_components_at_most(mask, math.ceil(params.min_object_area_um2 / px_area) - 1)
     if params.max_hole_area_um2 > 0:
         mask |= _components_at_most(~mask, params.max_hole_area_um2 / px_area, keep_border=True)
-    return TissueMask(mask=mask, scale_x=scale[0], scale_y=scale[1], threshold=threshold, level=level, params=params)
+    return TissueMask(mask=mask, scale_x=scale[0], scale_y=scale[1], threshold=threshold, level=level, params=params,
+                      line_threshold=line_threshold)
+
+
+def _line_networks(lines: np.ndarray, tissue: np.ndarray, radius_px: float) -> np.ndarray:
+    """Networks of stained lines, closed at ``radius_px``, that touch ``tissue``."""
+    radius = max(1, int(round(radius_px)))
+    pad = radius + 1
+    closed = ndimage.binary_closing(np.pad(lines, pad), structure=disk(radius).astype(bool))[pad:-pad, pad:-pad]
+    labels, n = ndimage.label(closed, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return closed
+    touching = np.zeros(n + 1, dtype=bool)
+    touching[labels[tissue & closed]] = True
+    touching[0] = False
+    return touching[labels]
+
+
+def max_saturation(slide: Slide, level: int, shape: tuple[int, int]) -> np.ndarray:
+    """(h, w) uint8: per overview pixel, the highest saturation of the ``level`` pixels under it.
+
+    ``shape`` is the overview's; the level must be at least as fine. Read in horizontal
+    bands, so memory stays bounded by one band whatever the slide's size.
+    """
+    out_h, out_w = shape
+    lw, lh = slide.level_dimensions[level]
+    fx, fy = lw / out_w, lh / out_h
+    if fx < 1 - 1e-6 or fy < 1 - 1e-6:
+        raise ValueError(f"{slide.path}: level {level} ({lw}x{lh}) is coarser than the {out_w}x{out_h} overview")
+    ds = slide.level_downsamples[level]
+    col_starts = np.floor(np.arange(out_w) * fx).astype(np.int64)
+    row_edges = np.append(np.floor(np.arange(out_h) * fy).astype(np.int64), lh)
+    out = np.empty(shape, dtype=np.uint8)
+    band_rows = max(1, int(BAND_PIXELS // max(1, lw) / max(fy, 1.0)))
+    for r0 in range(0, out_h, band_rows):
+        r1 = min(out_h, r0 + band_rows)
+        s0, s1 = int(row_edges[r0]), int(row_edges[r1])
+        band = saturation(np.asarray(slide.read_region_image((0, int(round(s0 * ds))), level, (lw, s1 - s0))))
+        rows = np.maximum.reduceat(band, row_edges[r0:r1] - s0, axis=0)
+        out[r0:r1] = np.maximum.reduceat(rows, col_starts, axis=1)
+    return out
 
 
 def segment_slide(slide: Slide, mpp: float, params: TissueParams) -> tuple[TissueMask, np.ndarray]:
@@ -180,4 +254,8 @@ def segment_slide(slide: Slide, mpp: float, params: TissueParams) -> tuple[Tissu
     w0, h0 = slide.dimensions
     scale = (w0 / overview.shape[1], h0 / overview.shape[0])
     um_per_px = mpp * math.sqrt(scale[0] * scale[1])
-    return segment_image(overview, um_per_px, params, scale=scale, level=level), overview
+    lines = None
+    if params.adipose_radius_um > 0:
+        fine = min(slide.best_level(params.adipose_um_per_px / mpp), level)
+        lines = max_saturation(slide, fine, overview.shape[:2])
+    return segment_image(overview, um_per_px, params, scale=scale, level=level, line_saturation=lines), overview

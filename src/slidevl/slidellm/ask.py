@@ -60,7 +60,8 @@ def preprocess_config_from_attrs(attrs: dict[str, Any], *, workers: int | None =
     return PreprocessConfig(
         **execution,
         grid=GridSpec(**fp["grid"]),
-        tissue=TissueParams(**fp["tissue"]),
+        # Stores written before adipose recovery existed carry no such key: they were segmented without it.
+        tissue=TissueParams(**{"adipose_radius_um": 0.0, **fp["tissue"]}),
         min_tissue=float(fp["min_tissue"]),
         encoder=str(attrs.get("encoder_spec") or fp["encoder"]),
         region_encoder=str(fp["region_encoder"]),
