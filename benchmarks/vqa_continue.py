@@ -2,12 +2,16 @@
 
 A stage-2 checkpoint given as ``init`` keeps training its LoRA adapters and connector
 (with a fresh learning-rate schedule), so a variant can be trained longer without
-starting again. The continued run, its answers (free, ranked, and the shuffled-image
-control) and its scores stay in the work folder; the tables go to
+starting again, on its own data or on another preprocessing of the same cohort
+(``--data``: a folder with ``job/`` and ``qa/`` whose test patients are the run's). The
+continued run (``runs/<name>`` of the data folder), its answers (free, ranked, and the
+shuffled-image control) and its scores stay there; the tables go to
 ``benchmarks/results/<name>.json`` and ``.md``. Finished steps are reused.
 
     python benchmarks/vqa_continue.py --work /tmp/vqa_big --variant mlp_all_tokens --epochs 4 --lr 2.5e-4 \\
-        --name vqa_big_mlp_8ep   # the committed result: 4 + 4 epochs on 96 patients
+        --name vqa_big_mlp_8ep   # 4 + 4 epochs on 96 patients
+    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_big/runs/vqa_big_mlp_8ep/stage2 \\
+        --data /tmp/vqa_fat --epochs 4 --name vqa_fat_mlp_12ep   # then 4 on the adipose-aware tissue mask
 """
 
 from __future__ import annotations
@@ -23,17 +27,40 @@ import torch
 from vqa_ablations import RESULTS, _train, answer_test, run_stage_once
 
 
-def continue_variant(work: Path, variant: str, epochs: int, lr: float, seed: int) -> dict[str, Any]:
+def epochs_so_far(checkpoint: Path) -> int:
+    """Stage-2 epochs behind a checkpoint, following its chain of stage-2 ``init`` runs."""
+    run = json.loads((checkpoint / "run.json").read_text())
+    init = run.get("init")
+    earlier = Path(init) if init and (Path(init) / "run.json").is_file() else None
+    if earlier is None or json.loads((earlier / "run.json").read_text()).get("stage") != "stage2":
+        return int(run["train"]["epochs"])
+    return int(run["train"]["epochs"]) + epochs_so_far(earlier)
+
+
+def same_test_slides(a: Path, b: Path) -> None:
+    """Refuse to score on a test split whose slides differ from the ones the run held out."""
+    from slidevl.vqa.records import read_records
+
+    sa, sb = ({r.slide for r in read_records(p)} for p in (a, b))
+    if sa != sb:
+        raise SystemExit(f"{b} tests other slides than {a} ({len(sa ^ sb)} differ): the continued run may have "
+                         "trained on its test slides")
+
+
+def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, data: Path | None) -> dict[str, Any]:
     from slidevl.vqa.evaluate import evaluate
 
-    source = work / "runs" / variant / "stage2"
     base = json.loads((source / "run.json").read_text())
-    folder = work / "runs" / f"{variant}_continued"
-    summary = run_stage_once(dict(
-        stage="stage2", records=base["records"], out=str(folder / "stage2"), job=base["job"], encoder=base["encoder"],
-        init=str(source), train=_train(seed, base["train"]["batch_size"], epochs, lr=lr)))
-    test, job = Path(base["records"]).with_name("test.jsonl"), Path(base["job"])
-    scores: dict[str, Any] = {"previous_epochs": base["train"]["epochs"], "epochs": epochs, "lr": lr, "training": summary}
+    records, job = Path(base["records"]), Path(base["job"])
+    if data is not None:
+        same_test_slides(records.with_name("test.jsonl"), data / "qa" / "test.jsonl")
+        records, job = data / "qa" / "train.jsonl", data / "job"
+    summary = run_stage_once({
+        "stage": "stage2", "records": str(records), "out": str(folder / "stage2"), "job": str(job), "encoder": base["encoder"],
+        "init": str(source), "train": _train(seed, base["train"]["batch_size"], epochs, lr=lr)})
+    test = records.with_name("test.jsonl")
+    scores: dict[str, Any] = {"previous_epochs": epochs_so_far(source), "epochs": epochs, "lr": lr, "source": str(source),
+                              "data": str(data or job.parent), "training": summary}
     for stem, shuffle, rank in (("predictions", False, False), ("predictions_ranked", False, True),
                                 ("predictions_shuffled", True, False)):
         pred, per_answer = answer_test(folder / "stage2", test, job, folder / f"{stem}.jsonl", 64,
@@ -58,9 +85,9 @@ def render(name: str, variant: str, s: dict[str, Any]) -> str:
     return "\n".join([
         f"# Slide VQA: `{variant}` trained longer ({name})",
         "",
-        f"Stage 2 continued from the finished {s['previous_epochs']}-epoch run for {s['epochs']} more epochs "
-        f"(learning rate {s['lr']:g}, fresh schedule): {t['steps']} steps, loss {t['first_loss']:.3f} -> "
-        f"{t['final_loss']:.3f}, {t['seconds'] / 60:.1f} min.",
+        (f"Stage 2 continued from the finished {s['previous_epochs']}-epoch run for {s['epochs']} more epochs "
+        f"(learning rate {s['lr']:g}, fresh schedule) on the data in `{s['data']}`: {t['steps']} steps, loss "
+        f"{t['first_loss']:.3f} -> {t['final_loss']:.3f}, {t['seconds'] / 60:.1f} min."),
         "",
         "| answers | acc all | acc WSI | acc ROI | acc patch | acc single | acc multi |",
         "|---|---|---|---|---|---|---|",
@@ -78,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="the work folder of a vqa_ablations.py run")
-    parser.add_argument("--variant", default="mlp_all_tokens")
+    parser.add_argument("--variant", default="mlp_all_tokens", help="continue runs/<variant>/stage2 of --work")
+    parser.add_argument("--source", help="continue this stage-2 checkpoint folder instead")
+    parser.add_argument("--data", help="train and test on this folder's job/ and qa/ (default: the run's own)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2.5e-4)
     parser.add_argument("--seed", type=int, default=1)
@@ -88,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    scores = continue_variant(Path(args.work), args.variant, args.epochs, args.lr, args.seed)
+    work = Path(args.work)
+    source = Path(args.source) if args.source else work / "runs" / args.variant / "stage2"
+    data = Path(args.data) if args.data else None
+    folder = (data or work) / "runs" / args.name
+    scores = continue_run(source, folder, args.epochs, args.lr, args.seed, data)
     write_json_atomic(RESULTS / f"{args.name}.json", {"variant": args.variant, **scores})
     write_text_atomic(RESULTS / f"{args.name}.md", render(args.name, args.variant, scores))
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min -> {RESULTS / (args.name + '.md')}")

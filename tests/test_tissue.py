@@ -172,21 +172,64 @@ def test_adipose_recovery_adds_membrane_networks_that_touch_tissue(tmp_path):
     assert plain.attrs()["adipose_threshold_used"] is None
 
 
-def test_max_saturation_is_the_block_maximum(tmp_path, monkeypatch):
-    import slidevl.slide.tissue as tissue_module
+def test_max_saturation_is_the_block_maximum(tmp_path):
+    from slidevl.slide.tissue import max_saturation
 
     path = write_aperio_slide(tmp_path / "s.svs", 512, 384, mpp=0.5)
-    monkeypatch.setattr(tissue_module, "BAND_PIXELS", 512 * 20)  # many bands
+    zone = np.zeros((37, 50), dtype=bool)
+    zone[3:9, 40:44] = True
     with open_slide(path) as slide:
-        full = tissue_module.saturation(np.asarray(slide.read_region_image((0, 0), 0, (512, 384))))
-        got = tissue_module.max_saturation(slide, 0, (37, 50))
+        full = tissue_saturation(np.asarray(slide.read_region_image((0, 0), 0, (512, 384))))
+        got = max_saturation(slide, 0, (37, 50), tile=7)  # blocks that do not divide the overview
+        zoned = max_saturation(slide, 0, (37, 50), zone, tile=7)
         with pytest.raises(ValueError, match="coarser than"):
-            tissue_module.max_saturation(slide, 1, (384, 512))
+            max_saturation(slide, 1, (384, 512))
     rows = np.floor(np.arange(38) * 384 / 37).astype(int)
     cols = np.floor(np.arange(51) * 512 / 50).astype(int)
     rows[-1], cols[-1] = 384, 512
     want = np.array([[full[rows[i] : rows[i + 1], cols[j] : cols[j + 1]].max() for j in range(50)] for i in range(37)])
     np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(zoned, np.where(zone, want, 0))
+
+
+def test_adipose_recovery_reads_only_where_it_matters(tmp_path):
+    """Reading membranes only near the tissue's edge gives the same mask as reading everything."""
+    from slidevl.slide.tissue import max_saturation
+
+    rng = np.random.default_rng(5)
+    img = tissue_image(2048, 1536, blobs=(Blob(0.3, 0.4, 0.2, 0.25),))
+    _membrane_net(img, (0.48, 0.1, 0.95, 0.55), 140, rng)
+    path = write_aperio_slide(tmp_path / "fat.svs", image=img, mpp=0.5)
+    zones = []
+    with open_slide(path) as slide:
+        zoned, overview = segment_slide(slide, 0.5, TissueParams())
+
+        def read_everything(zone: np.ndarray) -> np.ndarray:
+            zones.append(zone)
+            return max_saturation(slide, 0, zone.shape)
+
+        full = segment_image(overview, 8.0, TissueParams(), scale=(16.0, 16.0), level=2, read_lines=read_everything)
+    np.testing.assert_array_equal(zoned.mask, full.mask)
+    assert zoned.line_threshold == full.line_threshold
+    core = blob_mask(128, 96, (Blob(0.3, 0.4, 0.08, 0.1),))  # deeper than the closing's diameter
+    assert core.any() and not zones[0][core].any()
+    assert zones[0][~full.mask].all()  # all the glass of this 1 x 0.8 mm slide is within reach
+
+
+def test_adipose_reach_limits_how_far_fat_is_recovered(tmp_path):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    img = tissue_image(2048, 1536, blobs=(Blob(0.3, 0.4, 0.2, 0.25),))
+    _membrane_net(img, (0.48, 0.1, 0.95, 0.55), 140, rng)
+    path = write_aperio_slide(tmp_path / "fat.svs", image=img, mpp=0.5)
+    with open_slide(path) as slide:
+        plain, _ = segment_slide(slide, 0.5, TissueParams(adipose_radius_um=0))
+        near, _ = segment_slide(slide, 0.5, TissueParams(adipose_reach_um=160))  # 20 overview px
+        far, _ = segment_slide(slide, 0.5, TissueParams())
+    distance = ndimage.distance_transform_edt(~plain.mask)
+    assert distance[near.mask].max() <= 20
+    assert distance[far.mask].max() > 30
 
 
 def test_saturation_matches_hsv():

@@ -29,7 +29,7 @@ from PIL import Image
 # reports downsamples such as 4.000244 for odd level sizes, which must count as 4.
 _SCALE_TOL = 1e-3
 # Pixels per band when building an overview; bounds peak memory of read_downsampled.
-BAND_PIXELS = 16 * 1024 * 1024
+_BAND_PIXELS = 16 * 1024 * 1024
 
 
 class SlideOpenError(RuntimeError):
@@ -207,7 +207,7 @@ class Slide(ABC):
         ds = self.level_downsamples[level]
         fy = lh / out_h
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
-        band_rows = max(1, int(BAND_PIXELS // max(1, lw) / max(fy, 1.0)))
+        band_rows = max(1, int(_BAND_PIXELS // max(1, lw) / max(fy, 1.0)))
         for r0 in range(0, out_h, band_rows):
             r1 = min(out_h, r0 + band_rows)
             # Source rows covering output rows [r0, r1), widened to whole pixels.

@@ -17,6 +17,7 @@ between lines narrower than its diameter, so isolated specks (dust) do not grow 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ from scipy import ndimage
 from skimage.filters import rank, threshold_otsu
 from skimage.morphology import disk
 
-from slidevl.slide.reader import BAND_PIXELS, Slide
+from slidevl.slide.reader import Slide
 from slidevl.tiling.grid import SlideGrid
 
 
@@ -42,6 +43,7 @@ class TissueParams:
     max_hole_area_um2: float = 50_000.0  # holes up to this area are filled; 0 keeps every hole
     adipose_radius_um: float = 50.0  # close stained-line networks up to this radius (adipocytes); 0 = off
     adipose_um_per_px: float = 1.0  # resolution at which membranes are read for adipose recovery
+    adipose_reach_um: float = 2000.0  # membranes are read (and fat recovered) up to this far from tissue
 
     def __post_init__(self) -> None:
         if not self.downsample >= 1:
@@ -51,7 +53,7 @@ class TissueParams:
         if self.saturation_threshold is not None and not 0 <= self.saturation_threshold <= 255:
             raise ValueError(f"saturation threshold must be in 0..255, got {self.saturation_threshold}")
         for name in ("median_size", "closing_radius_um", "min_object_area_um2", "max_hole_area_um2", "min_saturation",
-                     "adipose_radius_um"):
+                     "adipose_radius_um", "adipose_reach_um"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.adipose_um_per_px > 0:
@@ -160,11 +162,12 @@ def _components_at_most(mask: np.ndarray, max_px: float, *, keep_border: bool = 
 
 
 def segment_image(rgb: np.ndarray, um_per_px: float, params: TissueParams, *, scale: tuple[float, float] = (1.0, 1.0),
-                  level: int = 0, line_saturation: np.ndarray | None = None) -> TissueMask:
+                  level: int = 0, read_lines: LineReader | None = None) -> TissueMask:
     """Segment an overview ``rgb`` whose pixels are ``um_per_px`` microns wide.
 
-    ``line_saturation`` (see :func:`max_saturation`), on the overview's grid, turns on
-    adipose recovery when ``params.adipose_radius_um`` is positive.
+    ``read_lines`` turns on adipose recovery when ``params.adipose_radius_um`` is positive:
+    given the overview pixels worth reading, it returns their fine-level maximum
+    saturation (see :func:`max_saturation`).
     """
     sat = saturation(rgb)
     if params.median_size > 1:
@@ -182,14 +185,18 @@ def segment_image(rgb: np.ndarray, um_per_px: float, params: TissueParams, *, sc
         pad = radius + 1
         padded = np.pad(mask, pad)
         mask = ndimage.binary_closing(padded, structure=disk(radius).astype(bool))[pad:-pad, pad:-pad]
-    if line_saturation is not None and params.adipose_radius_um > 0 and mask.any():
-        if line_saturation.shape != mask.shape:
-            raise ValueError(f"line saturation map {line_saturation.shape} does not match the overview {mask.shape}")
+    if read_lines is not None and params.adipose_radius_um > 0 and mask.any():
+        radius_px = params.adipose_radius_um / um_per_px
+        zone = _adipose_zone(mask, radius_px, params.adipose_reach_um / um_per_px)
+        lines = read_lines(zone)
+        if lines.shape != mask.shape:
+            raise ValueError(f"line saturation map {lines.shape} does not match the overview {mask.shape}")
         # Halfway between the glass's own level and the tissue threshold: thin membranes lose
         # about half their saturation to JPEG chroma subsampling, and a tinted glass raises both.
-        glass = float(np.median(line_saturation[~mask])) if not mask.all() else 0.0
-        line_threshold = max(params.min_saturation, (glass + threshold) / 2)
-        mask |= _line_networks(line_saturation > line_threshold, mask, params.adipose_radius_um / um_per_px)
+        glass = lines[zone & ~mask]
+        glass_level = float(np.median(glass)) if glass.size else 0.0
+        line_threshold = max(params.min_saturation, (glass_level + threshold) / 2)
+        mask |= _line_networks(lines > line_threshold, mask, radius_px)
     px_area = um_per_px * um_per_px
     if params.min_object_area_um2 > 0:
         # Objects strictly smaller than the minimum area go.
@@ -198,6 +205,17 @@ def segment_image(rgb: np.ndarray, um_per_px: float, params: TissueParams, *, sc
         mask |= _components_at_most(~mask, params.max_hole_area_um2 / px_area, keep_border=True)
     return TissueMask(mask=mask, scale_x=scale[0], scale_y=scale[1], threshold=threshold, level=level, params=params,
                       line_threshold=line_threshold)
+
+
+LineReader = Callable[[np.ndarray], np.ndarray]
+
+
+def _adipose_zone(tissue: np.ndarray, radius_px: float, reach_px: float) -> np.ndarray:
+    """Overview pixels whose membranes can change the result: glass within reach of tissue,
+    and tissue within the closing's diameter of its edge (deeper tissue is tissue already)."""
+    outside = ndimage.distance_transform_edt(~tissue) <= reach_px
+    rim = ndimage.distance_transform_edt(tissue) <= 2 * radius_px + 1
+    return outside & rim
 
 
 def _line_networks(lines: np.ndarray, tissue: np.ndarray, radius_px: float) -> np.ndarray:
@@ -214,28 +232,38 @@ def _line_networks(lines: np.ndarray, tissue: np.ndarray, radius_px: float) -> n
     return touching[labels]
 
 
-def max_saturation(slide: Slide, level: int, shape: tuple[int, int]) -> np.ndarray:
+def max_saturation(slide: Slide, level: int, shape: tuple[int, int], zone: np.ndarray | None = None,
+                   tile: int = 64) -> np.ndarray:
     """(h, w) uint8: per overview pixel, the highest saturation of the ``level`` pixels under it.
 
-    ``shape`` is the overview's; the level must be at least as fine. Read in horizontal
-    bands, so memory stays bounded by one band whatever the slide's size.
+    ``shape`` is the overview's; the level must be at least as fine. Only ``tile``-square
+    blocks of the overview that hold a ``zone`` pixel are read (all when ``zone`` is None);
+    pixels outside the zone are 0. Memory stays bounded by one block whatever the slide's size.
     """
     out_h, out_w = shape
     lw, lh = slide.level_dimensions[level]
     fx, fy = lw / out_w, lh / out_h
     if fx < 1 - 1e-6 or fy < 1 - 1e-6:
         raise ValueError(f"{slide.path}: level {level} ({lw}x{lh}) is coarser than the {out_w}x{out_h} overview")
+    if zone is not None and zone.shape != tuple(shape):
+        raise ValueError(f"zone {zone.shape} does not match the overview {tuple(shape)}")
     ds = slide.level_downsamples[level]
-    col_starts = np.floor(np.arange(out_w) * fx).astype(np.int64)
     row_edges = np.append(np.floor(np.arange(out_h) * fy).astype(np.int64), lh)
-    out = np.empty(shape, dtype=np.uint8)
-    band_rows = max(1, int(BAND_PIXELS // max(1, lw) / max(fy, 1.0)))
-    for r0 in range(0, out_h, band_rows):
-        r1 = min(out_h, r0 + band_rows)
-        s0, s1 = int(row_edges[r0]), int(row_edges[r1])
-        band = saturation(np.asarray(slide.read_region_image((0, int(round(s0 * ds))), level, (lw, s1 - s0))))
-        rows = np.maximum.reduceat(band, row_edges[r0:r1] - s0, axis=0)
-        out[r0:r1] = np.maximum.reduceat(rows, col_starts, axis=1)
+    col_edges = np.append(np.floor(np.arange(out_w) * fx).astype(np.int64), lw)
+    out = np.zeros(shape, dtype=np.uint8)
+    for r0 in range(0, out_h, tile):
+        r1 = min(out_h, r0 + tile)
+        y0, y1 = int(row_edges[r0]), int(row_edges[r1])
+        for c0 in range(0, out_w, tile):
+            c1 = min(out_w, c0 + tile)
+            if zone is not None and not zone[r0:r1, c0:c1].any():
+                continue
+            x0, x1 = int(col_edges[c0]), int(col_edges[c1])
+            block = slide.read_region_image((int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0))
+            rows = np.maximum.reduceat(saturation(np.asarray(block)), row_edges[r0:r1] - y0, axis=0)
+            out[r0:r1, c0:c1] = np.maximum.reduceat(rows, col_edges[c0:c1] - x0, axis=1)
+    if zone is not None:
+        out[~zone] = 0
     return out
 
 
@@ -254,8 +282,9 @@ def segment_slide(slide: Slide, mpp: float, params: TissueParams) -> tuple[Tissu
     w0, h0 = slide.dimensions
     scale = (w0 / overview.shape[1], h0 / overview.shape[0])
     um_per_px = mpp * math.sqrt(scale[0] * scale[1])
-    lines = None
-    if params.adipose_radius_um > 0:
-        fine = min(slide.best_level(params.adipose_um_per_px / mpp), level)
-        lines = max_saturation(slide, fine, overview.shape[:2])
-    return segment_image(overview, um_per_px, params, scale=scale, level=level, line_saturation=lines), overview
+    fine = min(slide.best_level(params.adipose_um_per_px / mpp), level)
+
+    def read_lines(zone: np.ndarray) -> np.ndarray:
+        return max_saturation(slide, fine, overview.shape[:2], zone)
+
+    return segment_image(overview, um_per_px, params, scale=scale, level=level, read_lines=read_lines), overview
