@@ -37,10 +37,13 @@ def test_failures_give_exit_code_1_and_overrides_fix_them(slides, tmp_path):
 
 def test_magnification_alias_and_grid_options(slides, tmp_path):
     result = runner.invoke(app, ["preprocess", str(slides / "good.svs"), "--out", str(tmp_path), "--magnification", "10",
-                                 "--patch-px", "128", "--no-pack-features", "--no-global-feature", *FAST])
+                                 "--patch-px", "128", "--no-pack-features", "--no-global-feature",
+                                 "--adipose-radius-um", "40", "--adipose-um-per-px", "2", "--adipose-reach-um", "500", *FAST])
     assert result.exit_code == 0, result.output
     sf = FeatureStore(tmp_path).load("good")
     assert sf.attrs["target_mpp"] == 1.0 and sf.attrs["patch_size_level0"] == 256.0
+    tissue = sf.attrs["config_fingerprint"]["tissue"]
+    assert (tissue["adipose_radius_um"], tissue["adipose_um_per_px"], tissue["adipose_reach_um"]) == (40.0, 2.0, 500.0)
     assert sf.pack_features is None and sf.global_feature is None and sf.pack_grid is not None
 
 

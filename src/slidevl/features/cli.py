@@ -60,6 +60,8 @@ def preprocess_command(
         50.0, help="Recover adipose tissue: close networks of stained membranes up to this radius (µm); 0 = off."),
     adipose_um_per_px: float = typer.Option(
         1.0, help="Resolution (µm/px) at which membranes are read for adipose recovery; coarser reads faster."),
+    adipose_reach_um: float = typer.Option(
+        2000.0, help="Read membranes (and recover fat) up to this far from the saturated tissue (µm)."),
     pack_features: bool = typer.Option(True, help="Encode the stitched 3x3 pack images."),
     global_feature: bool = typer.Option(True, help="Encode the whole-slide thumbnail."),
     float32: bool = typer.Option(False, "--float32", help="Store features as float32 (default float16)."),
@@ -93,6 +95,7 @@ def preprocess_command(
                 max_hole_area_um2=max_hole_um2,
                 adipose_radius_um=adipose_radius_um,
                 adipose_um_per_px=adipose_um_per_px,
+                adipose_reach_um=adipose_reach_um,
             ),
             min_tissue=min_tissue,
             encoder=encoder,
