@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from vqa_ablations import RESULTS, _train, answer_test, run_stage_once
+from vqa_probes import PROBES, probe_features
 
 
 def epochs_so_far(checkpoint: Path) -> int:
@@ -47,7 +48,20 @@ def same_test_slides(a: Path, b: Path) -> None:
                          "trained on its test slides")
 
 
-def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, data: Path | None) -> dict[str, Any]:
+def single_choice_by_template(report: dict[str, Any], test: Path) -> dict[str, float]:
+    """Single-choice accuracy per ``level/template`` (the keys the probes use)."""
+    from slidevl.vqa.records import read_records
+
+    keys = {r.id: f"{r.level}/{r.meta.get('template', r.category)}" for r in read_records(test) if r.format == "single"}
+    hits: dict[str, list[float]] = {}
+    for row in report["records"]:
+        if row["id"] in keys:
+            hits.setdefault(keys[row["id"]], []).append(row["score"])
+    return {key: round(sum(h) / len(h), 4) for key, h in sorted(hits.items())}
+
+
+def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, data: Path | None,
+                 probe: bool) -> dict[str, Any]:
     from slidevl.vqa.evaluate import evaluate
 
     base = json.loads((source / "run.json").read_text())
@@ -71,7 +85,11 @@ def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, 
             "by_level": {k: v["accuracy"] for k, v in report["by_level"].items()},
             "by_format": {k: v.get("accuracy") for k, v in report["by_format"].items() if v.get("accuracy") is not None},
             "seconds_per_answer": round(per_answer, 4),
+            "single_by_template": single_choice_by_template(report, test),
         }
+    if probe:
+        cohort = Path(json.loads((test.parent / "summary.json").read_text())["cohort"])
+        scores["probe"] = probe_features(job, test.parent, cohort)
     return scores
 
 
@@ -94,10 +112,32 @@ def render(name: str, variant: str, s: dict[str, Any]) -> str:
         row("free generation", s["predictions"]),
         row("single-choice ranked", s["predictions_ranked"]),
         row("another slide's image", s["predictions_shuffled"]),
+        *_template_table(s),
         "",
-        f"Machine: CPU only, {torch.get_num_threads()} torch threads.",
+        f"Machine: CPU only; {torch.get_num_threads()} torch threads in the invocation that wrote this file (finished "
+        "stages and answers are reused, so it may not be the one that trained).",
         "",
     ])
+
+
+def _template_table(s: dict[str, Any]) -> list[str]:
+    """Single-choice accuracy per template, free and ranked, beside the probes when they ran."""
+    free, ranked = s["predictions"].get("single_by_template"), s["predictions_ranked"].get("single_by_template")
+    if not free:
+        return []
+    probe = s.get("probe", {}).get("by_key", {})
+    names = ("majority", *PROBES) if probe else ()
+    lines = ["", "Single-choice accuracy per template" + (" beside the probes of `vqa_probes.py` on the same data "
+             f"(patch tissue classifier accuracy {s['probe']['patch_tissue_accuracy']:.3f}; share of each class's area "
+             "in the kept patches: " + ", ".join(f"{k} {v:.2f}" for k, v in s["probe"]["class_coverage"].items()) + ")"
+             if probe else "") + ":", "",
+             "| level / template | n | free | ranked | " + " | ".join(names) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
+    for key in free:
+        cells = [f"{probe.get(key, {}).get(name, float('nan')):.2f}" for name in names]
+        n = probe.get(key, {}).get("n", "")
+        lines.append(f"| {key} | {n} | {free[key]:.2f} | {ranked.get(key, float('nan')):.2f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="mlp_all_tokens", help="continue runs/<variant>/stage2 of --work")
     parser.add_argument("--source", help="continue this stage-2 checkpoint folder instead")
     parser.add_argument("--data", help="train and test on this folder's job/ and qa/ (default: the run's own)")
+    parser.add_argument("--probe", action="store_true", help="also fit the feature probes and compare per template")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2.5e-4)
     parser.add_argument("--seed", type=int, default=1)
@@ -121,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(args.source) if args.source else work / "runs" / args.variant / "stage2"
     data = Path(args.data) if args.data else None
     folder = (data or work) / "runs" / args.name
-    scores = continue_run(source, folder, args.epochs, args.lr, args.seed, data)
+    scores = continue_run(source, folder, args.epochs, args.lr, args.seed, data, args.probe)
     write_json_atomic(RESULTS / f"{args.name}.json", {"variant": args.variant, **scores})
     write_text_atomic(RESULTS / f"{args.name}.md", render(args.name, args.variant, scores))
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min -> {RESULTS / (args.name + '.md')}")
