@@ -344,3 +344,10 @@ def test_a_stage2_checkpoint_as_init_continues_its_adapters(world: dict[str, Pat
         with pytest.raises(ValueError, match="only a stage-2 run with LoRA"):
             prepare_stage(stage_config(world, stage, tmp_path / f"bad_{stage}", init=str(tmp_path / "s2"),
                                        train=tiny_train(max_steps=1), **extra))
+
+
+def test_a_run_logged_to_a_file_reports_its_progress_in_lines(world: dict[str, Path], tmp_path: Path, capsys) -> None:
+    run_stage(stage_config(world, "stage1", tmp_path / "s1", train=tiny_train(max_steps=2)))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage1: step")]
+    assert [line.split(",")[0] for line in lines] == ["stage1: step 1/2", "stage1: step 2/2"]
+    assert all(" loss " in line and line.endswith(" min") for line in lines)

@@ -182,6 +182,8 @@ def run_loop(
         TimeRemainingColumn(),
         disable=not accelerator.is_main_process,
     )
+    # A bar only draws on a terminal; a run logged to a file gets a line every 5% instead.
+    log_every = 0 if progress.console.is_terminal or not accelerator.is_main_process else max(1, total // 20)
     with progress:
         task = progress.add_task(description, total=total, completed=counters["step"], loss="-")
         window: list[float] = []
@@ -214,6 +216,9 @@ def run_loop(
                 history.append([counters["step"], mean, scheduler.get_last_lr()[0]])
                 progress.update(task, advance=1, loss=f"{mean:.4f}")
                 counters["seconds"] = time.perf_counter() - started
+                if log_every and counters["step"] % log_every == 0:
+                    progress.console.print(f"{description}: step {counters['step']}/{total}, loss {mean:.4f}, "
+                                           f"{counters['seconds'] / 60:.1f} min")
                 if counters["step"] % settings.save_every == 0 or counters["step"] >= total:
                     checkpoint()
                 if counters["step"] >= total:
