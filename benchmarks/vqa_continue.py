@@ -48,8 +48,8 @@ def same_test_slides(a: Path, b: Path) -> None:
                          "trained on its test slides")
 
 
-def single_choice_by_template(report: dict[str, Any], test: Path) -> dict[str, float]:
-    """Single-choice accuracy per ``level/template`` (the keys the probes use)."""
+def single_choice_by_template(report: dict[str, Any], test: Path) -> dict[str, dict[str, float]]:
+    """Single-choice ``n`` and accuracy per ``level/template`` (the keys the probes use)."""
     from slidevl.vqa.records import read_records
 
     keys = {r.id: f"{r.level}/{r.meta.get('template', r.category)}" for r in read_records(test) if r.format == "single"}
@@ -57,7 +57,7 @@ def single_choice_by_template(report: dict[str, Any], test: Path) -> dict[str, f
     for row in report["records"]:
         if row["id"] in keys:
             hits.setdefault(keys[row["id"]], []).append(row["score"])
-    return {key: round(sum(h) / len(h), 4) for key, h in sorted(hits.items())}
+    return {key: {"n": len(h), "accuracy": round(sum(h) / len(h), 4)} for key, h in sorted(hits.items())}
 
 
 def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, data: Path | None,
@@ -131,12 +131,11 @@ def _template_table(s: dict[str, Any]) -> list[str]:
              f"(patch tissue classifier accuracy {s['probe']['patch_tissue_accuracy']:.3f}; share of each class's area "
              "in the kept patches: " + ", ".join(f"{k} {v:.2f}" for k, v in s["probe"]["class_coverage"].items()) + ")"
              if probe else "") + ":", "",
-             "| level / template | n | free | ranked | " + " | ".join(names) + " |",
+             "| level / template | n | free | ranked |" + "".join(f" {name} |" for name in names),
              "|---|---|---|---|" + "---|" * len(names)]
-    for key in free:
-        cells = [f"{probe.get(key, {}).get(name, float('nan')):.2f}" for name in names]
-        n = probe.get(key, {}).get("n", "")
-        lines.append(f"| {key} | {n} | {free[key]:.2f} | {ranked.get(key, float('nan')):.2f} | " + " | ".join(cells) + " |")
+    for key, row in free.items():
+        cells = "".join(f" {probe.get(key, {}).get(name, float('nan')):.2f} |" for name in names)
+        lines.append(f"| {key} | {row['n']} | {row['accuracy']:.2f} | {ranked[key]['accuracy']:.2f} |{cells}")
     return lines
 
 
