@@ -161,6 +161,10 @@ def _components_at_most(mask: np.ndarray, max_px: float, *, keep_border: bool = 
     return small[labels]
 
 
+#: Given the overview pixels worth reading (bool), their fine-level maximum saturation (uint8, 0 elsewhere).
+LineReader = Callable[[np.ndarray], np.ndarray]
+
+
 def segment_image(rgb: np.ndarray, um_per_px: float, params: TissueParams, *, scale: tuple[float, float] = (1.0, 1.0),
                   level: int = 0, read_lines: LineReader | None = None) -> TissueMask:
     """Segment an overview ``rgb`` whose pixels are ``um_per_px`` microns wide.
@@ -205,9 +209,6 @@ def segment_image(rgb: np.ndarray, um_per_px: float, params: TissueParams, *, sc
         mask |= _components_at_most(~mask, params.max_hole_area_um2 / px_area, keep_border=True)
     return TissueMask(mask=mask, scale_x=scale[0], scale_y=scale[1], threshold=threshold, level=level, params=params,
                       line_threshold=line_threshold)
-
-
-LineReader = Callable[[np.ndarray], np.ndarray]
 
 
 def _adipose_zone(tissue: np.ndarray, radius_px: float, reach_px: float) -> np.ndarray:
