@@ -41,6 +41,9 @@ every intermediate (cohort, job, QA, encoders, runs, predictions, evaluation rep
     # one run over both (--variants mlp_all_tokens,full --name vqa_big) for the combined tables and probes.
     python benchmarks/vqa_ablations.py --work /tmp/vqa_q --quick           # minutes, smoke-level numbers
     python benchmarks/vqa_ablations.py --cohort C --job J --qa Q ...    # reuse existing data
+    # vqa_fat_*: the vqa_big cohort preprocessed again with adipose recovery (the default since), then
+    # the vqa_big MLP run continued on it with vqa_continue.py (see there):
+    python benchmarks/vqa_ablations.py --work /tmp/vqa_fat --cohort /tmp/vqa_big/cohort --data-only
 """
 
 from __future__ import annotations
@@ -361,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--name", default="vqa_ablations", help="result file stem under benchmarks/results")
+    parser.add_argument("--data-only", action="store_true", help="make the cohort, features and QA, then stop")
     parser.add_argument("--merge", help="comma-separated result stems to combine into --name (no training)")
     args = parser.parse_args(argv)
     if args.merge:
@@ -387,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     started = time.perf_counter()
     cohort, job, qa = prepare_data(args, sizes, work)
+    if args.data_only:
+        print(f"data ready: cohort {cohort}, job {job}, QA {qa}")
+        return 0
     wanted = args.variants.split(",")
     encoders = pretrain_encoders(job, work, sizes, args.seed,
                                  {"dense" if VARIANTS[v].get("encoder") == "dense" else "topo" for v in wanted})

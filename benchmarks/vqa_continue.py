@@ -12,6 +12,8 @@ shuffled-image control) and its scores stay there; the tables go to
         --name vqa_big_mlp_8ep   # 4 + 4 epochs on 96 patients
     python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_big/runs/vqa_big_mlp_8ep/stage2 \\
         --data /tmp/vqa_fat --epochs 4 --name vqa_fat_mlp_12ep   # then 4 on the adipose-aware tissue mask
+    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat/runs/vqa_fat_mlp_12ep/stage2 \\
+        --data /tmp/vqa_fat --epochs 6 --lr 2e-4 --probe --name vqa_fat_mlp_18ep   # and 6 more, with the probes
 """
 
 from __future__ import annotations
