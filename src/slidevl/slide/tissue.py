@@ -147,6 +147,12 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return _SATURATION[np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)]
 
 
+def _closed(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary closing with a disk, padded so that shapes touching the border are not eroded."""
+    pad = radius + 1
+    return ndimage.binary_closing(np.pad(mask, pad), structure=disk(radius).astype(bool))[pad:-pad, pad:-pad]
+
+
 def _components_at_most(mask: np.ndarray, max_px: float, *, keep_border: bool = False) -> np.ndarray:
     """Boolean map of 8-connected components of ``mask`` with area <= ``max_px`` pixels."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
@@ -186,9 +192,7 @@ def segment_image(rgb: np.ndarray, um_per_px: float, params: TissueParams, *, sc
     line_threshold = None
     radius = int(round(params.closing_radius_um / um_per_px))
     if radius >= 1 and mask.any():
-        pad = radius + 1
-        padded = np.pad(mask, pad)
-        mask = ndimage.binary_closing(padded, structure=disk(radius).astype(bool))[pad:-pad, pad:-pad]
+        mask = _closed(mask, radius)
     if read_lines is not None and params.adipose_radius_um > 0 and mask.any():
         radius_px = params.adipose_radius_um / um_per_px
         zone = _adipose_zone(mask, radius_px, params.adipose_reach_um / um_per_px)
@@ -221,9 +225,7 @@ def _adipose_zone(tissue: np.ndarray, radius_px: float, reach_px: float) -> np.n
 
 def _line_networks(lines: np.ndarray, tissue: np.ndarray, radius_px: float) -> np.ndarray:
     """Networks of stained lines, closed at ``radius_px``, that touch ``tissue``."""
-    radius = max(1, int(round(radius_px)))
-    pad = radius + 1
-    closed = ndimage.binary_closing(np.pad(lines, pad), structure=disk(radius).astype(bool))[pad:-pad, pad:-pad]
+    closed = _closed(lines, max(1, int(round(radius_px))))
     labels, n = ndimage.label(closed, structure=np.ones((3, 3), dtype=bool))
     if n == 0:
         return closed
