@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from vqa_ablations import RESULTS, _train, answer_test, run_stage_once
-from vqa_probes import PROBES, probe_features
+from vqa_probes import PROBES, probe_features, template_key
 
 
 def epochs_so_far(checkpoint: Path) -> int:
@@ -54,7 +54,7 @@ def single_choice_by_template(report: dict[str, Any], test: Path) -> dict[str, d
     """Single-choice ``n`` and accuracy per ``level/template`` (the keys the probes use)."""
     from slidevl.vqa.records import read_records
 
-    keys = {r.id: f"{r.level}/{r.meta.get('template', r.category)}" for r in read_records(test) if r.format == "single"}
+    keys = {r.id: template_key(r) for r in read_records(test) if r.format == "single"}
     hits: dict[str, list[float]] = {}
     for row in report["records"]:
         if row["id"] in keys:
@@ -116,8 +116,8 @@ def render(name: str, variant: str, s: dict[str, Any]) -> str:
         row("another slide's image", s["predictions_shuffled"]),
         *_template_table(s),
         "",
-        f"Machine: CPU only; {torch.get_num_threads()} torch threads in the invocation that wrote this file (finished "
-        "stages and answers are reused, so it may not be the one that trained).",
+        (f"Machine: CPU only; {torch.get_num_threads()} torch threads in the invocation that wrote this file (finished "
+         "stages and answers are reused, so it may not be the one that trained)."),
         "",
     ])
 

@@ -138,6 +138,11 @@ def _classifier(probe: str) -> Any:
     return HistGradientBoostingClassifier(max_depth=3, max_iter=100, random_state=0)
 
 
+def template_key(record: Any) -> str:
+    """``level/template`` of a record: the unit the probes are fit and reported on."""
+    return f"{record.level}/{record.meta.get('template', record.category)}"
+
+
 def probe_features(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
     """Accuracy of every probe (and the majority answer) per level, per template and overall."""
     from slidevl.vqa.records import OPTION_LETTERS, read_records
@@ -154,7 +159,7 @@ def probe_features(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
     groups: dict[tuple[str, str], dict[str, list[Any]]] = defaultdict(lambda: {"train": [], "test": []})
     for side, records in splits.items():
         for r in records:
-            groups[(r.level, r.meta.get("template", r.category))][side].append(r)
+            groups[(r.level, template_key(r))][side].append(r)
     hits: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for (level, template), group in sorted(groups.items()):
         train, test = group["train"], group["test"]
@@ -170,7 +175,7 @@ def probe_features(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
             clf = _classifier(probe).fit(np.stack([summaries[probe](r) for r in train]), y_train)
             predictions[probe] = clf.predict(np.stack([summaries[probe](r) for r in test]))
         for name, pred in predictions.items():
-            for key in (level, f"{level}/{template}", "all"):
+            for key in (level, template, "all"):
                 hits[key][name] += (pred == y_test).astype(float).tolist()
     return {
         "patch_tissue_accuracy": round(patch_accuracy, 4),
