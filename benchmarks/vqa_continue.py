@@ -75,7 +75,9 @@ def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, 
         "stage": "stage2", "records": str(records), "out": str(folder / "stage2"), "job": str(job), "encoder": base["encoder"],
         "init": str(source), "train": _train(seed, base["train"]["batch_size"], epochs, lr=lr)})
     test = records.with_name("test.jsonl")
-    scores: dict[str, Any] = {"previous_epochs": epochs_so_far(source), "epochs": epochs, "lr": lr, "source": str(source),
+    connector = json.loads((source / "checkpoint" / "slidevlm.json").read_text())["connector"]["kind"]
+    scores: dict[str, Any] = {"connector": connector,
+                              "previous_epochs": epochs_so_far(source), "epochs": epochs, "lr": lr, "source": str(source),
                               "data": str(data or job.parent), "training": summary}
     for stem, shuffle, rank in (("predictions", False, False), ("predictions_ranked", False, True),
                                 ("predictions_shuffled", True, False)):
@@ -103,7 +105,7 @@ def render(name: str, variant: str, s: dict[str, Any]) -> str:
 
     t = s["training"]
     return "\n".join([
-        f"# Slide VQA: `{variant}` trained longer ({name})",
+        f"# Slide VQA: `{variant}` ({s['connector']} connector) trained longer ({name})",
         "",
         (f"Stage 2 continued from the finished {s['previous_epochs']}-epoch run for {s['epochs']} more epochs "
         f"(learning rate {s['lr']:g}, fresh schedule) on the data in `{s['data']}`: {t['steps']} steps, loss "
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="the work folder of a vqa_ablations.py run")
     parser.add_argument("--variant", default="mlp_all_tokens", help="continue runs/<variant>/stage2 of --work")
-    parser.add_argument("--source", help="continue this stage-2 checkpoint folder instead")
+    parser.add_argument("--source", help="continue this stage-2 checkpoint folder instead (named by its run folder)")
     parser.add_argument("--data", help="train and test on this folder's job/ and qa/ (default: the run's own)")
     parser.add_argument("--probe", action="store_true", help="also fit the feature probes and compare per template")
     parser.add_argument("--epochs", type=int, default=4)
@@ -164,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data) if args.data else None
     folder = (data or work) / "runs" / args.name
     scores = continue_run(source, folder, args.epochs, args.lr, args.seed, data, args.probe)
-    write_json_atomic(RESULTS / f"{args.name}.json", {"variant": args.variant, **scores})
-    write_text_atomic(RESULTS / f"{args.name}.md", render(args.name, args.variant, scores))
+    label = source.parent.name if args.source else args.variant
+    write_json_atomic(RESULTS / f"{args.name}.json", {"variant": label, **scores})
+    write_text_atomic(RESULTS / f"{args.name}.md", render(args.name, label, scores))
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min -> {RESULTS / (args.name + '.md')}")
     return 0
 
