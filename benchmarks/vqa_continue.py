@@ -14,6 +14,8 @@ shuffled-image control) and its scores stay there; the tables go to
         --data /tmp/vqa_fat --epochs 4 --name vqa_fat_mlp_12ep   # then 4 on the adipose-aware tissue mask
     python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat/runs/vqa_fat_mlp_12ep/stage2 \\
         --data /tmp/vqa_fat --epochs 6 --lr 2e-4 --probe --name vqa_fat_mlp_18ep   # and 6 more, with the probes
+    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_big/runs/full/stage2 \\
+        --data /tmp/vqa_fat --epochs 4 --lr 5e-4 --probe --name vqa_fat_qformer_8ep   # the Q-Former, 4 + 4
 """
 
 from __future__ import annotations
