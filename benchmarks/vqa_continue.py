@@ -52,11 +52,8 @@ def same_test_slides(a: Path, b: Path) -> None:
                          "trained on its test slides")
 
 
-def single_choice_by_template(report: dict[str, Any], test: Path) -> dict[str, dict[str, float]]:
-    """Single-choice ``n`` and accuracy per ``level/template`` (the keys the probes use)."""
-    from slidevl.vqa.records import read_records
-
-    keys = {r.id: template_key(r) for r in read_records(test) if r.format == "single"}
+def single_choice_by_template(report: dict[str, Any], keys: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Single-choice ``n`` and accuracy per template key (``keys``: record id -> ``level/template``)."""
     hits: dict[str, list[float]] = {}
     for row in report["records"]:
         if row["id"] in keys:
@@ -66,7 +63,13 @@ def single_choice_by_template(report: dict[str, Any], test: Path) -> dict[str, d
 
 def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, data: Path | None,
                  probe: bool) -> dict[str, Any]:
+    from slidevl.slidellm.tuning.checkpoint import (
+        INFO_NAME,
+        CheckpointInfo,
+        resolve_checkpoint,
+    )
     from slidevl.vqa.evaluate import evaluate
+    from slidevl.vqa.records import read_records
 
     base = json.loads((source / "run.json").read_text())
     records, job = Path(base["records"]), Path(base["job"])
@@ -77,7 +80,8 @@ def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, 
         "stage": "stage2", "records": str(records), "out": str(folder / "stage2"), "job": str(job), "encoder": base["encoder"],
         "init": str(source), "train": _train(seed, base["train"]["batch_size"], epochs, lr=lr)})
     test = records.with_name("test.jsonl")
-    connector = json.loads((source / "checkpoint" / "slidevlm.json").read_text())["connector"]["kind"]
+    templates = {r.id: template_key(r) for r in read_records(test) if r.format == "single"}
+    connector = CheckpointInfo.load(resolve_checkpoint(source) / INFO_NAME).connector["kind"]
     scores: dict[str, Any] = {"connector": connector,
                               "previous_epochs": epochs_so_far(source), "epochs": epochs, "lr": lr, "source": str(source),
                               "data": str(data or job.parent), "training": summary}
@@ -91,7 +95,7 @@ def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, 
             "by_level": {k: v["accuracy"] for k, v in report["by_level"].items()},
             "by_format": {k: v.get("accuracy") for k, v in report["by_format"].items() if v.get("accuracy") is not None},
             "seconds_per_answer": round(per_answer, 4),
-            "single_by_template": single_choice_by_template(report, test),
+            "single_by_template": single_choice_by_template(report, templates),
         }
     if probe:
         cohort = Path(json.loads((test.parent / "summary.json").read_text())["cohort"])

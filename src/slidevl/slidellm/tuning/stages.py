@@ -242,13 +242,10 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     connector = build_connector(conn_cfg)
     if full_llm:
         llm.requires_grad_(True)
-    elif cfg.stage == "stage2" and resume_dir is not None:
-        llm = load_lora(llm, resume_dir / "adapter", trainable=True)
-    elif init_adapter is not None:
-        # A stage-2 checkpoint as --init: its adapters keep training (more epochs, more data).
-        llm = load_lora(llm, init_adapter, trainable=True)
     elif cfg.stage == "stage2":
-        llm = add_lora(llm, cfg.lora)
+        # Resuming reloads this run's adapters; a stage-2 checkpoint as --init keeps training its own.
+        adapter = resume_dir / "adapter" if resume_dir is not None else init_adapter
+        llm = load_lora(llm, adapter, trainable=True) if adapter is not None else add_lora(llm, cfg.lora)
     model = SlideVLM(connector, llm, image_token_id=image_token_id(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if resume_dir is not None:
         load_connector_weights(model, resume_dir)
