@@ -79,12 +79,12 @@ def _expected(template: str, level: str, fr: dict[str, float], grade: int, label
     raise AssertionError(f"no check for template {template}")
 
 
-def test_template_answers_agree_with_the_truth(cohort):
-    report, truth, root = cohort["report"], cohort["truth"], cohort["cohort"]
+def _check_answers(cohort, records) -> Counter[str]:
+    """Assert every choice answer of ``records`` against the label maps; count them per level/template."""
+    truth, root = cohort["truth"], cohort["cohort"]
     grade = {p["patient_id"]: p["morphology"]["grade"] for p in truth["patients"]}
     labels = {s["slide_id"]: np.asarray(Image.open(root / s["label_path"])) for s in truth["slides"]}
     size = {s["slide_id"]: (s["width"], s["height"]) for s in truth["slides"]}
-    records = report.train_records + report.test_records
     checked: Counter[str] = Counter()
     for r in records:
         lab = labels[r.slide]
@@ -112,6 +112,11 @@ def test_template_answers_agree_with_the_truth(cohort):
             assert chosen == [expected], r.id
         assert len(r.options) == (4 if r.format == "single" else 5)
         checked[f"{r.level}/{r.meta['template']}"] += 1
+    return checked
+
+
+def test_template_answers_agree_with_the_truth(cohort):
+    checked = _check_answers(cohort, cohort["report"].train_records + cohort["report"].test_records)
     assert set(checked) >= {
         "WSI/grade", "WSI/tumour_burden", "WSI/necrosis", "WSI/lymphocytes", "WSI/nodules", "WSI/dominant",
         "WSI/present", "ROI/dominant", "ROI/present", "ROI/tumour_extent", "ROI/necrosis_extent",
@@ -188,6 +193,29 @@ def test_build_is_deterministic(cohort, tmp_path):
     first = cohort["report"]
     assert again.train.read_text() == first.train.read_text()
     assert again.test.read_text() == first.test.read_text()
+
+
+def test_extra_training_rois_add_region_questions_and_leave_the_benchmark_alone(cohort, tmp_path):
+    first = cohort["report"]
+    report = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", BuildConfig(train_extra_k=(2, 6)), progress=False)
+    assert report.test.read_text() == first.test.read_text()
+    old = {r.id: r for r in first.train_records}
+    extra = [r for r in report.train_records if r.id not in old]
+    assert [r for r in report.train_records if r.id in old] == first.train_records
+    assert extra and {r.level for r in extra} == {"ROI"}
+    assert {r.meta["roi"][:2] for r in extra} == {"K2", "K6"}
+    assert _check_answers(cohort, extra)["ROI/fat_extent"] > 0
+    test_slides = {r.slide for r in first.test_records}
+    for slide in {r.slide for r in report.train_records + report.test_records}:
+        data = json.loads((report.rois_dir / f"{slide}.json").read_text())
+        boxes = {r["id"]: tuple(r["bbox"]) for r in data["train_extra_rois"]}
+        assert (not boxes) == (slide in test_slides)
+        assert all(r.bbox == boxes[r.meta["roi"]] for r in extra if r.slide == slide)
+    assert report.summary["rois"]["train_extra"] == sum(
+        len(json.loads(p.read_text())["train_extra_rois"]) for p in report.rois_dir.glob("*.json"))
+    for bad in ((4,), (2, 2), (0,)):
+        with pytest.raises(BuildError, match="--train-extra-rois"):
+            BuildConfig(train_extra_k=bad)
 
 
 def _fake_writer(body: dict) -> str:
@@ -273,11 +301,12 @@ def test_cli_end_to_end_and_errors(cohort, tmp_path):
     out = tmp_path / "qa"
     result = runner.invoke(app, ["build", "--cohort", str(cohort["cohort"]), "--job", str(cohort["job"]),
                                  "--out", str(out), "--k-rois", "3", "--test-fraction", "0.5", "--seed", "1",
-                                 "--window", "20x:256"])
+                                 "--window", "20x:256", "--train-extra-rois", "5"])
     assert result.exit_code == 0, result.output
     assert "summary written to" in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["k_rois"] == 3 and summary["splits"]["test"]["n_patients"] == 3
+    assert summary["config"]["train_extra_k"] == [5] and summary["rois"]["train_extra"] > 0
     train, test = read_records(out / "train.jsonl"), read_records(out / "test.jsonl")
     assert {r.meta.get("magnification") for r in train + test if r.level == "patch"} == {"20x"}
     assert all(r.bbox[2] - r.bbox[0] == 256 for r in train + test if r.level == "patch")
@@ -296,3 +325,6 @@ def test_cli_end_to_end_and_errors(cohort, tmp_path):
     bad = runner.invoke(app, ["build", "--cohort", str(cohort["cohort"]), "--job", str(cohort["job"]),
                               "--out", str(tmp_path / "x"), "--window", "15x:512"])
     assert bad.exit_code == 2 and "magnification" in bad.output
+    bad = runner.invoke(app, ["build", "--cohort", str(cohort["cohort"]), "--job", str(cohort["job"]),
+                              "--out", str(tmp_path / "x"), "--train-extra-rois", "8,x"])
+    assert bad.exit_code == 2 and "comma-separated" in bad.output

@@ -12,7 +12,10 @@ Per slide:
    endpoint, each level given the caption of the level above (:mod:`slidevl.vqa.chain`).
 
 Patients are split into train and test (the held-out benchmark), stratified by grade
-when the cohort allows, so no patient is in both. Outputs in ``out``::
+when the cohort allows, so no patient is in both. Training slides can get more region
+questions than the benchmark asks (``train_extra_k``): each extra ROI count partitions
+the slide again and adds those ROIs' questions, so a slide teaches more boxes and their
+answers, while the test records stay exactly what ``k_rois`` alone gives. Outputs in ``out``::
 
     train.jsonl, test.jsonl     VQA records (slidevl.vqa.records contract)
     rois/<slide>.json           ROIs in the viewer's format plus geometry, composition, windows
@@ -24,7 +27,7 @@ when the cohort allows, so no patient is in both. Outputs in ``out``::
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +45,7 @@ from slidevl.vqa.chain import ChainReport, run_chain
 from slidevl.vqa.records import VQARecord, write_records
 from slidevl.vqa.roi import METHODS, ROI, grow_rois, slide_mpp
 from slidevl.vqa.templates import Unit, Writer, patch_records, pct, roi_records, wsi_records
-from slidevl.vqa.templates_facts import TISSUE_NAMES, region_facts, slide_facts, window_facts
+from slidevl.vqa.templates_facts import TISSUE_NAMES, SlideFacts, region_facts, slide_facts, window_facts
 from slidevl.vqa.windows import DEFAULT_WINDOWS, Window, WindowSpec, plan_windows
 
 MODES: tuple[str, ...] = ("template", "llm")
@@ -57,6 +60,7 @@ class BuildConfig:
     """Everything that decides what :func:`build_qa` writes."""
 
     k_rois: int = 4
+    train_extra_k: tuple[int, ...] = ()
     roi_method: str = "prim"
     windows: tuple[WindowSpec, ...] = DEFAULT_WINDOWS
     min_window_tissue: float = 0.5
@@ -68,6 +72,12 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.k_rois < 1:
             raise BuildError(f"--k-rois must be >= 1, got {self.k_rois}")
+        extra = list(self.train_extra_k)
+        if any(k < 1 for k in extra) or len(set(extra)) != len(extra) or self.k_rois in extra:
+            raise BuildError(
+                f"--train-extra-rois {','.join(map(str, extra))} must be distinct counts >= 1 other than "
+                f"--k-rois {self.k_rois} (the same count would grow the same ROIs again)"
+            )
         if self.roi_method not in METHODS:
             raise BuildError(f"--roi-method {self.roi_method!r} is not one of {', '.join(METHODS)}")
         if self.mode not in MODES:
@@ -134,12 +144,13 @@ class _SlideBuild:
     def __init__(self, truth: SlideTruth, rois: list[ROI], windows: list[Window], rejected: list[dict[str, Any]]) -> None:
         self.truth = truth
         self.rois = rois
+        self.extra_rois: list[ROI] = []
         self.windows = windows
         self.rejected = rejected
         self.units: list[Unit] = []
 
 
-def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig) -> _SlideBuild:
+def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig, *, train: bool) -> _SlideBuild:
     sf = store.load(truth.slide_id, load=("patch",))
     mpp = slide_mpp(sf)
     if abs(mpp - truth.mpp) > 1e-6 * truth.mpp:
@@ -156,17 +167,7 @@ def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig) ->
     wsi = Unit("WSI", truth.slide_id, truth.slide_id, truth.patient_id, None, sfacts)
     wsi.records = wsi_records(writer, wsi)
     build.units.append(wsi)
-    regions = {}
-    for roi in rois:
-        try:
-            rfacts = region_facts(truth, roi)
-        except ValueError as exc:  # as below: tissue by segmentation, background in the label map
-            build.rejected.append({"roi": roi.id, "reason": str(exc)})
-            continue
-        unit = Unit("ROI", f"{truth.slide_id}-{roi.id}", truth.slide_id, truth.patient_id, roi.bbox, rfacts, wsi.key)
-        unit.records = roi_records(writer, unit, sfacts)
-        regions[roi.id] = unit
-        build.units.append(unit)
+    regions = _region_units(build, writer, rois, wsi, sfacts)
     for window in windows:
         if window.roi not in regions:
             continue
@@ -181,23 +182,50 @@ def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig) ->
                     parent.key)
         unit.records = patch_records(writer, unit, parent.facts)  # type: ignore[arg-type]
         build.units.append(unit)
+    if train:
+        # After every benchmark unit, so the shared letter deck deals those records the same
+        # options whatever the extra partitions are.
+        for k in config.train_extra_k:
+            extra = [replace(r, id=f"K{k}{r.id}") for r in grow_rois(sf, k, seed=config.seed, method=config.roi_method)]
+            build.extra_rois.extend(extra)
+            _region_units(build, writer, extra, wsi, sfacts)
     return build
+
+
+def _region_units(build: _SlideBuild, writer: Writer, rois: list[ROI], wsi: Unit, sfacts: SlideFacts) -> dict[str, Unit]:
+    """ROI units with their records, appended to ``build``; ROIs without label tissue are rejected."""
+    truth = build.truth
+    regions = {}
+    for roi in rois:
+        try:
+            rfacts = region_facts(truth, roi)
+        except ValueError as exc:  # as below: tissue by segmentation, background in the label map
+            build.rejected.append({"roi": roi.id, "reason": str(exc)})
+            continue
+        unit = Unit("ROI", f"{truth.slide_id}-{roi.id}", truth.slide_id, truth.patient_id, roi.bbox, rfacts, wsi.key)
+        unit.records = roi_records(writer, unit, sfacts)
+        regions[roi.id] = unit
+        build.units.append(unit)
+    return regions
 
 
 def _rois_json(build: _SlideBuild, config: BuildConfig, encoder: str) -> dict[str, Any]:
     units = {u.facts.roi_id: u for u in build.units if u.level == "ROI"}  # type: ignore[union-attr]
-    rois = []
-    for roi in build.rois:
+
+    def entry(roi: ROI) -> dict[str, Any]:
         unit = units.get(roi.id)
         label = _roi_label(unit) if unit is not None else "no tissue in the label map"
-        entry = {"id": roi.id, "bbox": list(roi.bbox), "label": label, **roi.to_dict()}
+        out = {"id": roi.id, "bbox": list(roi.bbox), "label": label, **roi.to_dict()}
         if unit is not None:
-            entry["composition"] = {n: round(v, 4) for n, v in unit.facts.composition.tissue.items()}  # type: ignore[union-attr]
-        entry["windows"] = [w.to_dict() for w in build.windows if w.roi == roi.id]
-        rois.append(entry)
+            out["composition"] = {n: round(v, 4) for n, v in unit.facts.composition.tissue.items()}  # type: ignore[union-attr]
+        return out
+
+    rois = [{**entry(roi), "windows": [w.to_dict() for w in build.windows if w.roi == roi.id]} for roi in build.rois]
     return {
         "slide": build.truth.slide_id,
         "rois": rois,
+        # Kept apart from "rois" so the viewer draws the benchmark partition only.
+        "train_extra_rois": [entry(roi) for roi in build.extra_rois],
         "method": config.roi_method,
         "k": config.k_rois,
         "seed": config.seed,
@@ -247,6 +275,7 @@ def build_qa(
         list(truth.patients), [truth.patients[p].grade for p in truth.patients], config.test_fraction, config.seed
     )
 
+    test_set = set(test_p)
     builds: list[_SlideBuild] = []
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, disable=not progress)
@@ -255,7 +284,8 @@ def build_qa(
         for slide_id in slide_ids:
             bar.update(task, description=f"slides ({slide_id})")
             try:
-                builds.append(_build_slide(truth.slides[slide_id], store, config))
+                slide = truth.slides[slide_id]
+                builds.append(_build_slide(slide, store, config, train=slide.patient_id not in test_set))
             except BuildError:
                 raise
             except (FeatureStoreError, ValueError) as exc:
@@ -270,7 +300,6 @@ def build_qa(
 
     for b in builds:
         write_json_atomic(out / "rois" / f"{b.truth.slide_id}.json", _rois_json(b, config, store.encoder))
-    test_set = set(test_p)
     records = [r for u in units for r in u.records]
     train_records = [r for r in records if r.meta["patient"] not in test_set]
     test_records = [r for r in records if r.meta["patient"] in test_set]
@@ -310,6 +339,7 @@ def _summary(truth: CohortTruth, config: BuildConfig, store: FeatureStore, build
         "blind_baselines_on_test": build_summary.blind_baselines(train, test),
         "rois": {
             "total": int(sum(n_rois)),
+            "train_extra": sum(len(b.extra_rois) for b in builds),
             "without_label_tissue": sum(1 for b in builds for x in b.rejected if "window" not in x),
             "per_slide": {"min": int(min(n_rois)), "max": int(max(n_rois))},
             "patches_per_roi": {"min": int(min(patches)), "mean": round(float(np.mean(patches)), 1),

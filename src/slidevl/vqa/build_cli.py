@@ -20,6 +20,11 @@ def build_command(
     job: Path = typer.Option(..., "--job", help="Preprocessing job folder holding the cohort's feature files."),
     out: Path = typer.Option(..., "--out", help="Output folder: train.jsonl, test.jsonl, rois/, summary.json."),
     k_rois: int = typer.Option(4, "--k-rois", min=1, help="ROIs grown per slide (at least one per tissue piece)."),
+    train_extra_rois: str = typer.Option(
+        "", "--train-extra-rois",
+        help="More ROI counts for training slides only, e.g. 8,12: each partitions the slide again and adds those "
+             "region questions to train.jsonl; test.jsonl is unchanged.",
+    ),
     roi_method: str = typer.Option("prim", "--roi-method", help="ROI growth: prim (cosine to ROI mean) or mst."),
     window: Optional[List[str]] = typer.Option(
         None, "--window", help="Patch-level field of view as SCALE:PIXELS, repeatable (default: 10x:512 and 20x:512)."
@@ -48,7 +53,7 @@ def build_command(
     try:
         windows = tuple(WindowSpec.parse(w) for w in window) if window else DEFAULT_WINDOWS
         config = BuildConfig(
-            k_rois=k_rois, roi_method=roi_method, windows=windows, min_window_tissue=min_window_tissue,
+            k_rois=k_rois, train_extra_k=_counts(train_extra_rois), roi_method=roi_method, windows=windows, min_window_tissue=min_window_tissue,
             mode=mode, test_fraction=test_fraction, seed=seed, encoder=encoder,
         )
     except (BuildError, WindowError) as exc:
@@ -85,6 +90,13 @@ def build_command(
         if report.failures_path is not None:
             console.print(f"failed units kept their template texts; see {report.failures_path}", soft_wrap=True)
     console.print(f"summary written to {report.summary_path}", soft_wrap=True)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        _fail(f"--train-extra-rois {text!r} must be comma-separated integers, e.g. 8,12")
 
 
 def _fail(message: str) -> NoReturn:
