@@ -199,7 +199,7 @@ def _region_units(build: _SlideBuild, writer: Writer, rois: list[ROI], wsi: Unit
     for roi in rois:
         try:
             rfacts = region_facts(truth, roi)
-        except ValueError as exc:  # as below: tissue by segmentation, background in the label map
+        except ValueError as exc:  # tissue by segmentation, background in the label map
             build.rejected.append({"roi": roi.id, "reason": str(exc)})
             continue
         unit = Unit("ROI", f"{truth.slide_id}-{roi.id}", truth.slide_id, truth.patient_id, roi.bbox, rfacts, wsi.key)
