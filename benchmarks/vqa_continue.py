@@ -16,6 +16,9 @@ shuffled-image control) and its scores stay there; the tables go to
         --data /tmp/vqa_fat --epochs 6 --lr 2e-4 --probe --name vqa_fat_mlp_18ep   # and 6 more, with the probes
     python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_big/runs/full/stage2 \\
         --data /tmp/vqa_fat --epochs 4 --lr 5e-4 --probe --name vqa_fat_qformer_8ep   # the Q-Former, 4 + 4
+    # vqa_fat8_*: training slides with 8 more ROIs each (`slidevl vqa build ... --train-extra-rois 8`, same test.jsonl)
+    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat/runs/vqa_fat_mlp_18ep/stage2 \\
+        --data /tmp/vqa_fat8 --epochs 3 --lr 2e-4 --probe --threads 2 --name vqa_fat8_mlp_21ep
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def single_choice_by_template(report: dict[str, Any], keys: dict[str, str]) -> d
 
 
 def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, data: Path | None,
-                 probe: bool) -> dict[str, Any]:
+                 probe: bool, reading: dict[str, Any]) -> dict[str, Any]:
     from slidevl.slidellm.tuning.checkpoint import (
         INFO_NAME,
         CheckpointInfo,
@@ -78,11 +81,11 @@ def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, 
         records, job = data / "qa" / "train.jsonl", data / "job"
     summary = run_stage_once({
         "stage": "stage2", "records": str(records), "out": str(folder / "stage2"), "job": str(job), "encoder": base["encoder"],
-        "init": str(source), "train": _train(seed, base["train"]["batch_size"], epochs, lr=lr)})
+        "init": str(source), "connector": reading, "train": _train(seed, base["train"]["batch_size"], epochs, lr=lr)})
     test = records.with_name("test.jsonl")
     templates = {r.id: template_key(r) for r in read_records(test) if r.format == "single"}
-    connector = CheckpointInfo.load(resolve_checkpoint(source) / INFO_NAME).connector["kind"]
-    scores: dict[str, Any] = {"connector": connector,
+    connector = CheckpointInfo.load(resolve_checkpoint(folder / "stage2") / INFO_NAME).connector
+    scores: dict[str, Any] = {"connector": connector["kind"], "pooled_tokens": connector.get("pooled_tokens", False),
                               "previous_epochs": epochs_so_far(source), "epochs": epochs, "lr": lr, "source": str(source),
                               "data": str(data or job.parent), "training": summary}
     for stem, shuffle, rank in (("predictions", False, False), ("predictions_ranked", False, True),
@@ -111,7 +114,8 @@ def render(name: str, variant: str, s: dict[str, Any]) -> str:
 
     t = s["training"]
     return "\n".join([
-        f"# Slide VQA: `{variant}` ({s['connector']} connector) trained longer ({name})",
+        f"# Slide VQA: `{variant}` ({s['connector']} connector{' with pooled tokens' if s.get('pooled_tokens') else ''}) "
+        f"trained longer ({name})",
         "",
         (f"Stage 2 continued from the finished {s['previous_epochs']}-epoch run for {s['epochs']} more epochs "
         f"(learning rate {s['lr']:g}, fresh schedule) on the data in `{s['data']}`: {t['steps']} steps, loss "
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", help="continue this stage-2 checkpoint folder instead (named by its run folder)")
     parser.add_argument("--data", help="train and test on this folder's job/ and qa/ (default: the run's own)")
     parser.add_argument("--probe", action="store_true", help="also fit the feature probes and compare per template")
+    parser.add_argument("--pooled-tokens", action="store_true",
+                        help="MLP connector: continue with its pooled tokens on (no new weights)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2.5e-4)
     parser.add_argument("--seed", type=int, default=1)
@@ -171,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(args.source) if args.source else work / "runs" / args.variant / "stage2"
     data = Path(args.data) if args.data else None
     folder = (data or work) / "runs" / args.name
-    scores = continue_run(source, folder, args.epochs, args.lr, args.seed, data, args.probe)
+    reading = {"pooled_tokens": True} if args.pooled_tokens else {}
+    scores = continue_run(source, folder, args.epochs, args.lr, args.seed, data, args.probe, reading)
     label = source.parent.name if args.source else args.variant
     write_json_atomic(RESULTS / f"{args.name}.json", {"variant": label, **scores})
     write_text_atomic(RESULTS / f"{args.name}.md", render(args.name, label, scores))

@@ -109,6 +109,29 @@ def test_patch_features_join_the_tokens_and_their_padding_is_ignored(kind: str) 
     assert not torch.allclose(other.embeds, alone.embeds, atol=1e-4)
 
 
+def test_pooled_tokens_are_the_mean_outputs_of_each_group_and_ignore_padding() -> None:
+    torch.manual_seed(0)
+    conn = build_connector(_config("mlp", patch_dim=PATCH, pooled_tokens=True)).eval()
+    tokens, patches = torch.randn(1, 4, DIM), torch.randn(1, 3, PATCH)
+    garbage = torch.full((1, 2, PATCH), float("nan"))
+    out = conn(tokens, torch.ones(1, 4, dtype=torch.bool), torch.cat([patches, garbage], 1),
+               torch.tensor([[True] * 3 + [False] * 2]))
+    assert out.embeds.shape == (1, 4 + 5 + 2, WIDTH) and out.valid.sum().item() == 4 + 3 + 2
+    rows = out.embeds[0][out.valid[0]]
+    # Same weights, no pooling: the per-token rows, whose group means must be the two extra rows.
+    plain = MLPConnector(_config("mlp", patch_dim=PATCH)).eval()
+    plain.load_state_dict(conn.state_dict())
+    each = plain(tokens, torch.ones(1, 4, dtype=torch.bool), patches, torch.ones(1, 3, dtype=torch.bool)).embeds[0]
+    torch.testing.assert_close(rows[:7], each)
+    torch.testing.assert_close(rows[7], each[:4].mean(0))
+    torch.testing.assert_close(rows[8], each[4:].mean(0))
+    # Without patches there is one pooled token; a Q-Former cannot pool.
+    alone = build_connector(_config("mlp", pooled_tokens=True)).eval()(tokens, torch.ones(1, 4, dtype=torch.bool))
+    assert alone.embeds.shape == (1, 5, WIDTH)
+    with pytest.raises(ValueError, match="pooled_tokens"):
+        _config("qformer", pooled_tokens=True)
+
+
 def test_patch_inputs_must_match_the_config() -> None:
     tokens, valid = torch.randn(1, 4, DIM), torch.ones(1, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="pass patches"):

@@ -346,6 +346,22 @@ def test_a_stage2_checkpoint_as_init_continues_its_adapters(world: dict[str, Pat
                                        train=tiny_train(max_steps=1), **extra))
 
 
+def test_a_continued_run_may_change_only_how_the_connector_reads(world: dict[str, Path], tmp_path: Path) -> None:
+    mlp = {**TINY_CONNECTOR, "kind": "mlp"}
+    run_stage(stage_config(world, "stage2", tmp_path / "s2", connector=mlp, train=tiny_train(max_steps=1)))
+    before = load_vlm(tmp_path / "s2").model.connector.state_dict()
+    more = prepare_stage(stage_config(world, "stage2", tmp_path / "s2b", init=str(tmp_path / "s2"),
+                                      connector={"pooled_tokens": True}, train=tiny_train(max_steps=1)))
+    connector = more.module.vlm.connector
+    assert connector.config.pooled_tokens and connector.config.kind == "mlp"
+    assert all(torch.equal(before[k], v) for k, v in connector.state_dict().items())
+    more.run()
+    assert load_vlm(tmp_path / "s2b").model.connector.config.pooled_tokens
+    with pytest.raises(ValueError, match="fixes the connector"):
+        prepare_stage(stage_config(world, "stage2", tmp_path / "bad", init=str(tmp_path / "s2"),
+                                   connector={"hidden_size": 64}, train=tiny_train(max_steps=1)))
+
+
 def test_a_run_logged_to_a_file_reports_its_progress_in_lines(world: dict[str, Path], tmp_path: Path, capsys) -> None:
     run_stage(stage_config(world, "stage1", tmp_path / "s1", train=tiny_train(max_steps=2)))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage1: step")]

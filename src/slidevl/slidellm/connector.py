@@ -7,7 +7,12 @@
   live here, outside the Q-Former, and are passed as ``query_embeds``; padded encoder
   tokens are excluded through ``encoder_attention_mask``.
 * :class:`MLPConnector` (the "all tokens" ablation): a 2-layer MLP applied to every token;
-  every valid token reaches the LLM, so its sequence grows with the slide.
+  every valid token reaches the LLM, so its sequence grows with the slide. With
+  ``pooled_tokens`` it also appends the mean of its outputs over the summary tokens and
+  over the patches: an area fraction under the box is a mean of per-patch evidence, and a
+  pooled token hands the LLM that mean directly instead of leaving a 4-layer LLM to learn
+  uniform attention over hundreds of tokens (a DeepSets read: the MLP learns the per-patch
+  feature, the LLM reads its average).
 
 Both take ``tokens`` (B, T, D) and a boolean ``valid`` (B, T), plus the patch features
 under the question's box when configured (``patches`` (B, N, D_patch) and
@@ -33,6 +38,8 @@ from torch import Tensor, nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 CONNECTOR_KINDS = ("qformer", "mlp")
+#: Connector options that change how it reads, not its weights: a run continuing a checkpoint may set them.
+READ_OPTIONS = frozenset({"max_patches", "pooled_tokens"})
 
 
 @dataclass
@@ -48,6 +55,10 @@ class ConnectorConfig:
     boxes and whole-slide questions), through their own standardiser and a linear map to
     ``vision_dim``. ``use_patches`` asks for that when a run fills in the widths;
     ``patch_dim`` is then the feature store's patch width.
+
+    ``pooled_tokens`` (mlp only) appends the mean output over the summary tokens, and over
+    the patches when they are read. It adds no weights, so ``max_patches`` and it are the
+    read options a continued run (``--init``) may still change.
     """
 
     @property
@@ -67,10 +78,13 @@ class ConnectorConfig:
     use_patches: bool = True
     patch_dim: int = 0
     max_patches: int = 1024
+    pooled_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in CONNECTOR_KINDS:
             raise ValueError(f"connector kind must be one of {CONNECTOR_KINDS}, got {self.kind!r}")
+        if self.pooled_tokens and self.kind != "mlp":
+            raise ValueError("pooled_tokens applies to the mlp connector; the Q-Former's queries already pool")
         for name in ("vision_dim", "llm_dim", "num_queries", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_patches"):
             if getattr(self, name) < 1:
@@ -227,9 +241,22 @@ class MLPConnector(_Inputs):
     def forward(
         self, tokens: Tensor, valid: Tensor, patches: Tensor | None = None, patch_valid: Tensor | None = None
     ) -> ConnectorOutput:
+        n_summary = tokens.shape[1]
         tokens, valid = self.merged_inputs(tokens, valid, patches, patch_valid)
         embeds = self.mlp(tokens)
-        return ConnectorOutput(embeds, valid)
+        if not self.config.pooled_tokens:
+            return ConnectorOutput(embeds, valid)
+        groups = [slice(0, n_summary)] + ([slice(n_summary, tokens.shape[1])] if self.config.reads_patches else [])
+        pooled, pooled_valid = zip(*(_masked_mean(embeds[:, g], valid[:, g]) for g in groups))
+        return ConnectorOutput(torch.cat([embeds, torch.stack(pooled, 1)], 1),
+                               torch.cat([valid, torch.stack(pooled_valid, 1)], 1))
+
+
+def _masked_mean(x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, D) mean of ``x`` (B, T, D) over its valid rows, and (B,) whether any row was valid."""
+    weight = valid.to(x.dtype)[..., None]
+    count = weight.sum(1)
+    return (x * weight).sum(1) / count.clamp_min(1.0), count[:, 0] > 0
 
 
 def build_connector(config: ConnectorConfig) -> QFormerConnector | MLPConnector:

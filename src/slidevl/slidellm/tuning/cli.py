@@ -39,6 +39,9 @@ UsePatches = Annotated[Optional[bool], typer.Option(
     "--patches/--no-patches", help="Let the connector read the patch features under the question's box too (default on).")]
 MaxPatches = Annotated[Optional[int], typer.Option(
     "--max-patches", min=1, help="Patch features per question at most; more are thinned evenly (default 1024).")]
+PooledTokens = Annotated[Optional[bool], typer.Option(
+    "--pooled-tokens/--no-pooled-tokens",
+    help="MLP connector: also pass the mean of its outputs over the summaries and over the patches (default off).")]
 Epochs = Annotated[int, typer.Option("--epochs", min=1)]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Records per micro-batch.")]
@@ -69,7 +72,7 @@ def _fail(message: str) -> NoReturn:
 
 
 _CONNECTOR_OPTIONS = ("connector", "queries", "qformer_layers", "qformer_hidden", "qformer_heads", "qformer_ffn",
-                      "connector_dropout", "use_global", "use_patches", "max_patches")
+                      "connector_dropout", "use_global", "use_patches", "max_patches", "pooled_tokens")
 _TRAIN_OPTIONS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed",
                   "save_every", "max_tokens", "bf16", "cpu")
 
@@ -79,7 +82,7 @@ def _connector(**kwargs: Any) -> dict[str, Any]:
     # and a stage-2 --init run can tell "not given" from "given".
     names = {"connector": "kind", "queries": "num_queries", "qformer_layers": "num_layers", "qformer_hidden": "hidden_size",
              "qformer_heads": "num_heads", "qformer_ffn": "intermediate_size", "connector_dropout": "dropout", "use_global": "use_global",
-             "use_patches": "use_patches", "max_patches": "max_patches"}
+             "use_patches": "use_patches", "max_patches": "max_patches", "pooled_tokens": "pooled_tokens"}
     return {names[k]: v for k, v in kwargs.items() if v is not None}
 
 
@@ -198,6 +201,7 @@ def stage1_command(
     use_global: UseGlobal = None,
     use_patches: UsePatches = None,
     max_patches: MaxPatches = None,
+    pooled_tokens: PooledTokens = None,
     epochs: Epochs = 5,
     max_steps: MaxSteps = None,
     batch_size: BatchSize = 8,
@@ -244,6 +248,7 @@ def stage2_command(
     use_global: UseGlobal = None,
     use_patches: UsePatches = None,
     max_patches: MaxPatches = None,
+    pooled_tokens: PooledTokens = None,
     lora_r: Annotated[int, typer.Option("--lora-r", min=1)] = 128,
     lora_alpha: Annotated[int, typer.Option("--lora-alpha", min=1)] = 256,
     lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = 0.05,

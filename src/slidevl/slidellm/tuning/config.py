@@ -103,8 +103,10 @@ class TuneConfig:
             raise ValueError(
                 "connector widths come from the encoder, the LLM and the features; do not set vision_dim/llm_dim/patch_dim"
             )
-        # Validate the connector choices now rather than after minutes of caching.
-        self.connector_config(1, 1, 1)
+        # Validate the connector choices now rather than after minutes of caching; with
+        # --init the kind and widths come from the checkpoint, so prepare_stage checks them.
+        if self.init is None:
+            self.connector_config(1, 1, 1)
 
     @property
     def lr(self) -> float:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from slidevl.features.store import FeatureStore
-from slidevl.slidellm.connector import ConnectorConfig, build_connector
+from slidevl.slidellm.connector import READ_OPTIONS, ConnectorConfig, build_connector
 from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, load_encoder
 from slidevl.slidellm.encoder.io import CONFIG_NAME
 from slidevl.slidellm.llm import add_lora, build_embedded_llm, freeze, load_llm, load_lora
@@ -198,8 +198,11 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         raise ValueError(f"run_stage needs stage 'stage1' or 'stage2', got {cfg.stage!r}")
     init = resolve_checkpoint(cfg.init) if cfg.init else None
     init_info = CheckpointInfo.load(init / INFO_NAME) if init is not None else None
-    if init_info is not None and cfg.connector:
-        raise ValueError(f"--init {init} fixes the connector; drop the connector options (or start without --init)")
+    if init_info is not None and set(cfg.connector) - READ_OPTIONS:
+        raise ValueError(
+            f"--init {init} fixes the connector; drop the connector options other than "
+            f"{', '.join(sorted(READ_OPTIONS))} (or start without --init)"
+        )
     init_adapter = init / "adapter" if init is not None and init_info is not None and init_info.has_adapter else None
     if init_adapter is not None and not (cfg.stage == "stage2" and cfg.llm_tuning == "lora"):
         raise ValueError(
@@ -235,7 +238,7 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     else:
         freeze(encoder).eval()
     conn_cfg = (
-        ConnectorConfig.from_dict(init_info.connector)
+        ConnectorConfig.from_dict({**init_info.connector, **cfg.connector})
         if init_info is not None
         else cfg.connector_config(encoder.config.d_model, _llm_width(llm), encoder.config.patch_dim)
     )
