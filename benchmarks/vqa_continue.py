@@ -19,6 +19,11 @@ shuffled-image control) and its scores stay there; the tables go to
     # vqa_fat8_*: training slides with 8 more ROIs each (`slidevl vqa build ... --train-extra-rois 8`, same test.jsonl)
     python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat/runs/vqa_fat_mlp_18ep/stage2 \\
         --data /tmp/vqa_fat8 --epochs 3 --lr 2e-4 --probe --threads 2 --name vqa_fat8_mlp_21ep
+    # then 3 more with the connector's pooled tokens, and 3 more without them (the control):
+    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat8/runs/vqa_fat8_mlp_21ep/stage2 \\
+        --data /tmp/vqa_fat8 --epochs 3 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fat8_pooled_24ep
+    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat8/runs/vqa_fat8_mlp_21ep/stage2 \\
+        --data /tmp/vqa_fat8 --epochs 3 --lr 2e-4 --probe --threads 2 --name vqa_fat8_mlp_24ep
 """
 
 from __future__ import annotations
