@@ -24,6 +24,9 @@ shuffled-image control) and its scores stay there; the tables go to
         --data /tmp/vqa_fat8 --epochs 3 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fat8_pooled_24ep
     python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat8/runs/vqa_fat8_mlp_21ep/stage2 \\
         --data /tmp/vqa_fat8 --epochs 3 --lr 2e-4 --probe --threads 2 --name vqa_fat8_mlp_24ep
+    # vqa_fatx_*: 6, 8 and 12 more ROIs per training slide (--train-extra-rois 6,8,12), one epoch on the pooled run:
+    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat8/runs/vqa_fat8_pooled_24ep/stage2 \\
+        --data /tmp/vqa_fatx --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatx_pooled_25ep
 """
 
 from __future__ import annotations
