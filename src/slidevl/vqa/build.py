@@ -340,7 +340,9 @@ def _summary(truth: CohortTruth, config: BuildConfig, store: FeatureStore, build
         "rois": {
             "total": int(sum(n_rois)),
             "train_extra": sum(len(b.extra_rois) for b in builds),
-            "without_label_tissue": sum(1 for b in builds for x in b.rejected if "window" not in x),
+            # Benchmark ROIs only, as "total"; extra training ROIs without label tissue are simply not asked about.
+            "without_label_tissue": sum(1 for b in builds for x in b.rejected
+                                        if "window" not in x and x["roi"] in {r.id for r in b.rois}),
             "per_slide": {"min": int(min(n_rois)), "max": int(max(n_rois))},
             "patches_per_roi": {"min": int(min(patches)), "mean": round(float(np.mean(patches)), 1),
                                 "max": int(max(patches))},
