@@ -62,25 +62,25 @@ class FakeChatServer:
                     status = server.fail_with.pop(0) if server.fail_with else 200
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                headers: dict[str, str] | None = None
                 try:
                     if status != 200:
-                        self._send(status, {"error": {"message": f"injected failure {status}"}}, {"Retry-After": "0"})
-                        return
-                    text = server.reply(body)
-                    self._send(
-                        200,
-                        {
+                        payload = {"error": {"message": f"injected failure {status}"}}
+                        headers = {"Retry-After": "0"}
+                    else:
+                        payload = {
                             "id": "chatcmpl-fake",
                             "object": "chat.completion",
                             "model": body.get("model"),
-                            "choices": [
-                                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                            ],
-                        },
-                    )
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": server.reply(body)},
+                                         "finish_reason": "stop"}],
+                        }
                 finally:
+                    # Leave the count before the reply goes out: once the client has read it, it may
+                    # send its next request before this thread would get past a write.
                     with server._lock:
                         server.in_flight -= 1
+                self._send(status, payload, headers)
 
             def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(payload).encode()
