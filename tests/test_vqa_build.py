@@ -95,7 +95,8 @@ def _check_answers(cohort, records) -> Counter[str]:
             assert r.bbox is not None
             bbox = r.bbox
         if r.level == "patch":
-            side = {"10x": 1024, "20x": 512}[r.meta["magnification"]]  # 512 px windows at 0.5 µm/px level 0
+            # 512 px windows at 0.5 µm/px level 0; training patch fields ("P<row>-20x") are one 256 px patch.
+            side = 256 if r.meta["window"].startswith("P") else {"10x": 1024, "20x": 512}[r.meta["magnification"]]
             assert (bbox[2] - bbox[0], bbox[3] - bbox[1]) == (side, side)
         g = grade[r.meta["patient"]]
         if r.format == "caption" and r.level == "WSI":
@@ -218,6 +219,45 @@ def test_extra_training_rois_add_region_questions_and_leave_the_benchmark_alone(
             BuildConfig(train_extra_k=bad)
 
 
+def test_training_patch_fields_ask_choice_questions_of_single_patches(cohort, tmp_path):
+    first = cohort["report"]
+    report = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", BuildConfig(train_patch_fields=5), progress=False)
+    assert report.test.read_text() == first.test.read_text()
+    old = {r.id for r in first.train_records}
+    assert [r for r in report.train_records if r.id in old] == first.train_records
+    added = [r for r in report.train_records if r.id not in old]
+    assert added and {r.level for r in added} == {"patch"} and {r.format for r in added} <= {"single", "multi"}
+    checked = _check_answers(cohort, added)
+    assert checked["patch/dominant"] > 0 and checked["patch/present"] > 0
+    test_slides = {r.slide for r in first.test_records}
+    n_fields = 0
+    for path in report.rois_dir.glob("*.json"):
+        data = json.loads(path.read_text())
+        fields = {f["id"]: f for f in data["train_patch_fields"]}
+        assert (not fields) == (data["slide"] in test_slides) and len(fields) <= 5
+        members = {r["id"]: set(r["patch_index"]) for r in data["rois"]}
+        for f in fields.values():
+            row = int(f["id"][1:].split("-")[0])
+            assert row in members[f["roi"]] and f["bbox"][2] - f["bbox"][0] == 256
+        for r in added:
+            if r.slide == data["slide"]:
+                assert r.bbox == tuple(fields[r.meta["window"]]["bbox"])
+        n_fields += len(fields)
+    assert report.summary["windows"]["train_patch_fields"] == n_fields > 0
+    again = build_qa(cohort["cohort"], cohort["job"], tmp_path / "again", BuildConfig(train_patch_fields=5), progress=False)
+    assert again.train.read_text() == report.train.read_text()
+    with pytest.raises(BuildError, match="--train-patch-fields"):
+        BuildConfig(train_patch_fields=-1)
+    # In LLM mode the fields, having no text to rewrite, are not sent.
+    with FakeChatServer(_fake_writer) as server, LLMClient(server.base_url, "fake-writer") as client:
+        worded = build_qa(cohort["cohort"], cohort["job"], tmp_path / "llm", BuildConfig(mode="llm", train_patch_fields=5),
+                          client=client, progress=False)
+        n_requests = len(server.requests)
+    worded_units = {r.meta["unit"] for r in worded.train_records + worded.test_records if not r.is_choice}
+    assert n_requests == worded.summary["llm"]["units"] == len(worded_units)
+    assert {r.id for r in worded.train_records} == {r.id for r in report.train_records}
+
+
 def _fake_writer(body: dict) -> str:
     """Rewrites drafts deterministically; refuses every ROI R2 (no JSON), to exercise failure reporting."""
     payload = json.loads(body["messages"][-1]["content"].split("Input:\n", 1)[1])
@@ -301,12 +341,14 @@ def test_cli_end_to_end_and_errors(cohort, tmp_path):
     out = tmp_path / "qa"
     result = runner.invoke(app, ["build", "--cohort", str(cohort["cohort"]), "--job", str(cohort["job"]),
                                  "--out", str(out), "--k-rois", "3", "--test-fraction", "0.5", "--seed", "1",
-                                 "--window", "20x:256", "--train-extra-rois", "5"])
+                                 "--window", "20x:256", "--train-extra-rois", "5",
+                                 "--train-patch-fields", "3"])
     assert result.exit_code == 0, result.output
     assert "summary written to" in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["k_rois"] == 3 and summary["splits"]["test"]["n_patients"] == 3
     assert summary["config"]["train_extra_k"] == [5] and summary["rois"]["train_extra"] > 0
+    assert summary["config"]["train_patch_fields"] == 3 and summary["windows"]["train_patch_fields"] > 0
     train, test = read_records(out / "train.jsonl"), read_records(out / "test.jsonl")
     assert {r.meta.get("magnification") for r in train + test if r.level == "patch"} == {"20x"}
     assert all(r.bbox[2] - r.bbox[0] == 256 for r in train + test if r.level == "patch")

@@ -15,7 +15,10 @@ Patients are split into train and test (the held-out benchmark), stratified by g
 when the cohort allows, so no patient is in both. Training slides can get more region
 questions than the benchmark asks (``train_extra_k``): each extra ROI count partitions
 the slide again and adds those ROIs' questions, so a slide teaches more boxes and their
-answers, while the test records stay exactly what ``k_rois`` alone gives. Outputs in ``out``::
+answers, while the test records stay exactly what ``k_rois`` alone gives. They can also get
+fields of a single feature patch (``train_patch_fields`` per slide), asked only their
+choice questions: what tissue a patch holds is the per-patch evidence that region
+fractions add up, and ROI questions alone teach it only through the sum. Outputs in ``out``::
 
     train.jsonl, test.jsonl     VQA records (slidevl.vqa.records contract)
     rois/<slide>.json           ROIs in the viewer's format plus geometry, composition, windows
@@ -42,11 +45,11 @@ from slidevl.llmclient import LLMClient
 from slidevl.synth.truth import CohortTruth, SlideTruth, load_truth
 from slidevl.vqa import build_summary
 from slidevl.vqa.chain import ChainReport, run_chain
-from slidevl.vqa.records import VQARecord, write_records
+from slidevl.vqa.records import CHOICE_FORMATS, TEXT_FORMATS, VQARecord, write_records
 from slidevl.vqa.roi import METHODS, ROI, grow_rois, slide_mpp
 from slidevl.vqa.templates import Unit, Writer, patch_records, pct, roi_records, wsi_records
 from slidevl.vqa.templates_facts import TISSUE_NAMES, SlideFacts, region_facts, slide_facts, window_facts
-from slidevl.vqa.windows import DEFAULT_WINDOWS, Window, WindowSpec, plan_windows
+from slidevl.vqa.windows import DEFAULT_WINDOWS, Window, WindowSpec, plan_patch_fields, plan_windows
 
 MODES: tuple[str, ...] = ("template", "llm")
 
@@ -61,6 +64,7 @@ class BuildConfig:
 
     k_rois: int = 4
     train_extra_k: tuple[int, ...] = ()
+    train_patch_fields: int = 0
     roi_method: str = "prim"
     windows: tuple[WindowSpec, ...] = DEFAULT_WINDOWS
     min_window_tissue: float = 0.5
@@ -78,6 +82,8 @@ class BuildConfig:
                 f"--train-extra-rois {','.join(map(str, extra))} must be distinct counts >= 1 other than "
                 f"--k-rois {self.k_rois} (the same count would grow the same ROIs again)"
             )
+        if self.train_patch_fields < 0:
+            raise BuildError(f"--train-patch-fields must be >= 0, got {self.train_patch_fields}")
         if self.roi_method not in METHODS:
             raise BuildError(f"--roi-method {self.roi_method!r} is not one of {', '.join(METHODS)}")
         if self.mode not in MODES:
@@ -146,6 +152,8 @@ class _SlideBuild:
         self.rois = rois
         self.extra_rois: list[ROI] = []
         self.windows = windows
+        self.fields: list[Window] = []
+        self.fields_rejected = 0
         self.rejected = rejected
         self.units: list[Unit] = []
 
@@ -169,19 +177,11 @@ def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig, *,
     build.units.append(wsi)
     regions = _region_units(build, writer, rois, wsi, sfacts)
     for window in windows:
-        if window.roi not in regions:
-            continue
-        try:
-            wfacts = window_facts(truth, window)
-        except ValueError as exc:  # the segmentation saw tissue where the label map has none
-            build.rejected.append({"roi": window.roi, "window": window.spec.name, "reason": str(exc)})
-            continue
-        build.windows.append(window)
-        parent = regions[window.roi]
-        unit = Unit("patch", f"{truth.slide_id}-{window.id}", truth.slide_id, truth.patient_id, window.bbox, wfacts,
-                    parent.key)
-        unit.records = patch_records(writer, unit, parent.facts)  # type: ignore[arg-type]
-        build.units.append(unit)
+        unit = _window_unit(build, writer, window, regions)
+        if isinstance(unit, str):
+            build.rejected.append({"roi": window.roi, "window": window.spec.name, "reason": unit})
+        elif unit is not None:
+            build.windows.append(window)
     if train:
         # After every benchmark unit, so the shared letter deck deals those records the same
         # options whatever the extra partitions are.
@@ -189,7 +189,35 @@ def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig, *,
             extra = [replace(r, id=f"K{k}{r.id}") for r in grow_rois(sf, k, seed=config.seed, method=config.roi_method)]
             build.extra_rois.extend(extra)
             _region_units(build, writer, extra, wsi, sfacts)
+        fields = plan_patch_fields(sf, rois, config.train_patch_fields, seed=config.seed,
+                                   min_tissue=config.min_window_tissue) if config.train_patch_fields else []
+        for field_window in fields:
+            unit = _window_unit(build, writer, field_window, regions, formats=CHOICE_FORMATS)
+            if isinstance(unit, str):
+                build.fields_rejected += 1
+            elif unit is not None:
+                build.fields.append(field_window)
     return build
+
+
+def _window_unit(build: _SlideBuild, writer: Writer, window: Window, regions: dict[str, Unit],
+                 formats: tuple[str, ...] | None = None) -> Unit | str | None:
+    """The patch-level unit of ``window`` appended to ``build`` (only its ``formats`` when given);
+    None when its ROI was rejected, the reason when the label map has no tissue under it."""
+    truth = build.truth
+    if window.roi not in regions:
+        return None
+    try:
+        wfacts = window_facts(truth, window)
+    except ValueError as exc:  # the segmentation saw tissue where the label map has none
+        return str(exc)
+    parent = regions[window.roi]
+    unit = Unit("patch", f"{truth.slide_id}-{window.id}", truth.slide_id, truth.patient_id, window.bbox, wfacts,
+                parent.key)
+    records = patch_records(writer, unit, parent.facts)  # type: ignore[arg-type]
+    unit.records = records if formats is None else [r for r in records if r.format in formats]
+    build.units.append(unit)
+    return unit
 
 
 def _region_units(build: _SlideBuild, writer: Writer, rois: list[ROI], wsi: Unit, sfacts: SlideFacts) -> dict[str, Unit]:
@@ -226,6 +254,7 @@ def _rois_json(build: _SlideBuild, config: BuildConfig, encoder: str) -> dict[st
         "rois": rois,
         # Kept apart from "rois" so the viewer draws the benchmark partition only.
         "train_extra_rois": [entry(roi) for roi in build.extra_rois],
+        "train_patch_fields": [w.to_dict() for w in build.fields],
         "method": config.roi_method,
         "k": config.k_rois,
         "seed": config.seed,
@@ -295,8 +324,10 @@ def build_qa(
         chain: ChainReport | None = None
         if config.mode == "llm":
             assert client is not None
-            llm_task = bar.add_task(f"LLM ({client.model})", total=len(units))
-            chain = run_chain(units, client, on_done=lambda n: bar.advance(llm_task, n))
+            # Units with choice questions only (training patch fields) have no text to rewrite.
+            worded = [u for u in units if any(r.format in TEXT_FORMATS for r in u.records)]
+            llm_task = bar.add_task(f"LLM ({client.model})", total=len(worded))
+            chain = run_chain(worded, client, on_done=lambda n: bar.advance(llm_task, n))
 
     for b in builds:
         write_json_atomic(out / "rois" / f"{b.truth.slide_id}.json", _rois_json(b, config, store.encoder))
@@ -350,6 +381,8 @@ def _summary(truth: CohortTruth, config: BuildConfig, store: FeatureStore, build
         "windows": {
             "kept": sum(len(b.windows) for b in builds),
             "rejected": sum(1 for b in builds for x in b.rejected if "window" in x),
+            "train_patch_fields": sum(len(b.fields) for b in builds),
+            "train_patch_fields_without_label_tissue": sum(b.fields_rejected for b in builds),
         },
         "llm": chain.to_dict() if chain is not None else None,
         "seconds": round(seconds, 2),

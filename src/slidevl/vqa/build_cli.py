@@ -25,6 +25,11 @@ def build_command(
         help="More ROI counts for training slides only, e.g. 8,12: each partitions the slide again and adds those "
              "region questions to train.jsonl; test.jsonl is unchanged.",
     ),
+    train_patch_fields: int = typer.Option(
+        0, "--train-patch-fields", min=0,
+        help="Fields of one feature patch each, drawn per training slide, asked their choice questions only "
+             "(dominant tissue, tissues present, grade): per-patch supervision; test.jsonl is unchanged.",
+    ),
     roi_method: str = typer.Option("prim", "--roi-method", help="ROI growth: prim (cosine to ROI mean) or mst."),
     window: Optional[List[str]] = typer.Option(
         None, "--window", help="Patch-level field of view as SCALE:PIXELS, repeatable (default: 10x:512 and 20x:512)."
@@ -53,7 +58,8 @@ def build_command(
     try:
         windows = tuple(WindowSpec.parse(w) for w in window) if window else DEFAULT_WINDOWS
         config = BuildConfig(
-            k_rois=k_rois, train_extra_k=_counts(train_extra_rois), roi_method=roi_method, windows=windows, min_window_tissue=min_window_tissue,
+            k_rois=k_rois, train_extra_k=_counts(train_extra_rois), train_patch_fields=train_patch_fields,
+            roi_method=roi_method, windows=windows, min_window_tissue=min_window_tissue,
             mode=mode, test_fraction=test_fraction, seed=seed, encoder=encoder,
         )
     except (BuildError, WindowError) as exc:

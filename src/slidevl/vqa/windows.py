@@ -16,6 +16,7 @@ first; the first window that passes the filter is used.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -193,3 +194,34 @@ def plan_windows(
                 )
             )
     return kept, rejected
+
+
+#: Single-patch fields are described at high power, the scale at which grade shows.
+FIELD_SCALE = "20x"
+
+
+def plan_patch_fields(
+    sf: SlideFeatures, rois: Sequence[ROI], n: int, *, seed: int, min_tissue: float = 0.5
+) -> list[Window]:
+    """Up to ``n`` fields of exactly one feature patch each, drawn without replacement.
+
+    Only patches of the given ROIs with at least ``min_tissue`` tissue are drawn; each
+    field names its ROI, so its questions can be chained to that region. The draw depends
+    on ``seed`` and the slide id alone.
+    """
+    if n < 0:
+        raise WindowError(f"the number of patch fields must be >= 0, got {n}")
+    boxes = patch_boxes(sf)
+    tissue = np.asarray(sf.patch_tissue, dtype=np.float64)
+    owner = {int(i): roi.id for roi in rois for i in roi.patch_index}
+    eligible = np.array(sorted(i for i in owner if tissue[i] >= min_tissue), dtype=np.int64)
+    rng = np.random.default_rng([seed, zlib.crc32(sf.slide_id.encode())])
+    chosen = np.sort(rng.choice(eligible, size=min(n, len(eligible)), replace=False)) if len(eligible) else eligible
+    mpp = MAGNIFICATION_MPP[FIELD_SCALE]
+    fields = []
+    for i in chosen.tolist():
+        box = tuple(int(v) for v in boxes[i])
+        spec = WindowSpec(FIELD_SCALE, mpp, max(1, int(round((box[2] - box[0]) * slide_mpp(sf) / mpp))))
+        fields.append(Window(id=f"P{i}-{FIELD_SCALE}", roi=owner[i], spec=spec, bbox=box,  # type: ignore[arg-type]
+                             tissue_fraction=float(tissue[i])))
+    return fields
