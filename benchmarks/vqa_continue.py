@@ -27,6 +27,12 @@ shuffled-image control) and its scores stay there; the tables go to
     # vqa_fatx_*: 6, 8 and 12 more ROIs per training slide (--train-extra-rois 6,8,12), one epoch on the pooled run:
     python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat8/runs/vqa_fat8_pooled_24ep/stage2 \\
         --data /tmp/vqa_fatx --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatx_pooled_25ep
+    # vqa_fatn_*: five fresh partitions instead (--train-extra-rois 5,7,9,10,11), one more epoch:
+    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatx/runs/vqa_fatx_pooled_25ep/stage2 \\
+        --data /tmp/vqa_fatn --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatn_pooled_26ep
+    # vqa_fatp_*: single-patch fields (--train-extra-rois 8 --train-patch-fields 32), one more epoch:
+    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatx/runs/vqa_fatx_pooled_25ep/stage2 \\
+        --data /tmp/vqa_fatp --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatp_pooled_26ep
 """
 
 from __future__ import annotations
