@@ -100,6 +100,7 @@ def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, 
     templates = {r.id: template_key(r) for r in read_records(test) if r.format == "single"}
     connector = CheckpointInfo.load(resolve_checkpoint(folder / "stage2") / INFO_NAME).connector
     scores: dict[str, Any] = {"connector": connector["kind"], "pooled_tokens": connector.get("pooled_tokens", False),
+                              "patch_scaling": connector.get("patch_scaling", "shared"),
                               "previous_epochs": epochs_so_far(source), "epochs": epochs, "lr": lr, "source": str(source),
                               "data": str(data or job.parent), "training": summary}
     for stem, shuffle, rank in (("predictions", False, False), ("predictions_ranked", False, True),
@@ -128,7 +129,8 @@ def render(name: str, variant: str, s: dict[str, Any]) -> str:
 
     t = s["training"]
     return "\n".join([
-        f"# Slide VQA: `{variant}` ({s['connector']} connector{' with pooled tokens' if s.get('pooled_tokens') else ''}) "
+        f"# Slide VQA: `{variant}` ({s['connector']} connector{' with pooled tokens' if s.get('pooled_tokens') else ''}"
+        f"{', patches scaled per dimension' if s.get('patch_scaling') == 'per_dim' else ''}) "
         f"trained longer ({name})",
         "",
         (f"Stage 2 continued from the finished {s['previous_epochs']}-epoch run for {s['epochs']} more epochs "
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", action="store_true", help="also fit the feature probes and compare per template")
     parser.add_argument("--pooled-tokens", action="store_true",
                         help="MLP connector: continue with its pooled tokens on (no new weights)")
+    parser.add_argument("--patch-scaling", choices=("shared", "per_dim"),
+                        help="continue with this patch standardisation (shared -> per_dim converts the weights)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2.5e-4)
     parser.add_argument("--seed", type=int, default=1)
@@ -191,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(args.source) if args.source else work / "runs" / args.variant / "stage2"
     data = Path(args.data) if args.data else None
     folder = (data or work) / "runs" / args.name
-    reading = {"pooled_tokens": True} if args.pooled_tokens else {}
+    reading: dict[str, Any] = {"pooled_tokens": True} if args.pooled_tokens else {}
+    if args.patch_scaling:
+        reading["patch_scaling"] = args.patch_scaling
     scores = continue_run(source, folder, args.epochs, args.lr, args.seed, data, args.probe, reading)
     label = source.parent.name if args.source else args.variant
     write_json_atomic(RESULTS / f"{args.name}.json", {"variant": label, **scores})

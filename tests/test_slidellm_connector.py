@@ -159,3 +159,35 @@ def test_standardizer_centres_and_scales_and_starts_as_identity() -> None:
         std.fit(torch.ones(4, DIM))
     with pytest.raises(ValueError, match="to fit"):
         std.fit(torch.ones(1, DIM))
+
+
+def test_per_dimension_patch_scaling_and_its_conversion_keep_the_outputs() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(300, PATCH) * torch.logspace(-2, 1.5, PATCH) + 3.0
+    x[:, 0] = 2.0
+    std = TokenStandardizer(PATCH, per_dim=True)
+    std.fit(x)
+    y = std(x)
+    torch.testing.assert_close(y[:, 1:].pow(2).mean(0), torch.ones(PATCH - 1), atol=1e-4, rtol=0)
+    assert float(std.scale[0]) == 1.0 and float(y[:, 0].abs().max()) < 1e-5  # a constant dimension keeps scale 1
+    # A shared-scale connector converted to per-dimension scales computes the same outputs.
+    conn = build_connector(_config("mlp", patch_dim=PATCH, patch_scaling="shared", pooled_tokens=True)).eval()
+    conn.standardize.fit(torch.randn(40, DIM) * 2 + 1)
+    conn.patch_standardize.fit(x)
+    tokens, valid = torch.randn(2, 3, DIM), torch.ones(2, 3, dtype=torch.bool)
+    patches, patch_valid = x[:8].reshape(2, 4, PATCH), torch.ones(2, 4, dtype=torch.bool)
+    before = conn(tokens, valid, patches, patch_valid).embeds
+    conn.scale_patches_per_dim(x)
+    torch.testing.assert_close(conn(tokens, valid, patches, patch_valid).embeds, before, atol=1e-5, rtol=1e-4)
+    assert conn.config.patch_scaling == "per_dim" and conn.patch_standardize.per_dim
+    reloaded = build_connector(conn.config).eval()
+    reloaded.load_state_dict(conn.state_dict())
+    torch.testing.assert_close(reloaded(tokens, valid, patches, patch_valid).embeds, before, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="already"):
+        conn.scale_patches_per_dim(x)
+    # New configs scale per dimension; configs saved before the option existed used one shared scale.
+    assert _config(patch_dim=PATCH).patch_scaling == "per_dim"
+    old = {k: v for k, v in _config(patch_dim=PATCH).to_dict().items() if k != "patch_scaling"}
+    assert ConnectorConfig.from_dict(old).patch_scaling == "shared"
+    with pytest.raises(ValueError, match="patch_scaling"):
+        _config(patch_scaling="per_token")

@@ -323,7 +323,8 @@ def test_connector_standardisers_are_fitted_once_on_the_training_slides(world: d
     connector = s1.module.vlm.connector
     assert connector.config.reads_patches
     for std in (connector.standardize, connector.patch_standardize):
-        assert float(std.scale) != 1.0 and bool(std.mean.abs().sum() > 0)
+        assert bool((std.scale != 1.0).any()) and bool(std.mean.abs().sum() > 0)
+    assert connector.patch_standardize.per_dim and not connector.standardize.per_dim
     s1.run()
     # Stage 2 keeps the stage-1 statistics instead of refitting them.
     s2 = prepare_stage(stage_config(world, "stage2", tmp_path / "s2", init=str(tmp_path / "s1"), train=tiny_train(max_steps=1)))
@@ -360,6 +361,26 @@ def test_a_continued_run_may_change_only_how_the_connector_reads(world: dict[str
     with pytest.raises(ValueError, match="fixes the connector"):
         prepare_stage(stage_config(world, "stage2", tmp_path / "bad", init=str(tmp_path / "s2"),
                                    connector={"hidden_size": 64}, train=tiny_train(max_steps=1)))
+
+
+def test_a_continued_run_may_switch_shared_patch_scaling_to_per_dimension(world: dict[str, Path], tmp_path: Path) -> None:
+    shared = {**TINY_CONNECTOR, "kind": "mlp", "patch_scaling": "shared"}
+    run_stage(stage_config(world, "stage2", tmp_path / "s2", connector=shared, train=tiny_train(max_steps=1)))
+    before = load_vlm(tmp_path / "s2").model.connector
+    assert not before.patch_standardize.per_dim
+    more = prepare_stage(stage_config(world, "stage2", tmp_path / "s2b", init=str(tmp_path / "s2"),
+                                      connector={"patch_scaling": "per_dim"}, train=tiny_train(max_steps=1)))
+    connector = more.module.vlm.connector
+    assert connector.config.patch_scaling == "per_dim" and connector.patch_standardize.per_dim
+    torch.testing.assert_close(connector.patch_standardize.mean, before.patch_standardize.mean)
+    # The projection absorbed the change of scale: weight * (old scale / new scale) per input dimension.
+    factor = before.patch_standardize.scale / connector.patch_standardize.scale
+    torch.testing.assert_close(connector.patch_proj.weight, before.patch_proj.weight / factor[None, :], rtol=1e-5, atol=1e-6)
+    more.run()
+    assert load_vlm(tmp_path / "s2b").model.connector.patch_standardize.per_dim
+    with pytest.raises(ValueError, match="cannot go back"):
+        prepare_stage(stage_config(world, "stage2", tmp_path / "bad", init=str(tmp_path / "s2b"),
+                                   connector={"patch_scaling": "shared"}, train=tiny_train(max_steps=1)))
 
 
 def test_a_run_logged_to_a_file_reports_its_progress_in_lines(world: dict[str, Path], tmp_path: Path, capsys) -> None:

@@ -42,6 +42,10 @@ MaxPatches = Annotated[Optional[int], typer.Option(
 PooledTokens = Annotated[Optional[bool], typer.Option(
     "--pooled-tokens/--no-pooled-tokens",
     help="MLP connector: also pass the mean of its outputs over the summaries and over the patches (default off).")]
+PatchScaling = Annotated[Optional[str], typer.Option(
+    "--patch-scaling",
+    help="Standardise patch features per dimension ('per_dim', default) or with one shared scale ('shared'). "
+         "A run continuing an older 'shared' checkpoint may switch it to 'per_dim'; its weights are converted.")]
 Epochs = Annotated[int, typer.Option("--epochs", min=1)]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Records per micro-batch.")]
@@ -72,7 +76,7 @@ def _fail(message: str) -> NoReturn:
 
 
 _CONNECTOR_OPTIONS = ("connector", "queries", "qformer_layers", "qformer_hidden", "qformer_heads", "qformer_ffn",
-                      "connector_dropout", "use_global", "use_patches", "max_patches", "pooled_tokens")
+                      "connector_dropout", "use_global", "use_patches", "max_patches", "pooled_tokens", "patch_scaling")
 _TRAIN_OPTIONS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed",
                   "save_every", "max_tokens", "bf16", "cpu")
 
@@ -82,7 +86,8 @@ def _connector(**kwargs: Any) -> dict[str, Any]:
     # and a stage-2 --init run can tell "not given" from "given".
     names = {"connector": "kind", "queries": "num_queries", "qformer_layers": "num_layers", "qformer_hidden": "hidden_size",
              "qformer_heads": "num_heads", "qformer_ffn": "intermediate_size", "connector_dropout": "dropout", "use_global": "use_global",
-             "use_patches": "use_patches", "max_patches": "max_patches", "pooled_tokens": "pooled_tokens"}
+             "use_patches": "use_patches", "max_patches": "max_patches", "pooled_tokens": "pooled_tokens",
+             "patch_scaling": "patch_scaling"}
     return {names[k]: v for k, v in kwargs.items() if v is not None}
 
 
@@ -202,6 +207,7 @@ def stage1_command(
     use_patches: UsePatches = None,
     max_patches: MaxPatches = None,
     pooled_tokens: PooledTokens = None,
+    patch_scaling: PatchScaling = None,
     epochs: Epochs = 5,
     max_steps: MaxSteps = None,
     batch_size: BatchSize = 8,
@@ -249,6 +255,7 @@ def stage2_command(
     use_patches: UsePatches = None,
     max_patches: MaxPatches = None,
     pooled_tokens: PooledTokens = None,
+    patch_scaling: PatchScaling = None,
     lora_r: Annotated[int, typer.Option("--lora-r", min=1)] = 128,
     lora_alpha: Annotated[int, typer.Option("--lora-alpha", min=1)] = 256,
     lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = 0.05,

@@ -18,7 +18,7 @@ computed once per slide and cached (:mod:`slidevl.slidellm.tuning.visual`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from slidevl.features.store import FeatureStore
-from slidevl.slidellm.connector import READ_OPTIONS, ConnectorConfig, build_connector
+from slidevl.slidellm.connector import CONVERTIBLE_OPTIONS, READ_OPTIONS, ConnectorConfig, build_connector
 from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, load_encoder
 from slidevl.slidellm.encoder.io import CONFIG_NAME
 from slidevl.slidellm.llm import add_lora, build_embedded_llm, freeze, load_llm, load_lora
@@ -198,10 +198,10 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         raise ValueError(f"run_stage needs stage 'stage1' or 'stage2', got {cfg.stage!r}")
     init = resolve_checkpoint(cfg.init) if cfg.init else None
     init_info = CheckpointInfo.load(init / INFO_NAME) if init is not None else None
-    if init_info is not None and set(cfg.connector) - READ_OPTIONS:
+    if init_info is not None and set(cfg.connector) - READ_OPTIONS - CONVERTIBLE_OPTIONS:
         raise ValueError(
             f"--init {init} fixes the connector; drop the connector options other than "
-            f"{', '.join(sorted(READ_OPTIONS))} (or start without --init)"
+            f"{', '.join(sorted(READ_OPTIONS | CONVERTIBLE_OPTIONS))} (or start without --init)"
         )
     init_adapter = init / "adapter" if init is not None and init_info is not None and init_info.has_adapter else None
     if init_adapter is not None and not (cfg.stage == "stage2" and cfg.llm_tuning == "lora"):
@@ -242,7 +242,9 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         if init_info is not None
         else cfg.connector_config(encoder.config.d_model, _llm_width(llm), encoder.config.patch_dim)
     )
-    connector = build_connector(conn_cfg)
+    # The --init weights are loaded as they were saved, then converted after the visuals are ready.
+    saved_cfg = ConnectorConfig.from_dict(init_info.connector) if init_info is not None and resume_dir is None else conn_cfg
+    connector = build_connector(replace(conn_cfg, patch_scaling=saved_cfg.patch_scaling))
     if full_llm:
         llm.requires_grad_(True)
     elif cfg.stage == "stage2":
@@ -267,6 +269,10 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     check_regions(records, visuals)
     if resume_dir is None and init is None:
         fit_standardizers(connector, visuals, (r.slide for r in records))
+    elif connector.config.patch_scaling != conn_cfg.patch_scaling:
+        if conn_cfg.patch_scaling != "per_dim":
+            raise ValueError(f"--init {init} scales patch features per dimension; it cannot go back to one shared scale")
+        connector.scale_patches_per_dim(training_patches(visuals, (r.slide for r in records)))
 
     info = CheckpointInfo(
         stage=cfg.stage,
@@ -294,11 +300,18 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
 def fit_standardizers(connector: nn.Module, visuals: CachedVisuals | LiveVisuals, slide_ids: Iterable[str]) -> None:
     """Fit the connector's input standardisers on every token (and patch) of the training slides."""
     config = connector.config
+    slide_ids = sorted(set(slide_ids))
     with torch.no_grad():
-        slides = [visuals.get(s) for s in sorted(set(slide_ids))]
+        slides = [visuals.get(s) for s in slide_ids]
         connector.standardize.fit(torch.cat([v.select(None, use_global=config.use_global) for v in slides]).detach())
-        if config.reads_patches:
-            connector.patch_standardize.fit(torch.cat([v.patches_in(None) for v in slides]))
+    if config.reads_patches:
+        connector.patch_standardize.fit(training_patches(visuals, slide_ids))
+
+
+def training_patches(visuals: CachedVisuals | LiveVisuals, slide_ids: Iterable[str]) -> Tensor:
+    """(N, patch_dim) features of every patch of the training slides."""
+    with torch.no_grad():
+        return torch.cat([visuals.get(s).patches_in(None) for s in sorted(set(slide_ids))])
 
 
 def _module_loss(module: nn.Module, batch: ChatBatch) -> Tensor:
