@@ -33,6 +33,13 @@ shuffled-image control) and its scores stay there; the tables go to
     # vqa_fatp_*: single-patch fields (--train-extra-rois 8 --train-patch-fields 32), one more epoch:
     python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatx/runs/vqa_fatx_pooled_25ep/stage2 \\
         --data /tmp/vqa_fatp --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatp_pooled_26ep
+    # the same epoch with the patch features standardised per dimension (the checkpoint converted), then one more
+    # on a fresh draw (--train-extra-rois 12 --train-patch-fields 48):
+    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatx/runs/vqa_fatx_pooled_25ep/stage2 \\
+        --data /tmp/vqa_fatp --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --patch-scaling per_dim \\
+        --name vqa_fatp_perdim_26ep
+    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatp/runs/vqa_fatp_perdim_26ep/stage2 \\
+        --data /tmp/vqa_fatq --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatq_perdim_27ep
 """
 
 from __future__ import annotations
