@@ -34,12 +34,14 @@ shuffled-image control) and its scores stay there; the tables go to
     python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatx/runs/vqa_fatx_pooled_25ep/stage2 \\
         --data /tmp/vqa_fatp --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatp_pooled_26ep
     # the same epoch with the patch features standardised per dimension (the checkpoint converted), then one more
-    # on a fresh draw (--train-extra-rois 12 --train-patch-fields 48):
+    # on a fresh draw (--train-extra-rois 12 --train-patch-fields 48) and one on another (10 and 56):
     python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatx/runs/vqa_fatx_pooled_25ep/stage2 \\
         --data /tmp/vqa_fatp --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --patch-scaling per_dim \\
         --name vqa_fatp_perdim_26ep
     python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatp/runs/vqa_fatp_perdim_26ep/stage2 \\
         --data /tmp/vqa_fatq --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatq_perdim_27ep
+    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatq/runs/vqa_fatq_perdim_27ep/stage2 \\
+        --data /tmp/vqa_fatr --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatr_perdim_28ep
 """
 
 from __future__ import annotations
