@@ -189,9 +189,8 @@ def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig, *,
             extra = [replace(r, id=f"K{k}{r.id}") for r in grow_rois(sf, k, seed=config.seed, method=config.roi_method)]
             build.extra_rois.extend(extra)
             _region_units(build, writer, extra, wsi, sfacts)
-        fields = plan_patch_fields(sf, rois, config.train_patch_fields, seed=config.seed,
-                                   min_tissue=config.min_window_tissue) if config.train_patch_fields else []
-        for field_window in fields:
+        for field_window in plan_patch_fields(sf, rois, config.train_patch_fields, seed=config.seed,
+                                              min_tissue=config.min_window_tissue):
             unit = _window_unit(build, writer, field_window, regions, formats=CHOICE_FORMATS)
             if isinstance(unit, str):
                 build.fields_rejected += 1
