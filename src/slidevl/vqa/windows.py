@@ -217,11 +217,11 @@ def plan_patch_fields(
     eligible = np.array(sorted(i for i in owner if tissue[i] >= min_tissue), dtype=np.int64)
     rng = np.random.default_rng([seed, zlib.crc32(sf.slide_id.encode())])
     chosen = np.sort(rng.choice(eligible, size=min(n, len(eligible)), replace=False)) if len(eligible) else eligible
-    mpp = MAGNIFICATION_MPP[FIELD_SCALE]
+    mpp, level0_mpp = MAGNIFICATION_MPP[FIELD_SCALE], slide_mpp(sf)
     fields = []
     for i in chosen.tolist():
         box = tuple(int(v) for v in boxes[i])
-        spec = WindowSpec(FIELD_SCALE, mpp, max(1, int(round((box[2] - box[0]) * slide_mpp(sf) / mpp))))
+        spec = WindowSpec(FIELD_SCALE, mpp, max(1, int(round((box[2] - box[0]) * level0_mpp / mpp))))
         fields.append(Window(id=f"P{i}-{FIELD_SCALE}", roi=owner[i], spec=spec, bbox=box,  # type: ignore[arg-type]
                              tissue_fraction=float(tissue[i])))
     return fields
