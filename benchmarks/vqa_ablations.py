@@ -18,6 +18,7 @@ Variants (each changes one thing relative to ``full``):
     dense_encoder   encoder pretrained and used with the dense attention mask
     queries_500     Q-Former with 500 queries
     mlp_all_tokens  2-layer MLP per token, every summary token (+ global) to the LLM
+    mlp_pooled      mlp_all_tokens plus the mean of its outputs over the summary tokens and the patches
     no_pretraining  same encoder architecture, random weights
     one_stage       no stage 1: stage 2 starts from a fresh connector
 
@@ -62,7 +63,7 @@ from vqa_probes import probe_features, render_probes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Variants also answered with another slide's visual input (does the model look?).
-CONTROLLED = ("full", "llm_full", "mlp_all_tokens")
+CONTROLLED = ("full", "llm_full", "mlp_all_tokens", "mlp_pooled")
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -71,6 +72,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dense_encoder": {"encoder": "dense"},
     "queries_500": {"connector": {"num_queries": 500}},
     "mlp_all_tokens": {"connector": {"kind": "mlp"}},
+    "mlp_pooled": {"connector": {"kind": "mlp", "pooled_tokens": True}},
     "no_pretraining": {"encoder_init": "random"},
     "one_stage": {"two_stage": False},
 }
