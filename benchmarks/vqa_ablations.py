@@ -45,6 +45,14 @@ every intermediate (cohort, job, QA, encoders, runs, predictions, evaluation rep
     # vqa_fat_*: the vqa_big cohort preprocessed again with adipose recovery (the default since), then
     # the vqa_big MLP run continued on it with vqa_continue.py (see there):
     python benchmarks/vqa_ablations.py --work /tmp/vqa_fat --cohort /tmp/vqa_big/cohort --data-only
+    # vqa_fresh_pooled_5ep: the best recipe from scratch in one run (per-dimension patch scaling, pooled
+    # tokens, 12 extra ROIs and 48 patch fields per training slide; ~1 h 50 min on 2 cores, data included):
+    python benchmarks/vqa_ablations.py --work /tmp/vqa_big --set patients=96 --data-only --threads 2
+    slidevl vqa build --cohort /tmp/vqa_big/cohort --job /tmp/vqa_big/job --out /tmp/vqa_big/qa_fq \
+        --train-extra-rois 12 --train-patch-fields 48
+    python benchmarks/vqa_ablations.py --work /tmp/vqa_big --cohort /tmp/vqa_big/cohort --job /tmp/vqa_big/job \
+        --qa /tmp/vqa_big/qa_fq --variants mlp_pooled --set patients=96 --set stage2_epochs=5 --threads 2 \
+        --name vqa_fresh_pooled_5ep
 """
 
 from __future__ import annotations
