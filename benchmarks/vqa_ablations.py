@@ -46,7 +46,7 @@ every intermediate (cohort, job, QA, encoders, runs, predictions, evaluation rep
     # the vqa_big MLP run continued on it with vqa_continue.py (see there):
     python benchmarks/vqa_ablations.py --work /tmp/vqa_fat --cohort /tmp/vqa_big/cohort --data-only
     # vqa_fresh_pooled_5ep: the best recipe from scratch in one run (per-dimension patch scaling, pooled
-    # tokens, 12 extra ROIs and 48 patch fields per training slide; ~1 h 50 min on 2 cores, data included):
+    # tokens, 12 extra ROIs and 48 patch fields per training slide; 1 h 47 min on 2 cores, data included):
     python benchmarks/vqa_ablations.py --work /tmp/vqa_big --set patients=96 --data-only --threads 2
     slidevl vqa build --cohort /tmp/vqa_big/cohort --job /tmp/vqa_big/job --out /tmp/vqa_big/qa_fq \
         --train-extra-rois 12 --train-patch-fields 48
