@@ -219,6 +219,26 @@ def test_extra_training_rois_add_region_questions_and_leave_the_benchmark_alone(
             BuildConfig(train_extra_k=bad)
 
 
+def test_training_slide_scale_asks_the_slides_share_questions_of_training_rois(cohort, tmp_path):
+    first = cohort["report"]
+    config = BuildConfig(train_extra_k=(2,), train_slide_scale=True)
+    report = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", config, progress=False)
+    assert report.test.read_text() == first.test.read_text()
+    old = {r.id for r in first.train_records}
+    assert [r for r in report.train_records if r.id in old] == first.train_records
+    added = [r for r in report.train_records if r.meta["template"] in ("tumour_burden", "necrosis", "lymphocytes")
+             and r.level == "ROI"]
+    rois = {r.meta["unit"] for r in report.train_records if r.level == "ROI"}
+    assert len(added) == 3 * len(rois) and rois
+    assert any(r.meta["roi"].startswith("K2") for r in added)
+    assert all("in this region" in r.question for r in added)
+    checked = _check_answers(cohort, added)
+    assert checked["ROI/tumour_burden"] == checked["ROI/necrosis"] == checked["ROI/lymphocytes"] == len(rois)
+    # The slide's own questions keep their wording.
+    assert all("on this slide" in r.question for r in report.train_records
+               if r.level == "WSI" and r.meta["template"] == "tumour_burden")
+
+
 def test_training_patch_fields_ask_choice_questions_of_single_patches(cohort, tmp_path):
     first = cohort["report"]
     report = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", BuildConfig(train_patch_fields=5), progress=False)
@@ -342,13 +362,14 @@ def test_cli_end_to_end_and_errors(cohort, tmp_path):
     result = runner.invoke(app, ["build", "--cohort", str(cohort["cohort"]), "--job", str(cohort["job"]),
                                  "--out", str(out), "--k-rois", "3", "--test-fraction", "0.5", "--seed", "1",
                                  "--window", "20x:256", "--train-extra-rois", "5",
-                                 "--train-patch-fields", "3"])
+                                 "--train-patch-fields", "3", "--train-slide-scale"])
     assert result.exit_code == 0, result.output
     assert "summary written to" in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["k_rois"] == 3 and summary["splits"]["test"]["n_patients"] == 3
     assert summary["config"]["train_extra_k"] == [5] and summary["rois"]["train_extra"] > 0
     assert summary["config"]["train_patch_fields"] == 3 and summary["windows"]["train_patch_fields"] > 0
+    assert summary["config"]["train_slide_scale"] is True
     train, test = read_records(out / "train.jsonl"), read_records(out / "test.jsonl")
     assert {r.meta.get("magnification") for r in train + test if r.level == "patch"} == {"20x"}
     assert all(r.bbox[2] - r.bbox[0] == 256 for r in train + test if r.level == "patch")

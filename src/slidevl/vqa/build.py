@@ -18,7 +18,10 @@ the slide again and adds those ROIs' questions, so a slide teaches more boxes an
 answers, while the test records stay exactly what ``k_rois`` alone gives. They can also get
 fields of a single feature patch (``train_patch_fields`` per slide), asked only their
 choice questions: what tissue a patch holds is the per-patch evidence that region
-fractions add up, and ROI questions alone teach it only through the sum. Outputs in ``out``::
+fractions add up, and ROI questions alone teach it only through the sum. And their ROIs can
+be asked the slide's binned share questions (``train_slide_scale``): a slide answers each of
+those once, so the bins of tumour burden, necrosis and lymphocytes are otherwise learned
+from one example per training slide. Outputs in ``out``::
 
     train.jsonl, test.jsonl     VQA records (slidevl.vqa.records contract)
     rois/<slide>.json           ROIs in the viewer's format plus geometry, composition, windows
@@ -47,7 +50,7 @@ from slidevl.vqa import build_summary
 from slidevl.vqa.chain import ChainReport, run_chain
 from slidevl.vqa.records import CHOICE_FORMATS, TEXT_FORMATS, VQARecord, write_records
 from slidevl.vqa.roi import METHODS, ROI, grow_rois, slide_mpp
-from slidevl.vqa.templates import Unit, Writer, patch_records, pct, roi_records, wsi_records
+from slidevl.vqa.templates import Unit, Writer, patch_records, pct, roi_records, slide_scale_records, wsi_records
 from slidevl.vqa.templates_facts import TISSUE_NAMES, SlideFacts, region_facts, slide_facts, window_facts
 from slidevl.vqa.windows import DEFAULT_WINDOWS, Window, WindowSpec, plan_patch_fields, plan_windows
 
@@ -65,6 +68,7 @@ class BuildConfig:
     k_rois: int = 4
     train_extra_k: tuple[int, ...] = ()
     train_patch_fields: int = 0
+    train_slide_scale: bool = False
     roi_method: str = "prim"
     windows: tuple[WindowSpec, ...] = DEFAULT_WINDOWS
     min_window_tissue: float = 0.5
@@ -196,6 +200,10 @@ def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig, *,
                 build.fields_rejected += 1
             elif unit is not None:
                 build.fields.append(field_window)
+        if config.train_slide_scale:
+            for unit in build.units:
+                if unit.level == "ROI":
+                    unit.records.extend(slide_scale_records(writer, unit, "in this region"))
     return build
 
 

@@ -30,6 +30,11 @@ def build_command(
         help="Fields of one feature patch each, drawn per training slide, asked their choice questions only "
              "(dominant tissue, tissues present, grade): per-patch supervision; test.jsonl is unchanged.",
     ),
+    train_slide_scale: bool = typer.Option(
+        False, "--train-slide-scale",
+        help="Also ask every training ROI the slide's binned share questions (tumour burden, necrosis, lymphocytes), "
+             "so their bins are learned from many boxes, not one answer per slide; test.jsonl is unchanged.",
+    ),
     roi_method: str = typer.Option("prim", "--roi-method", help="ROI growth: prim (cosine to ROI mean) or mst."),
     window: Optional[List[str]] = typer.Option(
         None, "--window", help="Patch-level field of view as SCALE:PIXELS, repeatable (default: 10x:512 and 20x:512)."
@@ -59,7 +64,7 @@ def build_command(
         windows = tuple(WindowSpec.parse(w) for w in window) if window else DEFAULT_WINDOWS
         config = BuildConfig(
             k_rois=k_rois, train_extra_k=_counts(train_extra_rois), train_patch_fields=train_patch_fields,
-            roi_method=roi_method, windows=windows, min_window_tissue=min_window_tissue,
+            train_slide_scale=train_slide_scale, roi_method=roi_method, windows=windows, min_window_tissue=min_window_tissue,
             mode=mode, test_fraction=test_fraction, seed=seed, encoder=encoder,
         )
     except (BuildError, WindowError) as exc:

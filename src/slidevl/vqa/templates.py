@@ -322,6 +322,28 @@ def _scale_question(wr: Writer, unit: Unit, template: str, category: str, questi
     return wr.single(unit, template, category, question, correct, [t for _, t in scale], {"fraction": round(value, 4)})
 
 
+# The slide's binned share questions: template, category, tissue, bins, question ({on}: where).
+SLIDE_SCALE_QUESTIONS: tuple[tuple[str, str, str, tuple[tuple[float, str], ...], str], ...] = (
+    ("tumour_burden", "composition", "tumour", TUMOUR_BURDEN,
+     "Approximately what fraction of the tissue {on} is tumour?"),
+    ("necrosis", "morphology", "necrosis", NECROSIS_EXTENT,
+     "How extensive is tumour necrosis {on} (as a share of the tissue)?"),
+    ("lymphocytes", "morphology", "lymphocytes", LYMPHOCYTE_EXTENT,
+     "How marked is the lymphocytic infiltration {on} (as a share of the tissue)?"),
+)
+
+
+def slide_scale_records(wr: Writer, unit: Unit, on: str) -> list[VQARecord]:
+    """The slide's binned tumour, necrosis and lymphocyte share questions about ``unit``.
+
+    ``on`` places them ("on this slide"); asked of a training region ("in this region"),
+    they teach the slide's bins from many boxes instead of one answer per slide.
+    """
+    c = unit.facts.composition
+    return [_scale_question(wr, unit, template, category, question.format(on=on), c.tissue[tissue], bins)
+            for template, category, tissue, bins, question in SLIDE_SCALE_QUESTIONS]
+
+
 def _rounded(c: Composition) -> dict[str, float]:
     return {n: round(v, 4) for n, v in c.tissue.items()}
 
@@ -353,15 +375,7 @@ def wsi_records(wr: Writer, unit: Unit) -> list[VQARecord]:
                                             "How differentiated is the carcinoma on this slide?"]),
                   GRADE_NAMES[f.grade] if f.has_tumour else NO_TUMOUR_SLIDE,
                   [*GRADE_NAMES.values(), NO_TUMOUR_SLIDE], {"grade": f.grade if f.has_tumour else None}),
-        _scale_question(wr, unit, "tumour_burden", "composition",
-                        "Approximately what fraction of the tissue on this slide is tumour?",
-                        c.tissue["tumour"], TUMOUR_BURDEN),
-        _scale_question(wr, unit, "necrosis", "morphology",
-                        "How extensive is tumour necrosis on this slide (as a share of the tissue)?",
-                        c.tissue["necrosis"], NECROSIS_EXTENT),
-        _scale_question(wr, unit, "lymphocytes", "morphology",
-                        "How marked is the lymphocytic infiltration on this slide (as a share of the tissue)?",
-                        c.tissue["lymphocytes"], LYMPHOCYTE_EXTENT),
+        *slide_scale_records(wr, unit, "on this slide"),
         _dominant(wr, unit, c, where),
     ]
     if f.has_tumour:
