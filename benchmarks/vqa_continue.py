@@ -42,6 +42,13 @@ shuffled-image control) and its scores stay there; the tables go to
         --data /tmp/vqa_fatq --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatq_perdim_27ep
     python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatq/runs/vqa_fatq_perdim_27ep/stage2 \\
         --data /tmp/vqa_fatr --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatr_perdim_28ep
+    # the 5-epoch from-scratch run of vqa_ablations.py (variant mlp_pooled), 3 more epochs on a fresh draw (10 and 56),
+    # then 4 more on one whose training ROIs are also asked the slide's share questions
+    # (--train-extra-rois 11 --train-patch-fields 40 --train-slide-scale):
+    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_big/runs/mlp_pooled/stage2 \
+        --data /tmp/vqa_fr --epochs 3 --lr 2e-4 --threads 2 --pooled-tokens --name vqa_fr_pooled_8ep
+    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_fr/runs/vqa_fr_pooled_8ep/stage2 \
+        --data /tmp/vqa_ss --epochs 4 --lr 2e-4 --threads 2 --pooled-tokens --name vqa_ss_pooled_12ep
 """
 
 from __future__ import annotations
