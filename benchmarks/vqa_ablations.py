@@ -53,6 +53,13 @@ every intermediate (cohort, job, QA, encoders, runs, predictions, evaluation rep
     python benchmarks/vqa_ablations.py --work /tmp/vqa_big --cohort /tmp/vqa_big/cohort --job /tmp/vqa_big/job \
         --qa /tmp/vqa_big/qa_fq --variants mlp_pooled --set patients=96 --set stage2_epochs=5 --threads 2 \
         --name vqa_fresh_pooled_5ep
+    # vqa_ss_fresh_3ep: the same from scratch with the slide's share questions asked of every training ROI,
+    # 3 stage-2 epochs (the data step as above, then):
+    slidevl vqa build --cohort /tmp/vqa_big/cohort --job /tmp/vqa_big/job --out /tmp/vqa_big/qa_ss \
+        --train-extra-rois 11 --train-patch-fields 40 --train-slide-scale
+    python benchmarks/vqa_ablations.py --work /tmp/vqa_big --cohort /tmp/vqa_big/cohort --job /tmp/vqa_big/job \
+        --qa /tmp/vqa_big/qa_ss --variants mlp_pooled --set patients=96 --set stage2_epochs=3 --threads 2 \
+        --name vqa_ss_fresh_3ep
 """
 
 from __future__ import annotations
