@@ -45,9 +45,9 @@ shuffled-image control) and its scores stay there; the tables go to
     # the 5-epoch from-scratch run of vqa_ablations.py (variant mlp_pooled), 3 more epochs on a fresh draw (10 and 56),
     # then 4 more on one whose training ROIs are also asked the slide's share questions
     # (--train-extra-rois 11 --train-patch-fields 40 --train-slide-scale):
-    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_big/runs/mlp_pooled/stage2 \
+    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_big/runs/mlp_pooled/stage2 \\
         --data /tmp/vqa_fr --epochs 3 --lr 2e-4 --threads 2 --pooled-tokens --name vqa_fr_pooled_8ep
-    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_fr/runs/vqa_fr_pooled_8ep/stage2 \
+    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_fr/runs/vqa_fr_pooled_8ep/stage2 \\
         --data /tmp/vqa_ss --epochs 4 --lr 2e-4 --threads 2 --pooled-tokens --name vqa_ss_pooled_12ep
 """
 
