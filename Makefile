@@ -9,12 +9,14 @@ PYTEST_ARGS ?=
 
 .PHONY: setup chromium demo test test-all clean
 
-# torch is pinned and installed first: pip then takes the CPU build from local disk
-# instead of resolving a multi-GB CUDA build for the package's torch requirement.
+# torch and torchvision are pinned and installed first, as a matched pair: timm and
+# open_clip need torchvision, and torchvision only imports beside the torch it was built
+# for. The 2.14.1 builds are CUDA 13 builds that also run on the CPU, so one venv serves
+# both kinds of machine; pip takes them from local disk where they lie there.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,conch]'
 	touch $(STAMP)
 
 # The viewer serves OpenSeadragon from node_modules: no CDN at run time.

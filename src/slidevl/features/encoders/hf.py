@@ -38,8 +38,8 @@ from slidevl.features.encoders.base import (
     source_path,
 )
 from slidevl.features.encoders.transforms import IMAGENET_MEAN, IMAGENET_STD, PIL_RESAMPLE, ResizeNormalize
+from slidevl.features.encoders.weights import WEIGHT_SUFFIXES
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 VALID_HF_DIR = (
     "a local folder written by `save_pretrained`, holding config.json and the weights "
     "(model.safetensors or pytorch_model.bin), e.g. hf:/models/dinov2-small"

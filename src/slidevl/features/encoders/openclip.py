@@ -34,8 +34,8 @@ from slidevl.features.encoders.base import (
     safe_name,
     source_path,
 )
-from slidevl.features.encoders.hf import WEIGHT_SUFFIXES
 from slidevl.features.encoders.transforms import IMAGENET_MEAN, IMAGENET_STD, ResizeNormalize
+from slidevl.features.encoders.weights import WEIGHT_SUFFIXES
 
 OPENCLIP_CONFIG = "open_clip_config.json"
 VALID_OPENCLIP = (
