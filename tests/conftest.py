@@ -20,3 +20,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def private_config_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep tests away from the developer's own ~/.config/slidevl (registered encoder paths)."""
+    monkeypatch.setenv("SLIDEVL_CONFIG_DIR", str(tmp_path_factory.mktemp("slidevl-config")))

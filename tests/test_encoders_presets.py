@@ -216,3 +216,23 @@ def test_full_size_uni(tmp_path: Path, slide_tiles: np.ndarray) -> None:
     with torch.inference_mode():
         expected = reference(batch).numpy()
     np.testing.assert_allclose(encoder.encode_tiles(slide_tiles), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_preprocess_cli_with_a_preset_spec(tmp_path: Path, shallow_presets: None) -> None:
+    """`slidevl preprocess SLIDES --out JOB --encoder NAME:PATH`: real reads, the preset's features in the store."""
+    from typer.testing import CliRunner
+
+    from slidevl.features.cli import app
+    from slidevl.features.store import FeatureStore
+
+    (tmp_path / "slides").mkdir()
+    write_aperio_slide(tmp_path / "slides" / "a.svs", 1536, 1536, mpp=0.5)
+    save_timm("kaiko-vits16", tmp_path / "kaiko")
+    result = CliRunner().invoke(app, ["preprocess", str(tmp_path / "slides"), "--out", str(tmp_path / "job"),
+                                      "--encoder", f"kaiko-vits16:{tmp_path / 'kaiko'}", "--workers", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    store = FeatureStore(tmp_path / "job")
+    features = store.load("a")
+    assert features.patch_features.shape[1] == 384
+    assert features.attrs["target_mpp"] == PRESETS["kaiko-vits16"].mpp
+    assert features.attrs["encoder_provenance"]["preset"]["hub_repo"].startswith("1aurent/")

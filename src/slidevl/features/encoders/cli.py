@@ -1,26 +1,160 @@
-"""``slidevl encoders ...``: list the encoder specs and describe one encoder.
+"""``slidevl encoders ...``: list the encoders, register downloaded weights, describe one encoder.
 
 The lead registers :data:`app` under the top-level CLI; each command is also a plain
-function of this package (:func:`available_encoders`, :func:`get_encoder`).
+function of this package (:func:`available_encoders`, :func:`get_encoder`,
+:func:`.user_config.register`). User errors print ``error: ...`` and exit with code 2,
+as the other ``encoders`` and ``vqa`` commands do.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
+from slidevl.features.encoders import user_config
 from slidevl.features.encoders.base import EncoderError
+from slidevl.features.encoders.presets import PRESETS, EncoderPreset
 from slidevl.features.encoders.region import available_region_encoders, get_region_encoder
 from slidevl.features.encoders.registry import DEFAULT_ENCODER, available_encoders, get_encoder
 
-app = typer.Typer(help="Tile and region encoders: list the specs, inspect one.", no_args_is_help=True)
+app = typer.Typer(
+    help="Tile and region encoders: list them, register downloaded weights, inspect one.", no_args_is_help=True
+)
+
+NOT_REGISTERED = "—"
+# Piped or captured output has no terminal width; rich would wrap the table to 80
+# columns there, splitting rows and paths across lines and defeating `grep`. A table
+# only takes the width its cells need, so a generous width just means "do not wrap".
+PIPE_WIDTH = 1000
+MARKDOWN_COLUMNS = (
+    "spec",
+    "model (download from)",
+    "library: architecture",
+    "input px @ mpp",
+    "dim",
+    "embedding",
+    "licence",
+    "gated",
+    "weight files as shipped",
+    "notes",
+)
+
+
+def _fail(exc: Exception) -> NoReturn:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code=2) from exc
+
+
+def _input_text(preset: EncoderPreset) -> str:
+    if preset.resize != preset.input_size:
+        return f"{preset.input_size} (from {preset.resize})"
+    return str(preset.input_size)
+
+
+def _mpp_text(preset: EncoderPreset) -> str:
+    return f"{preset.mpp:g} ({preset.magnification:g}x)"
+
+
+def preset_table_markdown() -> str:
+    """The supported-encoders table of ``docs/encoders.md``, one row per preset."""
+    lines = ["| " + " | ".join(MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
+    for preset in PRESETS.values():
+        cells = (
+            f"`{preset.name}`",
+            f"[{preset.hub_repo}](https://huggingface.co/{preset.hub_repo})",
+            f"{preset.library}: `{preset.architecture}`",
+            f"{_input_text(preset)} @ {_mpp_text(preset)}",
+            str(preset.feature_dim),
+            f"`{preset.pooling}`",
+            preset.license,
+            "yes" if preset.gated else "no",
+            " or ".join(f"`{name}`" for name in preset.weight_files),
+            preset.notes,
+        )
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def _preset_table(paths: dict[str, Path]) -> Table:
+    table = Table(title="named tile encoders: --encoder NAME (registered) or NAME:PATH", title_justify="left")
+    for column in ("name", "library", "architecture", "input px", "mpp (mag.)", "dim", "embedding", "licence", "gated"):
+        table.add_column(column, justify="right" if column == "dim" else "left")
+    table.add_column("registered path", overflow="fold")
+    for preset in PRESETS.values():
+        path = paths.get(preset.name)
+        # Text, not markup: a path may hold square brackets.
+        shown = Text(NOT_REGISTERED if path is None else str(path))
+        if path is not None and not path.exists():
+            # Still listed: the loader would name the missing path too, but say it here first.
+            shown.append(" (missing)", style="red")
+        table.add_row(
+            preset.name,
+            preset.library,
+            preset.architecture,
+            _input_text(preset),
+            _mpp_text(preset),
+            str(preset.feature_dim),
+            preset.pooling,
+            preset.license,
+            "yes" if preset.gated else "no",
+            shown,
+        )
+    return table
+
+
+def _list_json(paths: dict[str, Path]) -> dict[str, Any]:
+    def registered(name: str) -> str | None:
+        return str(paths[name]) if name in paths else None
+
+    return {
+        "config_file": str(user_config.config_file()),
+        "presets": [{**preset.describe(), "registered_path": registered(preset.name)} for preset in PRESETS.values()],
+        "tile_encoder_specs": available_encoders(),
+        "default_tile_encoder": DEFAULT_ENCODER,
+        "region_encoder_specs": available_region_encoders(),
+        "default_region_encoder": "mean",
+    }
 
 
 @app.command("list")
-def list_command() -> None:
-    """Print the tile and region encoder spec forms."""
-    typer.echo("tile encoders:")
+def list_command(
+    as_json: bool = typer.Option(False, "--json", help="print the preset records and spec forms as JSON"),
+    markdown: bool = typer.Option(False, "--markdown", help="print the preset table of docs/encoders.md as Markdown"),
+) -> None:
+    """Show every named encoder (input, mpp, dimension, licence, registered path) and the other spec forms."""
+    if as_json and markdown:
+        _fail(ValueError("--json and --markdown are two different outputs; pass one of them"))
+    if markdown:
+        typer.echo(preset_table_markdown())
+        return
+    try:
+        paths = user_config.registered_paths()
+    except EncoderError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(_list_json(paths), indent=2))
+        return
+    console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
+    console.print(_preset_table(paths))
+    file = escape(str(user_config.config_file()))
+    stray = sorted(set(paths) - set(PRESETS))
+    if stray:
+        console.print(
+            f"[yellow]not a preset[/yellow], ignored: {escape(', '.join(stray))} in {file}; "
+            "remove with `slidevl encoders unregister NAME`",
+            soft_wrap=True,
+        )
+    console.print(f"paths registered in {file} (`slidevl encoders register NAME PATH`)", soft_wrap=True)
+    # Plain echo, not rich: these lines are the stable, greppable part of the output.
+    typer.echo("\ntile encoders:")
     for spec in available_encoders():
         typer.echo(f"  {spec}{'  (default)' if spec == DEFAULT_ENCODER else ''}")
     typer.echo("region encoders:")
@@ -28,9 +162,33 @@ def list_command() -> None:
         typer.echo(f"  {spec}{'  (default)' if spec == 'mean' else ''}")
 
 
+@app.command("register")
+def register_command(
+    name: str = typer.Argument(..., help="preset name, e.g. uni (see `slidevl encoders list`)"),
+    path: Path = typer.Argument(..., help="the folder downloaded from the hub, an HF cache folder, or the weight file"),
+) -> None:
+    """Record where NAME's weights are, so that `--encoder NAME` alone finds them."""
+    try:
+        stored = user_config.register(name, path)
+    except EncoderError as exc:
+        _fail(exc)
+    name = name.strip().lower()
+    typer.echo(f"{name} -> {stored} (in {user_config.config_file()}); use it with --encoder {name}")
+
+
+@app.command("unregister")
+def unregister_command(name: str = typer.Argument(..., help="a registered name")) -> None:
+    """Forget NAME's registered path."""
+    try:
+        removed = user_config.unregister(name)
+    except EncoderError as exc:
+        _fail(exc)
+    typer.echo(f"removed {name} -> {removed} from {user_config.config_file()}")
+
+
 @app.command("info")
 def info_command(
-    spec: str = typer.Argument(DEFAULT_ENCODER, help="tile encoder spec, e.g. handcrafted or hf:/models/dinov2-small"),
+    spec: str = typer.Argument(DEFAULT_ENCODER, help="tile encoder spec, e.g. handcrafted, uni, uni:/models/uni"),
     device: str = typer.Option("cpu", help="device for the model: cpu, cuda, cuda:1, mps"),
     region: bool = typer.Option(False, "--region", help="SPEC is a region encoder spec (mean, meanmax, vit:/dir)"),
 ) -> None:
@@ -38,6 +196,5 @@ def info_command(
     try:
         encoder = get_region_encoder(spec, device=device) if region else get_encoder(spec, device=device)
     except EncoderError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from exc
+        _fail(exc)
     typer.echo(json.dumps(encoder.provenance(), indent=2))

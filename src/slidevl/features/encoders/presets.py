@@ -125,9 +125,10 @@ def _kaiko(name: str, architecture: str, dim: int, kwargs: Mapping[str, Any] | N
         mean=HALF,
         std=HALF,
         interpolation="bicubic",
-        kwargs={"num_classes": 0, "dynamic_img_size": True, **(kwargs or {})},
+        kwargs={"img_size": 224, "num_classes": 0, "dynamic_img_size": True, **(kwargs or {})},
         gated=False,
-        notes="trained on 5-40x; 0.5 µm/px is the common choice",
+        notes="trained on 5-40x; 0.5 µm/px is the common choice. Ports that store a 518 px position "
+        "embedding load too: the grid is read from the file",
     )
 
 
@@ -231,6 +232,7 @@ PRESETS: dict[str, EncoderPreset] = {
             std=HOPTIMUS_STD,
             kwargs=_HOPTIMUS_KWARGS,
             gated=False,
+            notes="the card feeds 224 px tiles at 0.5 µm/px unresized; preprocess with --patch-px 224 to match",
         ),
         EncoderPreset(
             name="h-optimus-1",
@@ -239,7 +241,7 @@ PRESETS: dict[str, EncoderPreset] = {
             feature_dim=1536,
             weight_files=("pytorch_model.bin",),
             hub_repo="bioptimus/H-optimus-1",
-            license="Bioptimus non-commercial",
+            license="CC-BY-NC-ND-4.0",
             mean=HOPTIMUS_MEAN,
             std=HOPTIMUS_STD,
             kwargs=_HOPTIMUS_KWARGS,
@@ -248,7 +250,7 @@ PRESETS: dict[str, EncoderPreset] = {
         _kaiko("kaiko-vits8", "vit_small_patch8_224", 384),
         _kaiko("kaiko-vitb16", "vit_base_patch16_224", 768),
         _kaiko("kaiko-vitb8", "vit_base_patch8_224", 768),
-        _kaiko("kaiko-vitl14", "vit_large_patch14_reg4_dinov2", 1024, {"img_size": 224}),
+        _kaiko("kaiko-vitl14", "vit_large_patch14_reg4_dinov2", 1024),
         EncoderPreset(
             name="phikon",
             library="transformers",
@@ -277,3 +279,14 @@ PRESETS: dict[str, EncoderPreset] = {
 def preset_names() -> list[str]:
     """Every preset name, in the order of :data:`PRESETS`."""
     return list(PRESETS)
+
+
+def preset_for_spec(spec: str) -> EncoderPreset | None:
+    """The preset an encoder spec (``uni``, ``uni:/models/uni``) names, else None."""
+    return PRESETS.get(spec.strip().partition(":")[0].lower())
+
+
+def default_mpp(spec: str, fallback: float = 0.5) -> float:
+    """The patch mpp to read for an encoder spec: the preset's training mpp, else ``fallback`` (20x)."""
+    preset = preset_for_spec(spec)
+    return preset.mpp if preset is not None else fallback
