@@ -32,7 +32,14 @@ from slidevl.survival.data import REGION_TOKEN_MODES, BagCache
 from slidevl.survival.evidence import prompt_table, write_evidence
 from slidevl.survival.folds import Fold, load_folds, make_folds
 from slidevl.survival.hila.model import VARIANTS
-from slidevl.survival.hila.prompts import DEFAULT_TEXT_ENCODER, encode_bank, load_prompt_bank, normalise_encoder_spec
+from slidevl.survival.hila.prompts import (
+    DEFAULT_TEXT_ENCODER,
+    encode_bank,
+    is_aligned,
+    load_prompt_bank,
+    normalise_encoder_spec,
+    text_space_options,
+)
 from slidevl.survival.labels import SurvivalBins, fit_bins
 from slidevl.survival.metrics import c_index, plot_km, stratify
 from slidevl.survival.registry import MODELS, build_model
@@ -90,6 +97,10 @@ class CVConfig:
             raise ConfigError(f"--variant applies to HiLa only; got --model {self.model} --variant {self.variant}")
         if self.model == "hila":
             self.text_encoder = normalise_encoder_spec(self.text_encoder)
+            # Prompts from the features' own model are compared with the raw features;
+            # standardising would move the features out of that space.
+            if is_aligned(self.text_encoder):
+                self.standardize = False
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(self.epochs, self.lr, self.weight_decay, self.grad_accum, self.alpha, self.seed)
@@ -176,12 +187,14 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
     if config.bins_mode == "all":
         global_bins = fit_bins(cohort.patients["t"].to_numpy(), cohort.patients["e"].to_numpy(), config.n_bins, mode="all")
 
-    bank = encoded = None
+    bank = encoded = text_space = None
     options = dict(config.model_options)
     if config.model == "hila":
         bank = load_prompt_bank(config.prompts)
+        text_space, aligned_options = text_space_options(config.text_encoder, store)
         encoded = {scale: encode_bank(bank, scale, config.text_encoder) for scale in ("patch", "region")}
         options.setdefault("variant", config.variant)
+        options.update(aligned_options)
     accelerator = make_accelerator(config.device, config.grad_accum)
     main = accelerator.is_main_process
     train_config = config.train_config()
@@ -283,6 +296,7 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
     }
     if bank is not None:
         summary["prompts"] = {"bank": bank.name, "source": bank.source, "text_encoder": config.text_encoder}
+        summary["text_space"] = text_space
     if main:
         _write_csv(out / "oof_risks.csv", oof_frame)
         plot_km(out / "km.png", oof_frame["t"].to_numpy(), oof_frame["e"].to_numpy(), strat,

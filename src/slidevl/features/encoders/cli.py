@@ -24,10 +24,12 @@ from slidevl.features.encoders.base import EncoderError
 from slidevl.features.encoders.presets import PRESETS, EncoderPreset
 from slidevl.features.encoders.region import available_region_encoders, get_region_encoder
 from slidevl.features.encoders.registry import DEFAULT_ENCODER, available_encoders, get_encoder
+from slidevl.features.encoders.zeroshot_cli import zero_shot_command
 
 app = typer.Typer(
     help="Tile and region encoders: list them, register downloaded weights, inspect one.", no_args_is_help=True
 )
+app.command("zero-shot")(zero_shot_command)
 
 NOT_REGISTERED = "—"
 # Piped or captured output has no terminal width; rich would wrap the table to 80

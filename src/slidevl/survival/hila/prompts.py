@@ -12,6 +12,12 @@ Banks for the synthetic cohort and for TCGA BRCA, LUAD and UCEC ship in
 
 Text encoders are frozen, so prompts are embedded once per run and the embeddings
 travel with the model (a buffer in its checkpoint); nothing is re-encoded per step.
+
+``minilm`` (the default) and ``clip:DIR`` embed prompts in a space of their own, which
+HiLa bridges to the patch features with a learned projection. ``conch:PATH`` and
+``openclip:...`` use the text tower of the vision-language model that made the patch
+features (:mod:`slidevl.features.encoders.text`), so prompts and features share one
+space and HiLa needs no bridge (:func:`text_space_options`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,20 +134,71 @@ def _load_encoder(spec: str) -> tuple[object, object | None]:
         model = CLIPTextModelWithProjection.from_pretrained(str(path), local_files_only=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         return model, tokenizer
-    raise PromptError(f"unknown text encoder {spec!r}; use 'minilm' or 'clip:/path/to/text_tower'")
+    raise PromptError(
+        f"unknown text encoder {spec!r}; use 'minilm', 'clip:/path/to/text_tower', 'conch:/path/to/CONCH' or "
+        "'openclip:/path/to/dir_or_ARCH@checkpoint'"
+    )
 
 
 def normalise_encoder_spec(spec: str) -> str:
     """Canonical form of a text-encoder spec (absolute path for ``clip:``)."""
     if spec.startswith("clip:"):
         return "clip:" + str(Path(spec[5:]).expanduser().resolve())
+    kind, sep, rest = spec.partition(":")
+    if sep and rest and kind in ("conch", "openclip"):
+        # openclip:ARCH@/path keeps its architecture; only the path part is made absolute.
+        arch, at, path = rest.rpartition("@")
+        return f"{kind}:{arch}{at}{Path(path).expanduser().resolve()}"
     return spec
+
+
+def _aligned_encoder(spec: str) -> Any:
+    """The vision-language text tower of an aligned spec, with its errors as :class:`PromptError`."""
+    from slidevl.features.encoders.base import EncoderError
+    from slidevl.features.encoders.text import get_text_encoder
+
+    try:
+        return get_text_encoder(spec)
+    except EncoderError as exc:
+        raise PromptError(f"text encoder {spec}: {exc}") from exc
+
+
+def is_aligned(spec: str) -> bool:
+    """Whether ``spec`` embeds prompts in the patch features' own space (``conch:``, ``openclip:``)."""
+    from slidevl.features.encoders.text import is_aligned_spec
+
+    return is_aligned_spec(spec)
+
+
+def text_space_options(spec: str, store: Any) -> tuple[str, dict[str, Any]]:
+    """The prompts' embedding space, and the HiLa options that use it.
+
+    For an aligned text encoder every feature file of ``store`` (a
+    :class:`~slidevl.features.store.FeatureStore`) must come from the same model and
+    revision; HiLa then gets ``text_space`` and the fixed ``feature_projection`` and
+    drops its learned text bridge. Other encoders return their spec and no options.
+    """
+    if not is_aligned(spec):
+        return spec, {}
+    from slidevl.features.encoders.base import EncoderError
+    from slidevl.features.store import read_slide_attrs
+
+    text = _aligned_encoder(spec)
+    for slide_id in store.slide_ids():
+        path = store.path(slide_id)
+        try:
+            text.check_features(read_slide_attrs(path), str(path))
+        except EncoderError as exc:
+            raise PromptError(str(exc)) from exc
+    return text.space, {"text_space": text.space, "feature_projection": torch.from_numpy(text.feature_projection)}
 
 
 @torch.no_grad()
 def encode_texts(texts: list[str] | tuple[str, ...], encoder: str = DEFAULT_TEXT_ENCODER) -> np.ndarray:
     """L2-normalised embeddings (n, T) of ``texts`` from a frozen text encoder."""
     spec = normalise_encoder_spec(encoder)
+    if is_aligned(spec):
+        return _aligned_encoder(spec).encode(list(texts))
     model, tokenizer = _load_encoder(spec)
     if tokenizer is None:
         emb = model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
