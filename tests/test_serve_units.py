@@ -93,7 +93,7 @@ def test_byte_lru_evicts_least_recent_by_size() -> None:
 
 def test_tile_service_threads_share_one_generator(paths: dict[str, Path]) -> None:
     job = ServeJob(paths["job"])
-    tiles = TileService(lambda sid: job.get(sid).source, cache_bytes=0)  # no cache: every call renders
+    tiles = TileService(job.slide_file, cache_bytes=0)  # no cache: every call renders
     top = tiles.meta(TOY.slide_id).levels - 1
     expected = {(c, r): tiles.tile(TOY.slide_id, top, c, r, "png") for c in range(3) for r in range(3)}
     errors: list[BaseException] = []
@@ -173,14 +173,14 @@ def test_relative_slide_path_is_found_next_to_the_job(paths: dict[str, Path]) ->
     entry = dict(_entry(manifest, "TOY-01"), slide_path=f"slides/{TOY.slide_id}.tiff")
     write_json_atomic(paths["job"].parent / "rel" / "manifest.json", {"slides": [entry]})
     job = ServeJob(paths["job"].parent / "rel")
-    assert job.get("TOY-01").source == (paths["slides"] / f"{TOY.slide_id}.tiff").resolve()
+    assert job.slide_file("TOY-01") == (paths["slides"] / f"{TOY.slide_id}.tiff").resolve()
 
 
 # -- answerer --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def answerer(paths: dict[str, Path]) -> JobFactsAnswerer:
     job = ServeJob(paths["job"], survival_run=paths["run"])
-    return JobFactsAnswerer(job, TileService(lambda sid: job.get(sid).source).meta)
+    return JobFactsAnswerer(job, TileService(job.slide_file).meta)
 
 
 def test_answerer_follows_the_protocol(answerer: JobFactsAnswerer) -> None:
@@ -213,7 +213,7 @@ def test_answerer_facts(answerer: JobFactsAnswerer, paths: dict[str, Path]) -> N
 
 def test_answerer_without_optional_outputs(paths: dict[str, Path]) -> None:
     job = ServeJob(paths["job"])  # no survival run, and TOY-02 has no ROIs
-    a = JobFactsAnswerer(job, TileService(lambda sid: job.get(sid).source).meta)
+    a = JobFactsAnswerer(job, TileService(job.slide_file).meta)
     assert "--survival-run" in a.answer("TOY-02", "evidence?", None, [])
     assert "No ROIs" in a.answer("TOY-02", "roi?", None, [])
 

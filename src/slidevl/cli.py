@@ -10,6 +10,7 @@ import typer
 
 from slidevl.demo import demo_command
 from slidevl.features.cli import features_app, preprocess_command
+from slidevl.features.job_cli import job_app
 from slidevl.features.encoders.cli import app as encoders_app
 from slidevl.serve.cli import serve
 from slidevl.slidellm.ask_cli import ask_command
@@ -39,6 +40,7 @@ app.command("demo")(demo_command)
 app.add_typer(synth_app, name="synth")
 app.command("preprocess")(preprocess_command)
 app.add_typer(features_app, name="features")
+app.add_typer(job_app, name="job")
 app.add_typer(encoders_app, name="encoders")
 app.add_typer(survival_app, name="survival")
 app.add_typer(vqa_app, name="vqa")

@@ -17,8 +17,9 @@ import typer
 from rich.console import Console
 
 from slidevl.features.encoders.base import EncoderError
+from slidevl.features.encoders.presets import default_mpp
 from slidevl.features.config import PreprocessConfig, default_workers, parse_shard
-from slidevl.features.jobs import UsageError
+from slidevl.features.jobs import UsageError, recorded_slides
 from slidevl.slide.mpp import MppCsvError, load_mpp_csv
 from slidevl.slide.tissue import TissueParams
 from slidevl.tiling.grid import GridSpec
@@ -36,12 +37,19 @@ def _usage_error(console: Console, message: str) -> typer.Exit:
 
 
 def preprocess_command(
-    slides: List[Path] = typer.Argument(..., help="Slide files and/or folders of slides."),
+    slides: Optional[List[Path]] = typer.Argument(
+        None, help="Slide files and/or folders of slides; omitted: the slides the job --out already records."),
     out: Path = typer.Option(..., "--out", "-o", help="Job folder (created if needed; shards may share it)."),
+    slides_root: Optional[Path] = typer.Option(
+        None, "--slides-root", help="Re-running a job's recorded slides: the folder that now holds them."),
     encoder: str = typer.Option("handcrafted", help="Tile encoder spec (see slidevl.features.encoders)."),
     region_encoder: str = typer.Option("mean", help="Region encoder over the 16x16 patch grid: mean, meanmax, vit:/dir."),
     device: str = typer.Option("cpu", help="Device for the encoders (cpu, cuda, cuda:1, ...)."),
-    mpp: Optional[float] = typer.Option(None, "--mpp", help="Target microns per pixel of patches (default 0.5 = 20x)."),
+    precision: str = typer.Option(
+        PreprocessConfig.precision,
+        help="Forward pass of network encoders: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16.",
+    ),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="Target microns per pixel of patches (default: the encoder preset's training mpp, else 0.5 = 20x)."),
     magnification: Optional[float] = typer.Option(None, help="Alias for --mpp: 20 means 0.5 µm/px (mpp = 10 / mag)."),
     patch_px: int = typer.Option(256, help="Patch edge in pixels at the target mpp."),
     region_patches: int = typer.Option(16, help="Patches per region edge (16 x 256 px = 4096 px regions)."),
@@ -66,14 +74,17 @@ def preprocess_command(
     global_feature: bool = typer.Option(True, help="Encode the whole-slide thumbnail."),
     float32: bool = typer.Option(False, "--float32", help="Store features as float32 (default float16)."),
     batch_size: int = typer.Option(64, help="Tiles per batch."),
-    workers: Optional[int] = typer.Option(None, help="Tile-reading worker processes (default min(2, cpus))."),
+    workers: Optional[int] = typer.Option(
+        None, help="Tile-reading worker processes (default: usable CPUs - 1, at most 8, at least min(2, CPUs))."
+    ),
     shard: Optional[str] = typer.Option(None, help="Process shard i of n (0-based), e.g. 0/4: every n-th slide by sorted id."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute slides that are already complete."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Segment tissue, tile on the global grid and encode patches, regions, packs and thumbnail.
 
-    Re-running the same command skips slides that are complete for the same settings.
+    Re-running the same command skips slides that are complete for the same settings;
+    without SLIDES it re-runs the slides the job records (moved ones found with --slides-root).
     Exit codes: 0 all slides ok or skipped, 1 some slides failed, 2 usage error.
     """
     from slidevl.features.pipeline import preprocess
@@ -82,7 +93,7 @@ def preprocess_command(
     try:
         if mpp is not None and magnification is not None:
             raise UsageError("give --mpp or --magnification, not both")
-        target_mpp = 10.0 / magnification if magnification else (mpp if mpp is not None else 0.5)
+        target_mpp = 10.0 / magnification if magnification else (mpp if mpp is not None else default_mpp(encoder))
         config = PreprocessConfig(
             grid=GridSpec(target_mpp=target_mpp, patch_px=patch_px, region_patches=region_patches, pack_size=pack_size),
             tissue=TissueParams(
@@ -101,6 +112,7 @@ def preprocess_command(
             encoder=encoder,
             region_encoder=region_encoder,
             device=device,
+            precision=precision,
             mpp_override=mpp_override,
             mpp_table=load_mpp_csv(mpp_csv) if mpp_csv else None,
             pack_features=pack_features,
@@ -112,7 +124,9 @@ def preprocess_command(
             overwrite=overwrite,
             progress=progress,
         )
-        report = preprocess(slides, out, config, console=console)
+        if slides and slides_root is not None:
+            raise UsageError("--slides-root applies when re-running the slides the job records; give SLIDES or --slides-root, not both")
+        report = preprocess(slides or recorded_slides(out, slides_root), out, config, console=console)
     except (UsageError, MppCsvError, EncoderError, ValueError, PermissionError) as exc:
         raise _usage_error(console, str(exc)) from None
     console.print(

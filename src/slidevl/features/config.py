@@ -12,9 +12,32 @@ from slidevl.slide.tissue import TissueParams
 from slidevl.tiling.grid import GridSpec
 
 
+# More readers than this rarely help one encoder and each holds a slide handle, a few
+# hundred MiB of memory and its prefetched batches.
+MAX_DEFAULT_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: SLURM's allocation, else the affinity mask, else all."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_workers() -> int:
-    """Tile-reading worker processes: min(2, cpus)."""
-    return min(2, os.cpu_count() or 1)
+    """Tile-reading worker processes: one per available CPU but one (kept for the main
+    process, which encodes or feeds the GPU), at most 8, and at least min(2, cpus).
+
+    The floor matters on small machines: with the hand-crafted encoder the workers do
+    nearly all the work while the main process mostly waits, so 2 workers on 2 CPUs
+    beat 1.
+    """
+    cpus = available_cpus()
+    return max(min(2, cpus), min(cpus - 1, MAX_DEFAULT_WORKERS))
 
 
 @dataclass(frozen=True)
@@ -31,6 +54,7 @@ class PreprocessConfig:
     encoder: str = "handcrafted"
     region_encoder: str = "mean"
     device: str = "cpu"
+    precision: str = "auto"  # forward pass of network encoders: auto | fp32 | bf16 (see encoders.base)
     mpp_override: float | None = None
     mpp_table: Mapping[str, float] | None = None  # slide_id -> mpp (from --mpp-csv)
     pack_features: bool = True  # summary features of the stitched 3x3 pack images
@@ -51,6 +75,10 @@ class PreprocessConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        from slidevl.features.encoders.base import PRECISIONS  # imports torch: only when a config is built
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.mpp_override is not None and not self.mpp_override > 0:
             raise ValueError(f"mpp override must be > 0, got {self.mpp_override}")
         if self.shard is not None:
@@ -71,6 +99,7 @@ class PreprocessConfig:
             "encoder": self.encoder,
             "region_encoder": self.region_encoder,
             "device": self.device,
+            "precision": self.precision,
             "mpp_override": self.mpp_override,
             "mpp_csv_slides": len(self.mpp_table) if self.mpp_table else 0,
             "pack_features": self.pack_features,

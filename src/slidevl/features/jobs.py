@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slidevl.atomic import write_json_atomic, write_text_atomic
+from slidevl.features.slidepaths import SlideFileError, SlideRecord, resolve_slide
 from slidevl.features.store import FeatureStoreError, read_slide_attrs
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".qptiff")
@@ -75,7 +76,13 @@ def shard_slides(slides: Sequence[Path], shard: tuple[int, int] | None) -> list[
 
 @dataclass
 class SlideStatus:
-    """The record of one slide in a job (``<job>/status/<slide>.json``)."""
+    """The record of one slide in a job (``<job>/status/<slide>.json``).
+
+    ``slide_path`` is absolute and ``slide_relpath`` relative to the job folder (older
+    records hold the path as given, relative to where preprocess ran); ``slide_bytes`` and
+    ``slide_fingerprint`` tell the processed file from another one (see
+    :mod:`slidevl.features.slidepaths`).
+    """
 
     slide_id: str
     slide_path: str
@@ -91,6 +98,9 @@ class SlideStatus:
     qc: str | None = None
     encoder: str | None = None
     fingerprint: dict[str, Any] | None = None
+    slide_relpath: str | None = None
+    slide_bytes: int | None = None
+    slide_fingerprint: str | None = None
     updated: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +114,10 @@ class SlideStatus:
     @property
     def manifest_status(self) -> str:
         return "skipped" if self.status == "ok" and self.action == "skipped" else self.status
+
+    @property
+    def slide(self) -> SlideRecord:
+        return SlideRecord.from_entry(self.to_dict())
 
 
 def now_iso() -> str:
@@ -133,14 +147,19 @@ def normalise(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def complete_status(job: Path, slide_id: str, feature_path: Path, fingerprint: dict[str, Any]) -> SlideStatus | None:
+def complete_status(job: Path, slide_id: str, feature_path: Path, fingerprint: dict[str, Any],
+                    slide_path: Path | None = None) -> SlideStatus | None:
     """The slide's status if it is complete, else None.
 
     Complete = status ok AND feature file present AND its recorded config equals
-    ``fingerprint`` (a file left by another configuration does not count).
+    ``fingerprint`` (a file left by another configuration does not count) AND, given
+    ``slide_path``, that file is the one recorded (a same-size file with other content
+    would otherwise keep the features of the old one).
     """
     status = read_status(job, slide_id)
     if status is None or status.status != "ok" or not feature_path.is_file():
+        return None
+    if slide_path is not None and status.slide.change(slide_path) is not None:
         return None
     try:
         stored = read_slide_attrs(feature_path).get("config_fingerprint")
@@ -149,11 +168,10 @@ def complete_status(job: Path, slide_id: str, feature_path: Path, fingerprint: d
     return status if stored == normalise(fingerprint) else None
 
 
-def rebuild_manifest(job: Path, config: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Rebuild ``manifest.json`` and ``summary.md`` from every status file in the job."""
-    job = Path(job)
+def read_statuses(job: Path) -> list[SlideStatus]:
+    """Every readable status of the job, by slide id."""
     records = []
-    status_dir = job / STATUS_DIR
+    status_dir = Path(job) / STATUS_DIR
     for path in sorted(status_dir.glob("*.json")) if status_dir.is_dir() else []:
         if path.name.startswith("."):
             continue
@@ -161,24 +179,41 @@ def rebuild_manifest(job: Path, config: dict[str, Any] | None = None) -> tuple[P
             records.append(SlideStatus.from_dict(json.loads(path.read_text())))
         except (OSError, ValueError, TypeError):
             continue  # a status being replaced right now; the next rebuild sees it
-    entries = [
-        {
-            "slide_id": r.slide_id,
-            "status": r.manifest_status,
-            "error": r.error,
-            "timings": r.timings,
-            "n_patches": r.n_patches,
-            "n_regions": r.n_regions,
-            "n_packs": r.n_packs,
-            "output": r.output,
-            "tissue": r.tissue,
-            "qc": r.qc,
-            "encoder": r.encoder,
-            "slide_path": r.slide_path,
-            "updated": r.updated,
-        }
-        for r in records
-    ]
+    return records
+
+
+def manifest_entry(status: SlideStatus) -> dict[str, Any]:
+    """The manifest row of one slide, derived from its status alone."""
+    return {
+        "slide_id": status.slide_id,
+        "status": status.manifest_status,
+        "error": status.error,
+        "timings": status.timings,
+        "n_patches": status.n_patches,
+        "n_regions": status.n_regions,
+        "n_packs": status.n_packs,
+        "output": status.output,
+        "tissue": status.tissue,
+        "qc": status.qc,
+        "encoder": status.encoder,
+        **status.slide.fields(),
+        "updated": status.updated,
+    }
+
+
+def read_manifest(job: Path) -> dict[str, Any] | None:
+    """The job's manifest, or None if absent or unreadable."""
+    try:
+        data = json.loads((Path(job) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def rebuild_manifest(job: Path, config: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Rebuild ``manifest.json`` and ``summary.md`` from every status file in the job."""
+    job = Path(job)
+    entries = [manifest_entry(r) for r in read_statuses(job)]
     counts: dict[str, int] = {}
     for e in entries:
         counts[e["status"]] = counts.get(e["status"], 0) + 1
@@ -189,6 +224,36 @@ def rebuild_manifest(job: Path, config: dict[str, Any] | None = None) -> tuple[P
     manifest_path = write_json_atomic(job / MANIFEST, manifest)
     summary_path = write_text_atomic(job / SUMMARY, render_summary(manifest))
     return manifest_path, summary_path
+
+
+def recorded_slides(job: Path, slides_root: Path | None = None) -> list[Path]:
+    """The slide files of every slide the job records, found as :func:`resolve_slide` does.
+
+    For re-running a job without naming its slides again. Raises :class:`UsageError`
+    listing every slide that cannot be found or has changed, before anything is run.
+    """
+    statuses = read_statuses(job)
+    if not statuses:
+        raise UsageError(f"{job}: the job records no slides; give the slides to preprocess")
+    found, problems = [], []
+    for status in statuses:
+        try:
+            found.append(resolve_slide(status.slide, job, slides_root))
+        except SlideFileError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UsageError("\n".join(problems))
+    return found
+
+
+def recorded_slide(job: Path, slide_id: str, slides_root: Path | None = None) -> Path | None:
+    """The file of slide ``slide_id`` of ``job``, or None if the job has no record of it.
+
+    Raises :class:`~slidevl.features.slidepaths.SlideFileError` (naming the paths tried and
+    the fix) when the job records the slide but its file is gone or changed.
+    """
+    status = read_status(job, slide_id)
+    return None if status is None else resolve_slide(status.slide, job, slides_root)
 
 
 def render_summary(manifest: dict[str, Any]) -> str:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import glob
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -26,6 +27,7 @@ from slidevl import __version__
 from slidevl.atomic import atomic_path, write_json_atomic
 from slidevl.features import jobs
 from slidevl.features.config import PreprocessConfig
+from slidevl.features.slidepaths import SlideRecord
 from slidevl.features.hierarchy import Hierarchy, build_hierarchy, encode_regions, to_numpy
 from slidevl.features.store import SCHEMA_VERSION, FeatureStore, SlideFeatures
 from slidevl.features.tiles import WorkItem, WorkItemDataset, iterate_items, mosaic_items, pack_items, patch_items
@@ -102,8 +104,20 @@ class Encoders:
 
         return safe_name(self.tile.name)
 
+    @property
+    def precision(self) -> str | None:
+        """The tile encoder's forward-pass precision (``fp32``/``bf16``); None without a network."""
+        from slidevl.features.encoders.base import NetworkTileEncoder
+
+        return self.tile.compute_precision if isinstance(self.tile, NetworkTileEncoder) else None
+
+    @property
+    def on_cuda(self) -> bool:
+        device = getattr(self.tile, "device", None)
+        return device is not None and torch.device(device).type == "cuda"
+
     def describe(self) -> dict[str, Any]:
-        return {
+        described = {
             "encoder": self.tile.name,
             "encoder_revision": self.tile.revision,
             "input_size": int(self.tile.input_size),
@@ -111,14 +125,23 @@ class Encoders:
             "region_encoder": self.region.name,
             "region_encoder_revision": self.region.revision,
         }
+        # Only network encoders have a precision; leaving the key out for the others
+        # keeps their existing jobs' fingerprints, so they are not recomputed.
+        if self.precision is not None:
+            described["precision"] = self.precision
+        return described
 
 
 def load_encoders(config: PreprocessConfig) -> Encoders:
     """Instantiate the configured tile and region encoders."""
     from slidevl.features.encoders import get_encoder, get_region_encoder
+    from slidevl.features.encoders.base import NetworkTileEncoder
 
+    tile = get_encoder(config.encoder, device=config.device)
+    if isinstance(tile, NetworkTileEncoder):  # the others compute in numpy: precision does not apply
+        tile.set_precision(config.precision)
     return Encoders(
-        tile=get_encoder(config.encoder, device=config.device),
+        tile=tile,
         region=get_region_encoder(config.region_encoder, device=config.device),
         tile_spec=config.encoder,
         region_spec=config.region_encoder,
@@ -240,7 +263,8 @@ class SlideProcessor:
     def run(self, path: Path, slide_id: str, fp: dict[str, Any], progress: _Progress) -> jobs.SlideStatus:
         """Process one slide; never raises for a bad slide (the status says failed)."""
         outputs = self.output_paths(slide_id)
-        status = jobs.SlideStatus(slide_id=slide_id, slide_path=str(path), status="running", encoder=self.encoders.tile.name)
+        status = jobs.SlideStatus(slide_id=slide_id, **SlideRecord.of_file(slide_id, path, self.job).fields(), status="running",
+                                  encoder=self.encoders.tile.name)
         jobs.write_status(self.job, status)
         _remove_stale_partials([*outputs.values(), jobs.status_path(self.job, slide_id)])
         try:
@@ -360,7 +384,7 @@ class SlideProcessor:
             out["pack"] = np.empty((len(hier.pack_grid), enc.feature_dim), np.float32)
         progress.tiles_total(len(layout.patch_grid))
         dataset = WorkItemDataset(path, self._work_items(layout, hier), enc.worker_transform)
-        for result in iterate_items(dataset, self.config.workers):
+        for result in iterate_items(dataset, self.config.workers, pin_memory=self.encoders.on_cuda):
             if result["error"]:
                 raise SlideReadError(result["error"])
             for kind in ("patch", "pack"):
@@ -398,6 +422,7 @@ class SlideProcessor:
             "encoder_spec": self.encoders.tile_spec,
             "encoder_revision": enc.revision,
             "encoder_provenance": enc.provenance(),
+            "encoder_precision": self.encoders.precision,
             "input_size": int(enc.input_size),
             "feature_dim": int(enc.feature_dim),
             "region_encoder": region.name,
@@ -465,9 +490,10 @@ def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, confi
             started = time.perf_counter()
             fp = fingerprint(config, encoders, slide_id, path)
             feature_path = processor.store.path(slide_id)
-            status = None if config.overwrite else jobs.complete_status(job, slide_id, feature_path, fp)
+            status = None if config.overwrite else jobs.complete_status(job, slide_id, feature_path, fp, path)
             if status is not None:
-                status.action = "skipped"
+                # The slide may have moved since it was processed: record where it is now.
+                status = replace(status, action="skipped", **SlideRecord.of_file(slide_id, path, job).fields())
                 jobs.write_status(job, status)
                 report.results.append(SlideResult(slide_id, path, "skipped", n_patches=status.n_patches, output=feature_path))
                 progress.slide_done()

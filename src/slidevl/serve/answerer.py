@@ -45,7 +45,8 @@ class AnswerError(RuntimeError):
     """The answerer cannot answer this request; the message tells the user why (HTTP 422)."""
 
 
-def load_checkpoint_answerer(checkpoint: str | Path, job_dir: str | Path, *, device: str | None = None) -> Answerer:
+def load_checkpoint_answerer(checkpoint: str | Path, job_dir: str | Path, *, device: str | None = None,
+                             slides_root: str | Path | None = None) -> Answerer:
     """The slide VQA model of a ``slidevl slidellm stage2`` checkpoint, answering over ``job_dir``."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
@@ -55,7 +56,7 @@ def load_checkpoint_answerer(checkpoint: str | Path, job_dir: str | Path, *, dev
     from slidevl.slidellm.tuning.state import CheckpointError
 
     try:
-        return SlideLLMAnswerer(checkpoint, job_dir, device=device)
+        return SlideLLMAnswerer(checkpoint, job_dir, device=device, slides_root=slides_root)
     except (SlideVLMError, CheckpointError, OSError, ValueError) as exc:
         raise AnswererUnavailableError(f"{checkpoint}: cannot load the VQA model ({exc})") from exc
 

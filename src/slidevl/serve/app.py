@@ -89,7 +89,7 @@ def create_app(job: ServeJob | str | Path, *, answerer: Answerer | None = None, 
                osd_dir: Path | None = None) -> FastAPI:
     """Build the app for ``job``. ``answerer`` defaults to :class:`JobFactsAnswerer`."""
     job = job if isinstance(job, ServeJob) else ServeJob(job)
-    tiles = tiles or TileService(lambda sid: job.get(sid).source)
+    tiles = tiles or TileService(job.slide_file)
     answerer = answerer or JobFactsAnswerer(job, tiles.meta)
     survival = SurvivalRun(job.survival_run, job) if job.survival_run else None
     osd_dir = osd_dir or find_openseadragon()
@@ -105,7 +105,8 @@ def create_app(job: ServeJob | str | Path, *, answerer: Answerer | None = None, 
     app.state.job, app.state.tiles, app.state.answerer = job, tiles, answerer
 
     def _clean(message: str) -> str:
-        # Messages name files relative to the job so the API never advertises the server's layout.
+        # Files of the job are named relative to it. A slide file that cannot be opened is named in
+        # full: the operator needs that path to fix it (the server is loopback-only unless asked).
         return message.replace(job_root, "<job>")
 
     @app.exception_handler(_HTTPError)
@@ -126,7 +127,8 @@ def create_app(job: ServeJob | str | Path, *, answerer: Answerer | None = None, 
 
     @app.exception_handler(SlideUnreadableError)
     async def _unreadable(_: Request, exc: SlideUnreadableError) -> JSONResponse:
-        return JSONResponse({"detail": "slide cannot be opened for viewing; check its manifest entry"}, status_code=409)
+        # The message names the slide paths tried and the fix (--slides-root, `slidevl job relocate`).
+        return JSONResponse({"detail": _clean(str(exc))}, status_code=409)
 
     @app.exception_handler(AnswerError)
     async def _no_answer(_: Request, exc: AnswerError) -> JSONResponse:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from slidevl.features.slidepaths import relocate_hint
 from slidevl.serve.answerer import AnswererUnavailableError, load_checkpoint_answerer
 from slidevl.serve.assets import OSD_MISSING, find_openseadragon
 from slidevl.serve.job import JobError, ServeJob
@@ -44,6 +45,8 @@ def serve(
     survival_run: Path | None = typer.Option(None, "--survival-run", help="Survival run folder (summary.json, oof_risks.csv, evidence/)."),
     rois: Path | None = typer.Option(None, "--rois", help="Folder of <slide>.json ROI files (default: JOB/rois)."),
     encoder: str | None = typer.Option(None, help="Feature encoder folder under JOB/features (default: the only one)."),
+    slides_root: Path | None = typer.Option(
+        None, "--slides-root", help="Folder that now holds the slide files, when they moved since preprocessing."),
     vqa_checkpoint: Path | None = typer.Option(None, "--vqa-checkpoint", help="Slide VQA checkpoint to answer the chat."),
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow binding to a non-loopback address."),
 ) -> None:
@@ -58,17 +61,28 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     try:
-        serve_job = ServeJob(job, survival_run=survival_run, rois_dir=rois, encoder=encoder)
-        answerer = load_checkpoint_answerer(vqa_checkpoint, serve_job.job_dir) if vqa_checkpoint else None
+        serve_job = ServeJob(job, survival_run=survival_run, rois_dir=rois, encoder=encoder, slides_root=slides_root)
+        answerer = load_checkpoint_answerer(vqa_checkpoint, serve_job.job_dir, slides_root=slides_root) if vqa_checkpoint else None
     except (JobError, AnswererUnavailableError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    _warn_unreachable_slides(serve_job)
     if find_openseadragon() is None:
         typer.echo(f"warning: {OSD_MISSING}; the page will load but cannot show slides", err=True)
     application = create_app(serve_job, answerer=answerer)
     typer.echo(f"slidevl viewer for {serve_job.job_dir} at http://{host}:{port}/ "
                f"(answerer: {application.state.answerer.name}; Ctrl+C to stop)")
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+def _warn_unreachable_slides(job: ServeJob) -> None:
+    # Only existence is checked here (cheap for thousands of slides); opening a slide also
+    # checks that it is the file that was processed, and its error names the paths tried.
+    missing = [e.slide_id for e in job.slides() if not any(p.is_file() for p in e.slide.candidates(job.job_dir, job.slides_root))]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        typer.echo(f"warning: {len(missing)} slide file(s) not found ({shown}); their images will not load. "
+                   f"If the slides moved, {relocate_hint(job.job_dir)}", err=True)
 
 
 app.command("serve")(serve)

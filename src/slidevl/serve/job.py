@@ -17,6 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from slidevl.features.slidepaths import SlideRecord, resolve_slide
 from slidevl.features.store import (
     SCHEMA_VERSION,
     FeatureStore,
@@ -46,7 +47,7 @@ class SlideEntry:
     """One manifest row, reduced to what the viewer shows."""
 
     slide_id: str
-    source: Path | None
+    slide: SlideRecord
     status: str
     n_patches: int | None
     error: str | None
@@ -89,33 +90,19 @@ class PatchTable:
         return (centre[:, 0] >= bbox[0]) & (centre[:, 0] < bbox[2]) & (centre[:, 1] >= bbox[1]) & (centre[:, 1] < bbox[3])
 
 
-def _entry_from(raw: dict[str, Any], manifest: Path, job_dir: Path) -> SlideEntry:
+def _entry_from(raw: dict[str, Any], manifest: Path) -> SlideEntry:
     slide_id = raw.get("slide_id")
     if not isinstance(slide_id, str) or not _SAFE_ID.match(slide_id) or ".." in slide_id:
         raise JobError(f"{manifest}: slide id {slide_id!r} is not a plain file stem; fix the manifest entry")
     n = raw.get("n_patches")
     return SlideEntry(
         slide_id=slide_id,
-        source=_source_path(raw.get("slide_path"), job_dir),
+        slide=SlideRecord.from_entry(raw),
         status=str(raw.get("status", "unknown")),
         n_patches=int(n) if isinstance(n, (int, float)) else None,
         error=raw.get("error") if isinstance(raw.get("error"), str) else None,
         raw=raw,
     )
-
-
-def _source_path(value: Any, job_dir: Path) -> Path | None:
-    """The slide file named by the manifest; a relative path was relative to where preprocess ran."""
-    if not isinstance(value, str) or not value:
-        return None
-    path = Path(value)
-    if path.is_absolute():
-        return path
-    # The preprocessing cwd is not recorded, so try the usual places: here, the job, its parent.
-    for base in (Path.cwd(), job_dir, job_dir.parent):
-        if (base / path).is_file():
-            return (base / path).resolve()
-    return None
 
 
 def read_geometry(path: Path) -> PatchTable:
@@ -159,8 +146,10 @@ class ServeJob:
     """Read-only view of a job folder, re-reading the manifest when it changes on disk."""
 
     def __init__(self, job_dir: str | Path, *, survival_run: str | Path | None = None,
-                 rois_dir: str | Path | None = None, encoder: str | None = None) -> None:
+                 rois_dir: str | Path | None = None, encoder: str | None = None,
+                 slides_root: str | Path | None = None) -> None:
         self.job_dir = Path(job_dir).resolve()
+        self.slides_root = Path(slides_root).resolve() if slides_root else None
         if not (self.job_dir / MANIFEST).is_file():
             raise JobError(f"{self.job_dir / MANIFEST}: no manifest; run `slidevl preprocess SLIDES --out {self.job_dir}` first")
         self.survival_run = Path(survival_run).resolve() if survival_run else None
@@ -191,7 +180,7 @@ class ServeJob:
         for raw in rows:
             if not isinstance(raw, dict):
                 raise JobError(f"{path}: every entry of 'slides' must be an object")
-            entry = _entry_from(raw, path, self.job_dir)
+            entry = _entry_from(raw, path)
             entries[entry.slide_id] = entry
         self._entries, self._manifest_mtime = entries, mtime
 
@@ -209,6 +198,10 @@ class ServeJob:
         return entry
 
     # -- per-slide files --------------------------------------------------------------------
+    def slide_file(self, slide_id: str) -> Path:
+        """The slide's image file; raises :class:`~slidevl.features.slidepaths.SlideFileError` naming the paths tried."""
+        return resolve_slide(self.get(slide_id).slide, self.job_dir, self.slides_root)
+
     @staticmethod
     def _inside(root: Path, rel: str) -> Path | None:
         # Ids and manifest paths are vetted here so that nothing outside ``root`` is ever read.

@@ -20,6 +20,8 @@ import openslide
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
+from slidevl.features.slidepaths import SlideFileError
+
 FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "jpg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png")}
 
 
@@ -96,9 +98,14 @@ def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
 
 
 class TileService:
-    """Owns the open slides and the tile cache of one server."""
+    """Owns the open slides and the tile cache of one server.
 
-    def __init__(self, resolve: Callable[[str], Path | None], *, tile_size: int = 254, overlap: int = 1,
+    ``resolve`` maps a slide id to its file and may raise
+    :class:`~slidevl.features.slidepaths.SlideFileError`, whose message (paths tried, fix)
+    becomes the :class:`SlideUnreadableError`.
+    """
+
+    def __init__(self, resolve: Callable[[str], Path], *, tile_size: int = 254, overlap: int = 1,
                  quality: int = 80, cache_bytes: int = 256 * 2**20) -> None:
         self._resolve = resolve
         self.tile_size = tile_size
@@ -113,13 +120,14 @@ class TileService:
             hit = self._slides.get(slide_id)
             if hit is not None:
                 return hit
-            path = self._resolve(slide_id)
-            if path is None or not path.is_file():
-                raise SlideUnreadableError(f"slide file for {slide_id} not found ({path}); check the manifest's path")
+            try:
+                path = self._resolve(slide_id)
+            except SlideFileError as exc:
+                raise SlideUnreadableError(str(exc)) from exc
             try:
                 osr = openslide.OpenSlide(path)
             except (openslide.OpenSlideError, OSError) as exc:
-                raise SlideUnreadableError(f"{path}: OpenSlide cannot open it ({exc})") from exc
+                raise SlideUnreadableError(f"{path}: OpenSlide cannot open it ({exc}); replace the file with a readable copy") from exc
             pair = (osr, DeepZoomGenerator(osr, tile_size=self.tile_size, overlap=self.overlap, limit_bounds=False))
             self._slides[slide_id] = pair
             return pair

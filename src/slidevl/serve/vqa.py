@@ -23,11 +23,12 @@ class SlideLLMAnswerer:
     name = "slidellm"
 
     def __init__(self, checkpoint: str | Path, job_dir: str | Path, *, device: str | None = None,
-                 max_new_tokens: int = 256) -> None:
+                 max_new_tokens: int = 256, slides_root: str | Path | None = None) -> None:
         from slidevl.slidellm.ask import SlideAssistant
 
         self.checkpoint = Path(checkpoint)
         self.job_dir = Path(job_dir)
+        self.slides_root = slides_root
         self.max_new_tokens = max_new_tokens
         self.assistant = SlideAssistant(self.checkpoint, device=device)
         self.description = f"slide VQA model from {self.checkpoint.name} ({self.assistant.device})"
@@ -41,7 +42,7 @@ class SlideLLMAnswerer:
             try:
                 chat = self._conversations.get(slide_id)
                 if chat is None:
-                    chat = self.assistant.conversation(self.assistant.open_slide(slide_id, job=self.job_dir))
+                    chat = self.assistant.conversation(self.assistant.open_slide(slide_id, job=self.job_dir, slides_root=self.slides_root))
                     self._conversations[slide_id] = chat
                 if len(chat.messages) != len(history):
                     chat.reset()

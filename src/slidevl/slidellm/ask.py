@@ -130,11 +130,25 @@ class SlideAssistant:
             raise SlideVLMError(f"{path}: preprocessing failed: {failed[0].error}")
         return FeatureStore(job, report.feature_dir.name)
 
-    def open_slide(self, slide: str | os.PathLike[str], *, job: str | Path | None = None, console: Console | None = None) -> VisualTokens:
+    @staticmethod
+    def _recorded_slide(job: Path, slide_id: str, slides_root: str | Path | None) -> Path | None:
+        from slidevl.features.jobs import recorded_slide
+        from slidevl.features.slidepaths import SlideFileError
+
+        try:
+            return recorded_slide(job, slide_id, Path(slides_root) if slides_root else None)
+        except SlideFileError as exc:
+            raise SlideVLMError(f"{slide_id} has no features in {job} and they cannot be computed: {exc}") from exc
+
+    def open_slide(self, slide: str | os.PathLike[str], *, job: str | Path | None = None, console: Console | None = None,
+                   slides_root: str | Path | None = None) -> VisualTokens:
         """Visual tokens of a slide file (preprocessed on first use) or of a slide id in ``job``.
 
         Without ``job``, a slide id is looked up in the checkpoint's training job and a
-        slide file is preprocessed into the cache root (``~/.cache/slidevl/ask``).
+        slide file is preprocessed into the cache root (``~/.cache/slidevl/ask``). A slide
+        id the job records but holds no features for (never completed, or marked by
+        ``slidevl job check --fix``) is preprocessed from its recorded file, looked for
+        first in ``slides_root`` when the slides moved.
         """
         path = Path(slide).expanduser()
         if path.is_file():
@@ -149,7 +163,10 @@ class SlideAssistant:
             encoder = self.loaded.info.feature_encoder
             root = job_dir / "features"
             store = FeatureStore(job_dir, encoder if encoder and (root / encoder).is_dir() else None)
-            if slide_id not in store:
+            recorded = None if slide_id in store else self._recorded_slide(job_dir, slide_id, slides_root)
+            if recorded is not None:
+                store = self._preprocess(recorded, job_dir, console)
+            elif slide_id not in store:
                 raise SlideVLMError(
                     f"{slide}: neither a slide file nor a slide id with features in {store.root}; pass the slide "
                     "file, or the job holding its features with --job"

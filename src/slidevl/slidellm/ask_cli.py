@@ -43,6 +43,7 @@ def ask_command(
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read questions from stdin until /quit.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens (greedy decoding).")] = 128,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available).")] = None,
+    slides_root: Annotated[Optional[Path], typer.Option("--slides-root", help="Where the --job's slide files are now, when they moved (used when a slide id's features must be computed).")] = None,
     cache: Annotated[Path, typer.Option("--cache", help="Cache folder: features of slide files given without --job, and encoder outputs.")] = Path("~/.cache/slidevl/ask"),
 ) -> None:
     """Answer a question about a slide, from the slide file (or id) to the answer in one command."""
@@ -58,7 +59,7 @@ def ask_command(
     try:
         region = parse_bbox(bbox) if bbox else None
         assistant = SlideAssistant(checkpoint, device=device, cache_root=cache)
-        conversation = assistant.conversation(assistant.open_slide(slide, job=job, console=_err), bbox=region)
+        conversation = assistant.conversation(assistant.open_slide(slide, job=job, console=_err, slides_root=slides_root), bbox=region)
         if question is not None:
             _out.print(conversation.ask(question, max_new_tokens=max_new_tokens), markup=False, highlight=False)
     except (ValueError, CheckpointError, FeatureStoreError, LLMError, SlideVLMError, TokenizerError, FileNotFoundError) as exc:

@@ -51,7 +51,11 @@ def cv_command(
     bins_mode: str = typer.Option("all", "--bins-mode", help="all: MCAT bins on the whole cohort; train: on each training fold."),
     n_bins: int = typer.Option(4, "--n-bins"),
     prompts: str = typer.Option("synthetic", "--prompts", help="Prompt bank: synthetic, brca, luad, ucec or a JSON path."),
-    text_encoder: str = typer.Option("minilm", "--text-encoder", help="minilm (embedded) or clip:/path/to/text_tower."),
+    text_encoder: str = typer.Option(
+        "minilm", "--text-encoder",
+        help="minilm (embedded), clip:/path/to/text_tower, or the text tower of the features' own model: conch:/path/to/CONCH "
+             "or openclip:DIR|ARCH@CKPT (prompts then share the features' space: no learned bridge, no standardising).",
+    ),
     region_tokens: str = typer.Option("auto", "--region-tokens", help="auto, store (region/features) or pooled (mean of patches)."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Feature encoder folder when the job has several."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -111,10 +115,12 @@ def bins_command(
 
 @app.command("predict")
 def predict_command(
-    inputs: List[Path] = typer.Argument(..., help="One patient's feature files (.h5) or slides."),
+    inputs: List[Path] = typer.Argument(..., help="One patient's feature files (.h5), slides, or slide ids of --job."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A fold folder of a cv run (RUN/fold_k)."),
     job: Optional[Path] = typer.Option(None, "--job", help="Job folder for features of slide inputs."),
     device: str = typer.Option("cpu", "--device"),
+    slides_root: Optional[Path] = typer.Option(
+        None, "--slides-root", help="Where the job's slide files are now, when they moved (for slide ids without features)."),
 ) -> None:
     """Print a patient's risk, hazards and survival curve (bin edges in months) as JSON."""
     from slidevl.features.store import FeatureStoreError
@@ -122,7 +128,7 @@ def predict_command(
     from slidevl.survival.predict import PredictInputError, predict_patient
 
     try:
-        result = predict_patient(checkpoint, inputs, job=job, device=device)
+        result = predict_patient(checkpoint, inputs, job=job, device=device, slides_root=slides_root)
     except (CheckpointError, PredictInputError, FeatureStoreError) as exc:
         raise _fail(exc) from exc
     typer.echo(json.dumps(result, indent=2))

@@ -1,6 +1,7 @@
 """Risk and survival curve of one patient from a saved fold model.
 
-Inputs are feature files (``.h5`` in the slidevl layout) or slide files; slides are
+Inputs are feature files (``.h5`` in the slidevl layout), slide files, or ids of slides
+in the job folder (their features, or else the slide file the job records); slides are
 first run through :func:`slidevl.features.pipeline.preprocess` into a job folder with
 the feature encoder the model was trained on. All inputs are one patient's bag.
 """
@@ -24,12 +25,36 @@ class PredictInputError(ValueError):
     """The inputs of a prediction cannot be turned into a bag."""
 
 
-def _feature_paths(inputs: Sequence[Path], job: Path | None, encoder: str) -> list[Path]:
+def _job_inputs(inputs: Sequence[Path], job: Path | None, encoder: str, slides_root: Path | None) -> list[Path]:
+    """Inputs with every slide id of ``job`` replaced by its feature file, or else by its recorded slide file."""
+    from slidevl.features.jobs import recorded_slide
+    from slidevl.features.slidepaths import SlideFileError
+
+    resolved = []
+    for p in inputs:
+        if p.exists():
+            resolved.append(p)
+            continue
+        if job is None:
+            raise PredictInputError(f"{p}: file not found (a slide id needs --job, the job folder that holds it)")
+        feature = FeatureStore(job, encoder).path(str(p))
+        if feature.is_file():
+            resolved.append(feature)
+            continue
+        try:
+            slide = recorded_slide(job, str(p), slides_root)
+        except SlideFileError as exc:
+            raise PredictInputError(f"{p} has no features in {job} and they cannot be computed: {exc}") from exc
+        if slide is None:
+            raise PredictInputError(f"{p}: neither a file nor a slide id of {job}")
+        resolved.append(slide)
+    return resolved
+
+
+def _feature_paths(inputs: Sequence[Path], job: Path | None, encoder: str, slides_root: Path | None = None) -> list[Path]:
+    inputs = _job_inputs(inputs, job, encoder, slides_root)
     features = [p for p in inputs if p.suffix.lower() in FEATURE_SUFFIXES]
     slides = [p for p in inputs if p.suffix.lower() not in FEATURE_SUFFIXES]
-    for p in inputs:
-        if not p.exists():
-            raise PredictInputError(f"{p}: file not found")
     if slides:
         if job is None:
             raise PredictInputError(
@@ -52,12 +77,19 @@ def _feature_paths(inputs: Sequence[Path], job: Path | None, encoder: str) -> li
     return features
 
 
-def predict_patient(checkpoint: str | Path, inputs: Sequence[str | Path], *, job: str | Path | None = None, device: str = "cpu") -> dict:
-    """Risk (−ΣS), hazards and the survival curve over the model's bins (edges in months)."""
+def predict_patient(checkpoint: str | Path, inputs: Sequence[str | Path], *, job: str | Path | None = None, device: str = "cpu",
+                    slides_root: str | Path | None = None) -> dict:
+    """Risk (−ΣS), hazards and the survival curve over the model's bins (edges in months).
+
+    ``inputs`` are feature files, slide files, or ids of slides in ``job``; an id without
+    features is preprocessed from the file the job records (looked for first in
+    ``slides_root`` when the slides moved).
+    """
     model, config = load_checkpoint(checkpoint, device)
     if not inputs:
         raise PredictInputError("give at least one feature file or slide")
-    paths = _feature_paths([Path(p) for p in inputs], None if job is None else Path(job), config.get("feature_encoder", "handcrafted"))
+    paths = _feature_paths([Path(p) for p in inputs], None if job is None else Path(job), config.get("feature_encoder", "handcrafted"),
+                           None if slides_root is None else Path(slides_root))
     bins = SurvivalBins(tuple(config["bins"]["edges"]), config["bins"]["mode"])
     files = FeatureFiles(paths)
     if len(files.paths) != len(paths):

@@ -43,6 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sklearn.model_selection import train_test_split
 
 from slidevl.atomic import write_json_atomic
+from slidevl.features.jobs import read_status
 from slidevl.features.store import FeatureStore, FeatureStoreError
 from slidevl.llmclient import LLMClient
 from slidevl.synth.truth import CohortTruth, SlideTruth, load_truth
@@ -270,6 +271,14 @@ def _rois_json(build: _SlideBuild, config: BuildConfig, encoder: str) -> dict[st
     }
 
 
+def _slide_difference(job: Path, truth: SlideTruth) -> str | None:
+    """How the cohort's file of a slide differs from the one its features were computed from (None: same, or unknown)."""
+    status = read_status(job, truth.slide_id)
+    if status is None or not truth.path.is_file():
+        return None
+    return status.slide.change(truth.path)
+
+
 def build_qa(
     cohort: str | Path,
     job: str | Path,
@@ -306,6 +315,15 @@ def build_qa(
             f"{store.root}: no features for {len(missing)} of {len(slide_ids)} cohort slide(s) "
             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run "
             f"`slidevl preprocess {Path(cohort) / 'slides'} --out {job}` first"
+        )
+    # The truth describes the cohort's slide files: features of any other file would be
+    # paired with answers about a different image.
+    unpaired = [f"{sid} ({diff})" for sid in slide_ids if (diff := _slide_difference(Path(job), truth.slides[sid]))]
+    if unpaired:
+        raise BuildError(
+            f"{job}: {len(unpaired)} slide(s) were preprocessed from other files than the cohort's "
+            f"({', '.join(unpaired[:5])}{', ...' if len(unpaired) > 5 else ''}); re-run "
+            f"`slidevl preprocess {Path(cohort) / 'slides'} --out {job} --overwrite`"
         )
     train_p, test_p = split_patients(
         list(truth.patients), [truth.patients[p].grade for p in truth.patients], config.test_fraction, config.seed

@@ -69,16 +69,31 @@ class NetworkTileEncoder(TileEncoder):
 
     Subclasses set ``model``, ``device``, ``transform`` (tiles -> ``(B, 3, S, S)`` tensor)
     and ``feature_dim``, and implement :meth:`_embed`.
+
+    ``precision`` picks the arithmetic of the forward pass (see :data:`PRECISIONS`);
+    the default ``"auto"`` is bf16 autocast on CUDA and plain float32 elsewhere.
+    Features always come back as float32.
     """
 
     _unpicklable = ("model",)
     model: Any
     device: torch.device
     transform: Any
+    # A class default, so subclasses need not set it; :meth:`set_precision` changes it.
+    precision: str = "auto"
 
     @abc.abstractmethod
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, D)`` features of a normalised batch already on ``self.device``."""
+
+    def set_precision(self, precision: str) -> None:
+        """Choose ``"auto"``, ``"fp32"`` or ``"bf16"`` for later :meth:`encode` calls."""
+        resolve_precision(precision, self.device)  # validates before anything changes
+        self.precision = precision
+
+    @property
+    def compute_precision(self) -> str:
+        return resolve_precision(self.precision, self.device)
 
     def worker_transform(self, tiles: np.ndarray) -> torch.Tensor:
         return self.transform(tiles)
@@ -94,8 +109,13 @@ class NetworkTileEncoder(TileEncoder):
     def _forward(self, x: torch.Tensor) -> np.ndarray:
         if x.shape[0] == 0:
             return np.zeros((0, self.feature_dim), dtype=np.float32)
-        with torch.inference_mode():
-            feats = self._embed(x.to(self.device, dtype=torch.float32, non_blocking=True))
+        # From pinned memory (the DataLoader pins batches when encoding on CUDA) the copy
+        # is asynchronous; elsewhere non_blocking is a no-op. The input stays float32:
+        # autocast, not a cast of the batch, decides which ops run in bf16.
+        x = x.to(self.device, dtype=torch.float32, non_blocking=True)
+        bf16 = self.compute_precision == "bf16"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            feats = self._embed(x)
         return feats.float().cpu().numpy()
 
 
@@ -156,6 +176,22 @@ def files_revision(files: Iterable[Path], extra: Any = None) -> str:
     if extra is not None:
         digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:12]
+
+
+# Forward-pass arithmetic. "auto" is bf16 autocast on CUDA, where tensor cores run it
+# several times faster than fp32, and plain float32 elsewhere: CPU features stay
+# bit-identical to what they always were. The resolved value enters the job
+# fingerprint, so a job never takes one precision's features as complete for another.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision ``"fp32"`` or ``"bf16"`` that ``precision`` means on ``device``."""
+    if precision not in PRECISIONS:
+        raise EncoderError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def resolve_device(device: str) -> torch.device:

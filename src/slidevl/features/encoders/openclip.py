@@ -82,6 +82,12 @@ class OpenCLIPEncoder(NetworkTileEncoder):
                 raise EncoderError(f"{spec}: {path} has no {OPENCLIP_CONFIG}; expected {VALID_OPENCLIP}")
             model_name, pretrained = f"local-dir:{path}", None
             files = [p for p in path.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.suffix == ".json")]
+            # open_clip only warns and keeps random weights when the folder has none.
+            if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+                raise EncoderError(
+                    f"{spec}: {path} holds {OPENCLIP_CONFIG} but no weights ({', '.join(WEIGHT_SUFFIXES)}); "
+                    "put the checkpoint (e.g. open_clip_model.safetensors) next to it"
+                )
             label = path.name
         else:
             if arch is None:
