@@ -157,6 +157,19 @@ def test_flex_block_mask_covers_every_allowed_pair(variant: str, n_packs: int, b
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_flex_block_mask_with_narrower_key_blocks_is_exact(variant: str) -> None:
+    """(query, key) block sizes: a pack is only k² keys wide, so key blocks may be narrower."""
+    layout = _random_layout(30, batch=1, padding=False, seed=1)
+    listed = topo_block_mask(layout, variant, block_size=(32, 16)).to_dense().bool()[:, 0]
+    mask = dense_mask(layout, variant)
+    n = mask.shape[1]
+    nq, nk = -(-n // 32), -(-n // 16)
+    padded = torch.zeros(1, nq * 32, nk * 16, dtype=torch.bool)
+    padded[:, :n, :n] = mask
+    assert torch.equal(listed, padded.view(1, nq, 32, nk, 16).any(dim=(2, 4)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_flex_mask_mod_forward_equals_dense_on_cpu(variant: str) -> None:
     """Eager flex_attention on CPU (forward only) applies the same per-element rule."""
     import warnings

@@ -48,7 +48,7 @@ def pretrain(
     dropout: Optional[float] = typer.Option(None, help="Dropout [0.1]."),
     mask_variant: Optional[str] = typer.Option(None, help="topo | patch_sees_summary | dense [topo]."),
     pos_encoding: Optional[bool] = typer.Option(None, "--pos-encoding/--no-pos-encoding", help="2-D pack-grid positions [on]."),
-    attention_impl: Optional[str] = typer.Option(None, help="auto | gather | flex | dense [auto]."),
+    attention_impl: Optional[str] = typer.Option(None, help="auto | split | gather | flex | dense [auto]."),
     checkpoint_layers: Optional[bool] = typer.Option(None, "--checkpoint-layers/--no-checkpoint-layers", help="Recompute layers in backward to save memory [off]."),
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this many steps in total."),
     cpu: bool = typer.Option(False, "--cpu", help="Train on CPU even if a GPU is present."),

@@ -36,6 +36,7 @@ from slidevl.slidellm.encoder.model import (
     TopoPackTransformer,
 )
 from slidevl.slidellm.encoder.posenc import sincos_2d
+from slidevl.slidellm.encoder.split import folded_attention, topo_attention_split
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -58,6 +59,7 @@ __all__ = [
     "build_slide_batch",
     "collate_batches",
     "dense_mask",
+    "folded_attention",
     "grouped_attention",
     "load_encoder",
     "resolve_impl",
@@ -66,4 +68,5 @@ __all__ = [
     "topo_attention",
     "topo_attention_dense",
     "topo_attention_gather",
+    "topo_attention_split",
 ]

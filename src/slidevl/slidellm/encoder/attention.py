@@ -1,12 +1,16 @@
 """Topo-pack attention: the dense reference and the dispatcher over implementations.
 
-Three implementations compute the same function (tests hold them equal in outputs and
+Four implementations compute the same function (tests hold them equal in outputs and
 gradients):
 
 * ``dense``  — ``scaled_dot_product_attention`` with an explicit N×N boolean mask.
   O(N²) memory; the reference, and the public Hepato-LLaVA behaviour.
-* ``gather`` — blocked attention in plain torch (:mod:`.gather`); trains on CPU.
+* ``gather`` — blocked attention in plain torch (:mod:`.gather`); chunked, linear memory.
+* ``split``  — one fused SDPA per part of the mask, private keys folded into channels
+  (:mod:`.split`); linear memory, flash kernels on GPU.
 * ``flex``   — ``flex_attention`` with an analytic block mask (:mod:`.flex`); CUDA.
+
+``auto`` times the candidates once per device and shape class (:mod:`.autoselect`).
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slidevl.slidellm.encoder.autoselect import choose_impl
 from slidevl.slidellm.encoder.config import ATTENTION_IMPLS
 from slidevl.slidellm.encoder.gather import DEFAULT_CHUNK_ELEMENTS, topo_attention_gather
 from slidevl.slidellm.encoder.layout import TokenLayout
 from slidevl.slidellm.encoder.mask import dense_mask
+from slidevl.slidellm.encoder.split import topo_attention_split
 
 
 def topo_attention_dense(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, variant: str = "topo") -> Tensor:
@@ -28,13 +34,22 @@ def topo_attention_dense(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, v
     return out * layout.token_valid()[:, None, :, None].to(out.dtype)
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto`` → ``flex`` on CUDA, ``gather`` elsewhere; explicit choices are checked."""
+def resolve_impl(impl: str, layout: TokenLayout, *, dtype: torch.dtype, n_heads: int, head_dim: int, variant: str) -> str:
+    """``auto`` → the candidate that measured fastest for this shape class; explicit choices are checked."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "flex" if device.type == "cuda" else "gather"
-    return impl
+    if impl != "auto":
+        return impl
+    return choose_impl(
+        layout.device,
+        dtype,
+        num_packs=layout.num_packs,
+        pack_size=layout.pack_size,
+        n_heads=n_heads,
+        head_dim=head_dim,
+        variant=variant,
+        grad=torch.is_grad_enabled(),
+    )
 
 
 def topo_attention(
@@ -50,7 +65,9 @@ def topo_attention(
     block_mask=None,
 ) -> Tensor:
     """Topo-pack attention of (B, H, N, d) q/k/v with the chosen implementation."""
-    impl = resolve_impl(impl, q.device)
+    impl = resolve_impl(impl, layout, dtype=q.dtype, n_heads=q.shape[1], head_dim=q.shape[3], variant=variant)
+    if impl == "split":
+        return topo_attention_split(q, k, v, layout, variant)
     if impl == "gather":
         return topo_attention_gather(q, k, v, layout, variant, chunk_elements=chunk_elements)
     if impl == "flex":

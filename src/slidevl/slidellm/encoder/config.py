@@ -11,8 +11,9 @@ from slidevl.atomic import write_json_atomic
 
 #: Who may attend to whom. ``topo`` is the paper's mask; the other two are ablations.
 MASK_VARIANTS = ("topo", "patch_sees_summary", "dense")
-#: ``auto`` picks flex_attention on CUDA and the gather implementation elsewhere.
-ATTENTION_IMPLS = ("auto", "gather", "flex", "dense")
+#: ``auto`` times split, gather (and flex_attention on CUDA) once per device and shape
+#: class and keeps the fastest (see :mod:`slidevl.slidellm.encoder.autoselect`).
+ATTENTION_IMPLS = ("auto", "split", "gather", "flex", "dense")
 
 
 @dataclass

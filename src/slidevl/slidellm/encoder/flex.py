@@ -64,39 +64,42 @@ def _key_ranges(layout: TokenLayout, variant: str, length: int) -> tuple[Tensor,
     return torch.cat(qs), torch.cat(los), torch.cat(his)
 
 
-def topo_block_mask(layout: TokenLayout, variant: str = "topo", block_size: int = BLOCK_SIZE):
+def topo_block_mask(layout: TokenLayout, variant: str = "topo", block_size: int | tuple[int, int] = BLOCK_SIZE):
     """The flex_attention ``BlockMask`` of a layout (one per slide of the batch).
 
+    ``block_size`` is one size for query and key blocks, or ``(query, key)`` sizes:
+    a pack is only k² keys wide, so narrower key blocks waste less of each block.
     Block sparsity is computed from key ranges (cost linear in the number of tokens
     plus the number of blocks); the exact rule is applied per element by ``mask_mod``.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     check_variant(variant)
+    q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else block_size
     n = layout.num_tokens
-    nb = _ceil_div(n, block_size)
-    length = nb * block_size
+    nqb, nkb = _ceil_div(n, q_block), _ceil_div(n, kv_block)
+    length = max(nqb * q_block, nkb * kv_block)
     device = layout.device
     q, lo, hi = _key_ranges(layout, variant, length)
-    qb = q // block_size
-    lo_b = lo // block_size
-    hi_b = (hi - 1) // block_size + 1  # exclusive block end
+    qb = q // q_block
+    lo_b = lo // kv_block
+    hi_b = (hi - 1) // kv_block + 1  # exclusive block end
     # Difference array over key blocks: +1 where a range starts, -1 past where it ends.
-    diff = torch.zeros(nb, nb + 1, dtype=torch.int32, device=device)
+    diff = torch.zeros(nqb, nkb + 1, dtype=torch.int32, device=device)
     ones = torch.ones_like(qb, dtype=torch.int32)
     diff.index_put_((qb, lo_b), ones, accumulate=True)
     diff.index_put_((qb, hi_b), -ones, accumulate=True)
-    blocks = diff.cumsum(dim=1)[:, :nb] > 0
+    blocks = diff.cumsum(dim=1)[:, :nkb] > 0
     kv_num = blocks.sum(dim=1).to(torch.int32)
     # Stable sort puts the listed key blocks first, in increasing order.
     kv_idx = torch.argsort((~blocks).to(torch.int8), dim=1, stable=True).to(torch.int32)
     b = layout.batch_size
-    kv_num = kv_num[None, None].expand(b, 1, nb).contiguous()
-    kv_idx = kv_idx[None, None].expand(b, 1, nb, nb).contiguous()
+    kv_num = kv_num[None, None].expand(b, 1, nqb).contiguous()
+    kv_idx = kv_idx[None, None].expand(b, 1, nqb, nkb).contiguous()
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,
-        BLOCK_SIZE=block_size,
+        BLOCK_SIZE=(q_block, kv_block),
         mask_mod=topo_mask_mod(layout, variant, length),
         seq_lengths=(n, n),
     )
@@ -137,11 +140,13 @@ def topo_attention_flex(
     *,
     block_mask=None,
     compile: bool = True,
+    kernel_options: dict | None = None,
 ) -> Tensor:
     """Topo-pack attention with flex_attention; (B, H, N, d) in, (B, H, N, d) out.
 
     Pass a prebuilt ``block_mask`` (from :func:`topo_block_mask`) to reuse it across
-    layers. Outputs of padding queries are zero, as in the other implementations.
+    layers. ``kernel_options`` go to flex_attention (tile sizes must divide the block
+    mask's block sizes). Outputs of padding queries are zero, as in the other implementations.
     """
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -151,5 +156,5 @@ def topo_attention_flex(
     if block_mask is None:
         block_mask = topo_block_mask(layout, variant)
     fn = _compiled_flex() if compile else flex_attention
-    out = fn(q, k, v, block_mask=block_mask)
+    out = fn(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
     return out * layout.token_valid()[:, None, :, None].to(out.dtype)

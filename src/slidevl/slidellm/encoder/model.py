@@ -129,7 +129,12 @@ class TopoPackTransformer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: Tensor, layout: TokenLayout, *, impl: str | None = None) -> Tensor:
-        impl = resolve_impl(impl or self.impl, x.device)
+        attn = self.layers[0].attn
+        # Under autocast the attention sees the autocast dtype, not the residual stream's.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        impl = resolve_impl(
+            impl or self.impl, layout, dtype=dtype, n_heads=attn.n_heads, head_dim=x.shape[-1] // attn.n_heads, variant=self.variant
+        )
         block_mask = None
         if impl == "flex":
             from slidevl.slidellm.encoder.flex import topo_block_mask
