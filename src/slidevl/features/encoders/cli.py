@@ -8,6 +8,7 @@ as the other ``encoders`` and ``vqa`` commands do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from rich.text import Text
 
 from slidevl.features.encoders import user_config
 from slidevl.features.encoders.base import EncoderError
+from slidevl.features.encoders.clip_train import ClipTrainConfig, train_clip
 from slidevl.features.encoders.presets import PRESETS, EncoderPreset
 from slidevl.features.encoders.region import available_region_encoders, get_region_encoder
 from slidevl.features.encoders.registry import DEFAULT_ENCODER, available_encoders, get_encoder
@@ -200,3 +202,32 @@ def info_command(
     except EncoderError as exc:
         _fail(exc)
     typer.echo(json.dumps(encoder.provenance(), indent=2))
+
+
+_CLIP_DEFAULTS = ClipTrainConfig()
+
+
+@app.command("train-clip")
+def train_clip_command(
+    cohort: Path = typer.Option(..., "--cohort", help="Synthetic cohort folder (with truth.json) the captions come from."),
+    job: Path = typer.Option(..., "--job", help="Job folder of that cohort's slides (`slidevl preprocess`): its patch boxes."),
+    out: Path = typer.Option(..., "--out", help="Folder for the open_clip model (load it as openclip:OUT) and report.json."),
+    epochs: int = typer.Option(_CLIP_DEFAULTS.epochs, help="Passes over the training tiles."),
+    tiles_per_class: int = typer.Option(_CLIP_DEFAULTS.tiles_per_class, help="Training tiles per tissue class, at most."),
+    heldout_fraction: float = typer.Option(_CLIP_DEFAULTS.heldout_fraction, help="Share of patients held out for the zero-shot check."),
+    seed: int = typer.Option(_CLIP_DEFAULTS.seed, help="Seed of the patient split, tile draw, captions and weights."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train a small CLIP on the cohort's training patients, captions written from the planted truth."""
+    config = dataclasses.replace(
+        _CLIP_DEFAULTS, epochs=epochs, tiles_per_class=tiles_per_class, heldout_fraction=heldout_fraction, seed=seed
+    )
+    try:
+        report = train_clip(cohort, job, out, config, progress=progress, log=typer.echo)
+    except (EncoderError, FileNotFoundError) as exc:
+        _fail(exc)
+    check = report["zero_shot_heldout"]
+    typer.echo(
+        f"zero-shot tissue accuracy on {check['n_tiles']} held-out tiles: {check['accuracy']:.3f}; "
+        f"model: {out} (use --encoder openclip:{out}); report: {out / 'report.json'}"
+    )
