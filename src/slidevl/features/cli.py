@@ -19,7 +19,8 @@ from rich.console import Console
 from slidevl.features.encoders.base import EncoderError
 from slidevl.features.encoders.presets import default_mpp
 from slidevl.features.config import PreprocessConfig, default_workers, parse_shard
-from slidevl.features.jobs import UsageError, recorded_slides
+from slidevl.features.jobs import MANIFEST, UsageError, read_manifest, recorded_slides
+from slidevl.interrupts import resumable
 from slidevl.slide.mpp import MppCsvError, load_mpp_csv
 from slidevl.slide.tissue import TissueParams
 from slidevl.tiling.grid import GridSpec
@@ -126,7 +127,8 @@ def preprocess_command(
         )
         if slides and slides_root is not None:
             raise UsageError("--slides-root applies when re-running the slides the job records; give SLIDES or --slides-root, not both")
-        report = preprocess(slides or recorded_slides(out, slides_root), out, config, console=console)
+        with resumable(lambda: _finished(out), console=console):
+            report = preprocess(slides or recorded_slides(out, slides_root), out, config, console=console)
     except (UsageError, MppCsvError, EncoderError, ValueError, PermissionError) as exc:
         raise _usage_error(console, str(exc)) from None
     console.print(
@@ -140,6 +142,17 @@ def preprocess_command(
     if report.exit_code:
         console.print(f"[red]{report.n_failed} slide(s) failed[/]; see {report.summary}")
         raise typer.Exit(report.exit_code)
+
+
+def _finished(job: Path) -> str:
+    """What an interrupted preprocess leaves done, from the manifest its ``finally`` rebuilt."""
+    manifest = read_manifest(job)
+    if manifest is None:
+        return f"no slide finished in {job}"
+    counts = manifest["counts"]
+    done = [f"{counts.get('ok', 0) + counts.get('skipped', 0)} slide(s) complete"]
+    done += [f"{counts[key]} {key}" for key in ("failed", "interrupted") if counts.get(key)]
+    return f"{', '.join(done)} ({job / MANIFEST})"
 
 
 class ImportFormat(str, Enum):

@@ -102,6 +102,8 @@ def check_slide(job: Path, status: jobs.SlideStatus, manifest: dict[str, Any] | 
         store, fingerprint = _store_problems(job, status)
     elif status.status == "failed":
         status_problem = f"failed: {status.error}"
+    elif status.status == "interrupted":
+        status_problem = "interrupted (Ctrl-C or SIGTERM) before it finished"
     else:
         status_problem = "running, or interrupted (a killed run leaves this)"
     slide_error = _slide_error(status, job, slides_root)

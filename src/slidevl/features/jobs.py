@@ -23,6 +23,10 @@ from slidevl.features.slidepaths import SlideFileError, SlideRecord, resolve_sli
 from slidevl.features.store import FeatureStoreError, read_slide_attrs
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".qptiff")
+# DICOM files are neither read nor reported as "not slides": issue 10 adds DICOM support.
+DICOM_EXTENSIONS = (".dcm",)
+# How many names a one-line list shows before it only counts the rest.
+SHOWN_NAMES = 5
 STATUS_DIR = "status"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.md"
@@ -37,6 +41,29 @@ def slide_id_of(path: Path) -> str:
     return Path(path).stem
 
 
+def is_slide_file(path: Path) -> bool:
+    """Whether a file found in a slide folder has a known slide extension."""
+    return path.is_file() and path.suffix.lower() in SLIDE_EXTENSIONS
+
+
+def not_slides_note(inputs: Path | str | Sequence[Path | str]) -> str | None:
+    """One line naming the files of the given folders that are not slides (None: there are none).
+
+    Folders are read non-recursively, as :func:`discover_slides` does; hidden files (``.DS_Store``)
+    and DICOM files are left out of the list.
+    """
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    others = [
+        p.name for item in map(Path, inputs) if item.is_dir() for p in sorted(item.iterdir())
+        if p.is_file() and not is_slide_file(p) and not p.name.startswith(".") and p.suffix.lower() not in DICOM_EXTENSIONS
+    ]
+    if not others:
+        return None
+    shown = ", ".join(others[:SHOWN_NAMES]) + (f" … ({len(others) - SHOWN_NAMES} more)" if len(others) > SHOWN_NAMES else "")
+    return f"skipped {len(others)} file(s) that are not slides: {shown}"
+
+
 def discover_slides(inputs: Path | str | Sequence[Path | str]) -> list[Path]:
     """Slide files from files and folders (folders: known slide extensions, not recursive).
 
@@ -48,7 +75,7 @@ def discover_slides(inputs: Path | str | Sequence[Path | str]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(p for p in sorted(item.iterdir()) if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+            found.extend(p for p in sorted(item.iterdir()) if is_slide_file(p))
         elif item.exists():
             found.append(item)
         else:
@@ -86,7 +113,7 @@ class SlideStatus:
 
     slide_id: str
     slide_path: str
-    status: str  # running | ok | failed
+    status: str  # running | ok | failed | interrupted (Ctrl-C/SIGTERM mid-slide)
     action: str = "processed"  # processed | skipped (what the latest run did)
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -281,4 +308,7 @@ def render_summary(manifest: dict[str, Any]) -> str:
     if failed:
         lines += ["", f"{len(failed)} slide(s) failed; fix the cause named above and run the same command again: "
                   "completed slides are skipped."]
+    interrupted = [e for e in manifest["slides"] if e["status"] == "interrupted"]
+    if interrupted:
+        lines += ["", f"{len(interrupted)} slide(s) were interrupted; run the same command again to finish them."]
     return "\n".join(lines) + "\n"

@@ -265,10 +265,17 @@ class SlideProcessor:
         outputs = self.output_paths(slide_id)
         status = jobs.SlideStatus(slide_id=slide_id, **SlideRecord.of_file(slide_id, path, self.job).fields(), status="running",
                                   encoder=self.encoders.tile.name)
-        jobs.write_status(self.job, status)
         _remove_stale_partials([*outputs.values(), jobs.status_path(self.job, slide_id)])
+        jobs.write_status(self.job, status)
         try:
             n_regions, n_packs, n_patches = self._process(path, slide_id, fp, outputs, status.timings, progress)
+        except KeyboardInterrupt:
+            # Ctrl-C/SIGTERM (see slidevl.interrupts): record the slide as interrupted, not
+            # "running", so the job and its manifest tell the truth; the rerun redoes it.
+            status.status = "interrupted"
+            status.error = "interrupted before it finished; rerun the same command to resume"
+            jobs.write_status(self.job, status)
+            raise
         except Exception as exc:  # one bad slide must not stop the batch
             status.status = "failed"
             status.error = str(exc) if isinstance(exc, (RuntimeError, ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
@@ -483,6 +490,20 @@ def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, confi
     report = JobReport(job_dir=job, encoder=encoders.tile.name, feature_dir=processor.store.root)
     shard_note = f" (shard {config.shard[0]}/{config.shard[1]}: {len(mine)} of {len(all_slides)})" if config.shard else ""
     console.print(f"[bold]preprocess[/]: {len(mine)} slide(s){shard_note} -> {job} with encoder {encoders.tile.name}")
+    note = jobs.not_slides_note(slides)
+    if note:
+        console.print(note, highlight=False)
+    try:
+        _run_slides(mine, job, config, encoders, processor, report, console)
+    finally:
+        # Also after an interrupt or a crash: the manifest always reflects every status file.
+        report.manifest, report.summary = jobs.rebuild_manifest(job, config.public_dict())
+    return report
+
+
+def _run_slides(mine: Sequence[Path], job: Path, config: PreprocessConfig, encoders: Encoders,
+                processor: SlideProcessor, report: JobReport, console: Console) -> None:
+    """Process (or skip, when complete) each slide of this shard, appending to ``report``."""
     with _Progress(console, config.progress, len(mine)) as progress:
         for path in mine:
             slide_id = jobs.slide_id_of(path)
@@ -506,5 +527,3 @@ def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, confi
                 console.print(f"[red]failed[/] {slide_id}: {status.error}")
                 report.results.append(SlideResult(slide_id, path, "failed", error=status.error, seconds=seconds))
             progress.slide_done()
-    report.manifest, report.summary = jobs.rebuild_manifest(job, config.public_dict())
-    return report

@@ -22,6 +22,7 @@ wrapped in a worker traceback, so the per-slide message stays short and clear.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -134,6 +135,18 @@ class WorkItemDataset(Dataset):
             self._slide = None
 
 
+def ignore_interrupts(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers leave Ctrl-C and SIGTERM to the main process.
+
+    A terminal sends Ctrl-C to the whole process group; a worker that died of it would
+    print its own traceback and make the loader raise "worker killed" over the main
+    process's clean interrupt. Ignoring both, the main process shuts the workers down
+    when its iterator is closed (and PyTorch's watchdog ends them if the main one is killed).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _as_is(item: dict[str, Any]) -> dict[str, Any]:
     # Keep worker_transform's output type untouched (the default would turn arrays into tensors).
     return item
@@ -169,6 +182,7 @@ def iterate_items(dataset: WorkItemDataset, workers: int, *, pin_memory: bool = 
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor(workers) if workers > 0 else None,
         persistent_workers=False,
+        worker_init_fn=ignore_interrupts if workers > 0 else None,
     )
     try:
         yield from loader

@@ -59,6 +59,9 @@ def ask_command(
     try:
         region = parse_bbox(bbox) if bbox else None
         assistant = SlideAssistant(checkpoint, device=device, cache_root=cache)
+        # Features and encoder outputs are written there; say so, once per command.
+        _err.print(f"cache: {assistant.cache_root} (slide features and encoder outputs; move it with --cache)",
+                   highlight=False, soft_wrap=True)
         conversation = assistant.conversation(assistant.open_slide(slide, job=job, console=_err, slides_root=slides_root), bbox=region)
         if question is not None:
             _out.print(conversation.ask(question, max_new_tokens=max_new_tokens), markup=False, highlight=False)

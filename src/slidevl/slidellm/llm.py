@@ -17,10 +17,12 @@ layer by default, the Hepato-LLaVA setting).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -140,7 +142,8 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None) -> Pe
         task_type="CAUSAL_LM",
         bias="none",
     )
-    return get_peft_model(model, config)
+    with _peft_probe_quiet():
+        return get_peft_model(model, config)
 
 
 def load_lora(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool) -> PeftModel:
@@ -148,7 +151,17 @@ def load_lora(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: boo
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise LLMError(f"{adapter_dir}: no adapter_config.json; this is not a LoRA adapter folder")
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    with _peft_probe_quiet():
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+@contextlib.contextmanager
+def _peft_probe_quiet() -> Iterator[None]:
+    # peft probes `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
+    # FutureWarning; nothing a user can act on, and `slidevl ask` printed it on every call.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

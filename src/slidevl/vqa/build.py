@@ -1,12 +1,13 @@
-"""``build_qa``: hierarchical QA data from a synthetic cohort and its feature job.
+"""``build_qa``: hierarchical QA data from a feature job, with facts from truth or from an LLM.
 
 Per slide:
 
 1. ROIs grown over the patch graph (:mod:`slidevl.vqa.roi`);
 2. 10x and 20x windows cut by physical size around the ROI centres, over tissue
    (:mod:`slidevl.vqa.windows`);
-3. ground-truth facts of the slide, each ROI and each window from ``truth.json`` and
-   the label maps (:mod:`slidevl.vqa.templates_facts`);
+3. facts of the slide, each ROI and each window from a :class:`~slidevl.vqa.facts.FactsSource`:
+   a synthetic cohort's ``truth.json`` and label maps where the job has one, else a
+   vision-language model shown each image (:mod:`slidevl.vqa.facts_llm`);
 4. template questions and captions, WSI -> ROI -> patch (:mod:`slidevl.vqa.templates`);
 5. in ``llm`` mode, captions and open answers rewritten through an OpenAI-compatible
    endpoint, each level given the caption of the level above (:mod:`slidevl.vqa.chain`).
@@ -43,16 +44,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sklearn.model_selection import train_test_split
 
 from slidevl.atomic import write_json_atomic
-from slidevl.features.jobs import read_status
 from slidevl.features.store import FeatureStore, FeatureStoreError
 from slidevl.llmclient import LLMClient
-from slidevl.synth.truth import CohortTruth, SlideTruth, load_truth
 from slidevl.vqa import build_summary
 from slidevl.vqa.chain import ChainReport, run_chain
+from slidevl.vqa.facts import FactsError, FactsSource, TruthFacts, find_cohort
 from slidevl.vqa.records import CHOICE_FORMATS, TEXT_FORMATS, VQARecord, write_records
-from slidevl.vqa.roi import METHODS, ROI, grow_rois, slide_mpp
+from slidevl.vqa.roi import METHODS, ROI, grow_rois
 from slidevl.vqa.templates import Unit, Writer, patch_records, pct, roi_records, slide_scale_records, wsi_records
-from slidevl.vqa.templates_facts import TISSUE_NAMES, SlideFacts, region_facts, slide_facts, window_facts
+from slidevl.vqa.templates_facts import TISSUE_NAMES, SlideFacts
 from slidevl.vqa.windows import DEFAULT_WINDOWS, Window, WindowSpec, plan_patch_fields, plan_windows
 
 MODES: tuple[str, ...] = ("template", "llm")
@@ -152,8 +152,10 @@ def _roi_label(unit: Unit) -> str:
 class _SlideBuild:
     """Units, ROIs and windows of one slide."""
 
-    def __init__(self, truth: SlideTruth, rois: list[ROI], windows: list[Window], rejected: list[dict[str, Any]]) -> None:
-        self.truth = truth
+    def __init__(self, slide_id: str, patient_id: str, rois: list[ROI], windows: list[Window],
+                 rejected: list[dict[str, Any]]) -> None:
+        self.slide_id = slide_id
+        self.patient_id = patient_id
         self.rois = rois
         self.extra_rois: list[ROI] = []
         self.windows = windows
@@ -163,26 +165,21 @@ class _SlideBuild:
         self.units: list[Unit] = []
 
 
-def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig, *, train: bool) -> _SlideBuild:
-    sf = store.load(truth.slide_id, load=("patch",))
-    mpp = slide_mpp(sf)
-    if abs(mpp - truth.mpp) > 1e-6 * truth.mpp:
-        raise BuildError(
-            f"{store.path(truth.slide_id)}: features were made at {mpp} µm/px but truth.json says {truth.mpp}; "
-            "re-run `slidevl preprocess` without an mpp override for this cohort"
-        )
+def _build_slide(facts: FactsSource, slide_id: str, store: FeatureStore, config: BuildConfig, *,
+                 train: bool) -> _SlideBuild:
+    sf = store.load(slide_id, load=("patch",))
     rois = grow_rois(sf, config.k_rois, seed=config.seed, method=config.roi_method)
     windows, rejected = plan_windows(sf, rois, config.windows, min_tissue=config.min_window_tissue)
-    build = _SlideBuild(truth, rois, [], rejected)
+    build = _SlideBuild(slide_id, facts.patient_of(slide_id), rois, [], rejected)
 
-    writer = Writer(config.seed, truth.slide_id)
-    sfacts = slide_facts(truth)
-    wsi = Unit("WSI", truth.slide_id, truth.slide_id, truth.patient_id, None, sfacts)
+    writer = Writer(config.seed, slide_id)
+    sfacts = facts.slide(slide_id, sf)
+    wsi = Unit("WSI", slide_id, slide_id, build.patient_id, None, sfacts)
     wsi.records = wsi_records(writer, wsi)
     build.units.append(wsi)
-    regions = _region_units(build, writer, rois, wsi, sfacts)
+    regions = _region_units(facts, build, writer, rois, wsi, sfacts)
     for window in windows:
-        unit = _window_unit(build, writer, window, regions)
+        unit = _window_unit(facts, build, writer, window, regions)
         if isinstance(unit, str):
             build.rejected.append({"roi": window.roi, "window": window.spec.name, "reason": unit})
         elif unit is not None:
@@ -193,10 +190,10 @@ def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig, *,
         for k in config.train_extra_k:
             extra = [replace(r, id=f"K{k}{r.id}") for r in grow_rois(sf, k, seed=config.seed, method=config.roi_method)]
             build.extra_rois.extend(extra)
-            _region_units(build, writer, extra, wsi, sfacts)
+            _region_units(facts, build, writer, extra, wsi, sfacts)
         for field_window in plan_patch_fields(sf, rois, config.train_patch_fields, seed=config.seed,
                                               min_tissue=config.min_window_tissue):
-            unit = _window_unit(build, writer, field_window, regions, formats=CHOICE_FORMATS)
+            unit = _window_unit(facts, build, writer, field_window, regions, formats=CHOICE_FORMATS)
             if isinstance(unit, str):
                 build.fields_rejected += 1
             elif unit is not None:
@@ -208,19 +205,18 @@ def _build_slide(truth: SlideTruth, store: FeatureStore, config: BuildConfig, *,
     return build
 
 
-def _window_unit(build: _SlideBuild, writer: Writer, window: Window, regions: dict[str, Unit],
+def _window_unit(facts: FactsSource, build: _SlideBuild, writer: Writer, window: Window, regions: dict[str, Unit],
                  formats: tuple[str, ...] | None = None) -> Unit | str | None:
     """The patch-level unit of ``window`` appended to ``build`` (only its ``formats`` when given);
-    None when its ROI was rejected, the reason when the label map has no tissue under it."""
-    truth = build.truth
+    None when its ROI was rejected, the reason when its facts cannot be had (no tissue there)."""
     if window.roi not in regions:
         return None
     try:
-        wfacts = window_facts(truth, window)
-    except ValueError as exc:  # the segmentation saw tissue where the label map has none
+        wfacts = facts.window(build.slide_id, window)
+    except ValueError as exc:  # e.g. the segmentation saw tissue where the label map has none
         return str(exc)
     parent = regions[window.roi]
-    unit = Unit("patch", f"{truth.slide_id}-{window.id}", truth.slide_id, truth.patient_id, window.bbox, wfacts,
+    unit = Unit("patch", f"{build.slide_id}-{window.id}", build.slide_id, build.patient_id, window.bbox, wfacts,
                 parent.key)
     records = patch_records(writer, unit, parent.facts)  # type: ignore[arg-type]
     unit.records = records if formats is None else [r for r in records if r.format in formats]
@@ -228,17 +224,17 @@ def _window_unit(build: _SlideBuild, writer: Writer, window: Window, regions: di
     return unit
 
 
-def _region_units(build: _SlideBuild, writer: Writer, rois: list[ROI], wsi: Unit, sfacts: SlideFacts) -> dict[str, Unit]:
-    """ROI units with their records, appended to ``build``; ROIs without label tissue are rejected."""
-    truth = build.truth
+def _region_units(facts: FactsSource, build: _SlideBuild, writer: Writer, rois: list[ROI], wsi: Unit,
+                  sfacts: SlideFacts) -> dict[str, Unit]:
+    """ROI units with their records, appended to ``build``; ROIs whose facts cannot be had are rejected."""
     regions = {}
     for roi in rois:
         try:
-            rfacts = region_facts(truth, roi)
-        except ValueError as exc:  # tissue by segmentation, background in the label map
+            rfacts = facts.region(build.slide_id, roi)
+        except ValueError as exc:  # e.g. tissue by segmentation, background in the label map
             build.rejected.append({"roi": roi.id, "reason": str(exc)})
             continue
-        unit = Unit("ROI", f"{truth.slide_id}-{roi.id}", truth.slide_id, truth.patient_id, roi.bbox, rfacts, wsi.key)
+        unit = Unit("ROI", f"{build.slide_id}-{roi.id}", build.slide_id, build.patient_id, roi.bbox, rfacts, wsi.key)
         unit.records = roi_records(writer, unit, sfacts)
         regions[roi.id] = unit
         build.units.append(unit)
@@ -258,7 +254,7 @@ def _rois_json(build: _SlideBuild, config: BuildConfig, encoder: str) -> dict[st
 
     rois = [{**entry(roi), "windows": [w.to_dict() for w in build.windows if w.roi == roi.id]} for roi in build.rois]
     return {
-        "slide": build.truth.slide_id,
+        "slide": build.slide_id,
         "rois": rois,
         # Kept apart from "rois" so the viewer draws the benchmark partition only.
         "train_extra_rois": [entry(roi) for roi in build.extra_rois],
@@ -271,16 +267,27 @@ def _rois_json(build: _SlideBuild, config: BuildConfig, encoder: str) -> dict[st
     }
 
 
-def _slide_difference(job: Path, truth: SlideTruth) -> str | None:
-    """How the cohort's file of a slide differs from the one its features were computed from (None: same, or unknown)."""
-    status = read_status(job, truth.slide_id)
-    if status is None or not truth.path.is_file():
-        return None
-    return status.slide.change(truth.path)
+def facts_source(cohort: str | Path | None, job: str | Path, store: FeatureStore, client: LLMClient | None) -> FactsSource:
+    """Exact facts from the cohort's ``truth.json`` (given, or found beside the job's slides); else from ``client``."""
+    root = Path(cohort) if cohort is not None else find_cohort(Path(job))
+    try:
+        if root is not None:
+            return TruthFacts(root)
+        if client is None:
+            raise BuildError(
+                f"{job}: its slides come with no truth.json, so the facts must come from a vision-language model: "
+                "give --llm-url and --llm-model (an OpenAI-compatible server, see the README section "
+                "'VQA data for your own slides'), or --cohort for a synthetic cohort"
+            )
+        from slidevl.vqa.facts_llm import LLMFacts
+
+        return LLMFacts(Path(job), store, client)
+    except FactsError as exc:
+        raise BuildError(str(exc)) from exc
 
 
 def build_qa(
-    cohort: str | Path,
+    cohort: str | Path | None,
     job: str | Path,
     out: str | Path,
     config: BuildConfig | None = None,
@@ -289,10 +296,12 @@ def build_qa(
     console: Console | None = None,
     progress: bool = True,
 ) -> BuildReport:
-    """Build the QA set of a synthetic cohort (see the module docstring).
+    """Build the QA set of the slides of ``job`` (see the module docstring).
 
-    ``client`` is required in ``llm`` mode and ignored otherwise. Raises
-    :class:`BuildError` for unusable inputs, before anything is written.
+    Facts come from ``cohort``'s ``truth.json`` (None: the cohort the job's slides came
+    from, if any), else from ``client``'s vision-language model. ``client`` is also
+    required in ``llm`` mode. Raises :class:`BuildError` for unusable inputs, before
+    anything is written.
     """
     config = config or BuildConfig()
     console = console or Console(stderr=True)
@@ -301,33 +310,17 @@ def build_qa(
         raise BuildError("--mode llm needs --llm-url and --llm-model (an OpenAI-compatible endpoint)")
     out = Path(out)
     try:
-        truth = load_truth(cohort)
-    except (FileNotFoundError, ValueError) as exc:
-        raise BuildError(str(exc)) from exc
-    try:
         store = FeatureStore(job, config.encoder)
     except FeatureStoreError as exc:
         raise BuildError(str(exc)) from exc
-    slide_ids = sorted(truth.slides)
-    missing = [s for s in slide_ids if s not in store]
-    if missing:
-        raise BuildError(
-            f"{store.root}: no features for {len(missing)} of {len(slide_ids)} cohort slide(s) "
-            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run "
-            f"`slidevl preprocess {Path(cohort) / 'slides'} --out {job}` first"
-        )
-    # The truth describes the cohort's slide files: features of any other file would be
-    # paired with answers about a different image.
-    unpaired = [f"{sid} ({diff})" for sid in slide_ids if (diff := _slide_difference(Path(job), truth.slides[sid]))]
-    if unpaired:
-        raise BuildError(
-            f"{job}: {len(unpaired)} slide(s) were preprocessed from other files than the cohort's "
-            f"({', '.join(unpaired[:5])}{', ...' if len(unpaired) > 5 else ''}); re-run "
-            f"`slidevl preprocess {Path(cohort) / 'slides'} --out {job} --overwrite`"
-        )
-    train_p, test_p = split_patients(
-        list(truth.patients), [truth.patients[p].grade for p in truth.patients], config.test_fraction, config.seed
-    )
+    facts = facts_source(cohort, job, store, client)
+    try:
+        facts.check(Path(job), store)
+        strata = facts.patient_strata()
+    except FactsError as exc:
+        raise BuildError(str(exc)) from exc
+    slide_ids = facts.slide_ids()
+    train_p, test_p = split_patients(list(strata), list(strata.values()), config.test_fraction, config.seed)
 
     test_set = set(test_p)
     builds: list[_SlideBuild] = []
@@ -338,8 +331,7 @@ def build_qa(
         for slide_id in slide_ids:
             bar.update(task, description=f"slides ({slide_id})")
             try:
-                slide = truth.slides[slide_id]
-                builds.append(_build_slide(slide, store, config, train=slide.patient_id not in test_set))
+                builds.append(_build_slide(facts, slide_id, store, config, train=facts.patient_of(slide_id) not in test_set))
             except BuildError:
                 raise
             except (FeatureStoreError, ValueError) as exc:
@@ -355,7 +347,7 @@ def build_qa(
             chain = run_chain(worded, client, on_done=lambda n: bar.advance(llm_task, n))
 
     for b in builds:
-        write_json_atomic(out / "rois" / f"{b.truth.slide_id}.json", _rois_json(b, config, store.encoder))
+        write_json_atomic(out / "rois" / f"{b.slide_id}.json", _rois_json(b, config, store.encoder))
     records = [r for u in units for r in u.records]
     train_records = [r for r in records if r.meta["patient"] not in test_set]
     test_records = [r for r in records if r.meta["patient"] in test_set]
@@ -367,26 +359,28 @@ def build_qa(
     else:
         # A failure list left by an earlier run would describe records this run replaced.
         (out / "llm_failures.json").unlink(missing_ok=True)
-    summary = _summary(truth, config, store, builds, train_p, test_p, train_records, test_records, chain,
-                       time.perf_counter() - started, cohort, job)
+    summary = _summary(facts, config, store, builds, train_p, test_p, train_records, test_records, chain,
+                       time.perf_counter() - started, job)
     summary_path = write_json_atomic(out / "summary.json", summary)
     return BuildReport(out, train_path, test_path, out / "rois", summary_path, summary, failures_path,
                        train_records, test_records)
 
 
-def _summary(truth: CohortTruth, config: BuildConfig, store: FeatureStore, builds: list[_SlideBuild],
+def _summary(facts: FactsSource, config: BuildConfig, store: FeatureStore, builds: list[_SlideBuild],
              train_p: list[str], test_p: list[str], train: list[VQARecord], test: list[VQARecord],
-             chain: ChainReport | None, seconds: float, cohort: str | Path, job: str | Path) -> dict[str, Any]:
-    slides = {s: t.patient_id for s, t in truth.slides.items()}
+             chain: ChainReport | None, seconds: float, job: str | Path) -> dict[str, Any]:
+    slides = {b.slide_id: b.patient_id for b in builds}
+    described = facts.describe()
     n_rois = [len(b.rois) for b in builds]
     patches = [r.n_patches for b in builds for r in b.rois]
     return {
-        "cohort": str(cohort),
+        "cohort": described.get("cohort"),
+        "facts": described,
         "job": str(job),
         "encoder": store.encoder,
         "config": config.as_dict(),
         "n_slides": len(builds),
-        "n_patients": len(truth.patients),
+        "n_patients": len(set(slides.values())),
         "splits": {
             "train": build_summary.split_summary("train", train, train_p, slides),
             "test": build_summary.split_summary("test", test, test_p, slides),

@@ -5,6 +5,9 @@
     slidevl vqa build --cohort demo/cohort --job demo/job --out demo/qa
     slidevl vqa build --cohort demo/cohort --job demo/job --out demo/qa --mode llm \\
         --llm-url http://127.0.0.1:8001/v1 --llm-model Qwen2.5-7B-Instruct
+    # your own slides (no truth.json): a vision-language model estimates the facts
+    slidevl vqa build --job jobs/mine --out qa/mine \\
+        --llm-url http://127.0.0.1:8000/v1 --llm-model Qwen/Qwen2.5-VL-7B-Instruct
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import typer
 
 
 def build_command(
-    cohort: Path = typer.Option(..., "--cohort", help="Synthetic cohort folder (with truth.json and labels/)."),
+    cohort: Optional[Path] = typer.Option(
+        None, "--cohort",
+        help="Synthetic cohort folder (truth.json, labels/); default: the one the job's slides came from, if any. "
+             "Without one, facts come from the vision-language model at --llm-url.",
+    ),
     job: Path = typer.Option(..., "--job", help="Preprocessing job folder holding the cohort's feature files."),
     out: Path = typer.Option(..., "--out", help="Output folder: train.jsonl, test.jsonl, rois/, summary.json."),
     k_rois: int = typer.Option(4, "--k-rois", min=1, help="ROIs grown per slide (at least one per tissue piece)."),
@@ -40,8 +47,10 @@ def build_command(
         None, "--window", help="Patch-level field of view as SCALE:PIXELS, repeatable (default: 10x:512 and 20x:512)."
     ),
     min_window_tissue: float = typer.Option(0.5, "--min-window-tissue", help="Least tissue fraction of a window."),
-    mode: str = typer.Option("template", "--mode", help="template (offline, from the truth) or llm."),
-    llm_url: Optional[str] = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1."),
+    mode: str = typer.Option(
+        "template", "--mode", help="template (texts from the facts' templates) or llm (texts rewritten by --llm-model)."),
+    llm_url: Optional[str] = typer.Option(
+        None, "--llm-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1 (--mode llm, or facts of slides without truth.json)."),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model name as the server knows it."),
     llm_cache: Optional[Path] = typer.Option(None, "--llm-cache", help="Reply cache folder (default: OUT/llm_cache)."),
     llm_concurrency: int = typer.Option(4, "--llm-concurrency", min=1, help="LLM requests in flight at once."),
@@ -49,7 +58,11 @@ def build_command(
     seed: int = typer.Option(0, "--seed", help="Seed of ROI seeds, the split and question shuffling."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Feature encoder folder in the job (if several)."),
 ) -> None:
-    """Build hierarchical QA (WSI -> ROI -> patch) with a patient-level train/test split."""
+    """Build hierarchical QA (WSI -> ROI -> patch) with a patient-level train/test split.
+
+    Facts come from truth.json for a synthetic cohort, else from a vision-language model
+    shown each slide, ROI and field (--llm-url/--llm-model; see the README).
+    """
     from rich.console import Console
 
     from slidevl.llmclient import LLMClient, LLMError
@@ -58,8 +71,8 @@ def build_command(
 
     if mode == "llm" and (llm_url is None or llm_model is None):
         _fail("--mode llm needs --llm-url and --llm-model")
-    if mode != "llm" and (llm_url is not None or llm_model is not None or llm_cache is not None):
-        _fail("--llm-url/--llm-model/--llm-cache only apply with --mode llm")
+    if (llm_url is None) != (llm_model is None) or (llm_cache is not None and llm_url is None):
+        _fail("--llm-url and --llm-model go together (and --llm-cache needs them)")
     try:
         windows = tuple(WindowSpec.parse(w) for w in window) if window else DEFAULT_WINDOWS
         config = BuildConfig(
@@ -70,7 +83,7 @@ def build_command(
     except (BuildError, WindowError) as exc:
         _fail(str(exc))
     client = None
-    if mode == "llm":
+    if llm_url is not None:
         try:
             client = LLMClient(llm_url, llm_model, cache_dir=llm_cache or out / "llm_cache",  # type: ignore[arg-type]
                                max_concurrency=llm_concurrency)

@@ -89,19 +89,34 @@ def predict_command(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Records answered together."),
     rank_single: bool = typer.Option(
         False, "--rank-single", help="Answer single-choice questions with the option the model finds most likely."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Answer every record again, replacing finished --out."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue a stopped run (a plain rerun does too); a finished --out is left as it is."),
 ) -> None:
-    """Answer every record with a tuned slide VQA checkpoint; score the result with `slidevl vqa eval`."""
+    """Answer every record with a tuned slide VQA checkpoint; score the result with `slidevl vqa eval`.
+
+    Answers are saved after every batch in OUT.partial: after Ctrl-C or a kill, rerun the
+    same command and it continues from the last answered record.
+    """
+    from rich.console import Console
+
     from slidevl.features.store import FeatureStoreError
+    from slidevl.interrupts import resumable
     from slidevl.slidellm.predict import predict_records
     from slidevl.slidellm.tuning.state import CheckpointError
+    from slidevl.vqa.partial import count_answered, partial_path
 
+    console = Console(stderr=True)
     try:
-        run = predict_records(checkpoint, records, out, job=job, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              rank_single=rank_single)
-    # The record, model, store and tokenizer errors are all ValueErrors.
+        with resumable(lambda: f"{count_answered(out)} record(s) answered, saved in {partial_path(out)}", console=console):
+            run = predict_records(checkpoint, records, out, job=job, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, rank_single=rank_single, overwrite=overwrite, resume=resume,
+                                  console=console)
+    # The record, model, store, tokenizer and prediction-file errors are all ValueErrors.
     except (ValueError, CheckpointError, FeatureStoreError, FileNotFoundError) as exc:
         _fail(str(exc))
-    typer.echo(f"{run.n_records} answers ({run.seconds_per_answer:.3f} s each) written to {run.path}")
+    resumed = f", {run.n_resumed} of them from an earlier run" if run.n_resumed else ""
+    typer.echo(f"{run.n_records} answers ({run.seconds_per_answer:.3f} s each{resumed}) written to {run.path}")
 
 
 # `build` lives in its own module; registered here so `slidevl vqa` lists it.

@@ -319,7 +319,7 @@ def patch_boxes(sf: SlideFeatures) -> np.ndarray:
     Patch edges follow the grid's rule ``round(i * step)`` so adjacent patches share
     an edge; files without a grid step fall back to ``coords + step``.
     """
-    step = _patch_step(sf)
+    step = patch_step(sf)
     grid = np.asarray(sf.patch_grid, dtype=np.int64)
     coords = np.asarray(sf.patch_coords, dtype=np.int64)
     lo = np.rint(grid * step).astype(np.int64)
@@ -330,7 +330,8 @@ def patch_boxes(sf: SlideFeatures) -> np.ndarray:
     return np.concatenate([lo, hi], axis=1)
 
 
-def _patch_step(sf: SlideFeatures) -> float:
+def patch_step(sf: SlideFeatures) -> float:
+    """Level-0 pixels per patch edge, as preprocess recorded it."""
     step = sf.attrs.get("patch_size_level0")
     if step is None or not float(step) > 0:
         raise ValueError(
@@ -424,7 +425,7 @@ def describe_rois(
     """
     boxes = patch_boxes(sf)
     mpp = slide_mpp(sf)
-    step = _patch_step(sf)
+    step = patch_step(sf)
     patch_mm2 = (step * mpp / 1000.0) ** 2
     unit = normalise_features(sf.patch_features) if unit is None else unit
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0

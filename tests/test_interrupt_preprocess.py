@@ -1,0 +1,86 @@
+"""Ctrl-C on `slidevl preprocess`: one line, nothing left "running", a manifest, and the rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slide_fixtures import write_aperio_slide
+from slidevl.features.store import FeatureStore
+
+RUNNER = "from slidevl.features.cli import app; app()"
+
+
+def _wait_until_running(job: Path, slide_id: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    status = job / "status" / f"{slide_id}.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "preprocess finished before it could be interrupted"
+        try:
+            if json.loads(status.read_text())["status"] == "running":
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"{slide_id} never started")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_mid_slide_says_so_marks_the_slide_and_resumes(tmp_path: Path, signum: int) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_aperio_slide(slides / "a.svs", 2048, 1536)
+    write_aperio_slide(slides / "b.svs", 6144, 4608, seed=5)
+    (slides / "notes.txt").write_text("not a slide")
+    job = tmp_path / "job"
+    command = [sys.executable, "-c", RUNNER, "preprocess", str(slides), "--out", str(job), "--workers", "2",
+               "--batch-size", "8", "--no-progress"]
+    env = {**os.environ, "COLUMNS": "240"}
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        _wait_until_running(job, "b", proc)
+        time.sleep(0.5)  # inside b's tile reading, with the workers running
+        # What a terminal's Ctrl-C does: the signal goes to the whole group, workers included.
+        os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == (130 if signum == signal.SIGINT else 143), err
+    assert "Traceback" not in err + out, err + out
+    lines = [line for line in (err + out).splitlines() if "interrupted" in line]
+    assert lines == [f"interrupted: 1 slide(s) complete, 1 interrupted ({job / 'manifest.json'}); "
+                     "rerun the same command to resume"], err + out
+    assert "skipped 1 file(s) that are not slides: notes.txt" in out
+    status = json.loads((job / "status" / "b.json").read_text())
+    assert status["status"] == "interrupted"
+    manifest = json.loads((job / "manifest.json").read_text())
+    assert {e["slide_id"]: e["status"] for e in manifest["slides"]} == {"a": "ok", "b": "interrupted"}
+    assert "interrupted" in (job / "summary.md").read_text()
+    assert not list(job.rglob("*.partial"))
+
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "1 ok, 1 skipped" in rerun.stdout
+    manifest = json.loads((job / "manifest.json").read_text())
+    assert {e["slide_id"]: e["status"] for e in manifest["slides"]} == {"a": "skipped", "b": "ok"}
+    assert FeatureStore(job, "handcrafted").path("b").is_file()
+
+
+def test_files_that_are_not_slides_are_named_once_dicom_and_hidden_files_are_not(tmp_path: Path) -> None:
+    from slidevl.features.jobs import not_slides_note
+
+    for name in ("a.svs", "b.TIFF", ".DS_Store", "image.dcm", *(f"f{i}.csv" for i in range(7))):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    assert not_slides_note(tmp_path) == "skipped 7 file(s) that are not slides: f0.csv, f1.csv, f2.csv, f3.csv, f4.csv … (2 more)"
+    assert not_slides_note(tmp_path / "a.svs") is None
