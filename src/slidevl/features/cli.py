@@ -68,7 +68,8 @@ def preprocess_command(
     adipose_radius_um: float = typer.Option(
         50.0, help="Recover adipose tissue: close networks of stained membranes up to this radius (µm); 0 = off."),
     adipose_um_per_px: float = typer.Option(
-        1.0, help="Resolution (µm/px) at which membranes are read for adipose recovery; coarser reads faster."),
+        1.0, help="Finest resolution (µm/px) at which membranes are read for adipose recovery (a level up to 4x "
+                  "coarser is searched first; the fine one is read only where that is in doubt)."),
     adipose_reach_um: float = typer.Option(
         2000.0, help="Read membranes (and recover fat) up to this far from the saturated tissue (µm)."),
     pack_features: bool = typer.Option(True, help="Encode the stitched 3x3 pack images."),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
+from slidevl.cpus import available_cpus
 from slidevl.slide.mpp import load_mpp_csv
 from slidevl.slide.tissue import TissueParams
 from slidevl.tiling.grid import GridSpec
@@ -15,17 +15,6 @@ from slidevl.tiling.grid import GridSpec
 # More readers than this rarely help one encoder and each holds a slide handle, a few
 # hundred MiB of memory and its prefetched batches.
 MAX_DEFAULT_WORKERS = 8
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: SLURM's allocation, else the affinity mask, else all."""
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
-    if slurm.isdigit() and int(slurm) > 0:
-        return int(slurm)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def default_workers() -> int:

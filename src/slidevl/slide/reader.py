@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import re
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import MappingProxyType
@@ -288,6 +289,7 @@ class TiffSlide(Slide):
 
         super().__init__(path)
         self._tif = tifffile.TiffFile(str(path))
+        self._file_lock = threading.Lock()  # one file position: threads must not interleave seek and read
         try:
             self._pages = self._find_levels()
             self._check_complete()
@@ -398,8 +400,9 @@ class TiffSlide(Slide):
                 offset, count = page.dataoffsets[index], page.databytecounts[index]
                 if not count:
                     continue  # sparse tile: stays white
-                fh.seek(offset)
-                data = fh.read(count)
+                with self._file_lock:
+                    fh.seek(offset)
+                    data = fh.read(count)
                 seg, pos, _ = page.decode(data, index, jpegtables=page.jpegtables)
                 seg = _to_rgb(seg[0])
                 sy, sx = pos[2], pos[3]

@@ -4,27 +4,24 @@ Stained tissue is saturated, glass is not. The saturation channel is median-filt
 thresholded with Otsu (or a fixed override, never below a floor so that an empty slide
 stays empty), closed, cleaned of small specks and filled where holes are small. Sizes
 are given in physical units (µm, µm²) so the same parameters work at any scan mpp.
-
-Adipose tissue defeats the saturation cue: an adipocyte is a clear vacuole inside a
-membrane under a micron wide, so an area-averaged overview shows fat as pale as glass.
-The membranes stay saturated at about 1 µm/px, though. Adipose recovery therefore reads
-the slide at that resolution, keeps each overview pixel's *highest* saturation (a max, so
-the thin lines survive the downsampling), closes the network of stained lines at the
-adipocyte scale and adds the closed networks that touch tissue. A closing only fills gaps
-between lines narrower than its diameter, so isolated specks (dust) do not grow into tissue.
+Fat, as pale as glass in the overview, is recovered from its membranes at finer levels
+(:mod:`slidevl.slide.adipose`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage
 from skimage.filters import rank, threshold_otsu
-from skimage.morphology import disk
 
+from slidevl.cpus import available_cpus
+from slidevl.slide.adipose import MAX_SEARCH_RATIO, closed, recover_adipose
+from slidevl.slide.membranes import MembraneMap, saturation, slide_block_reader
 from slidevl.slide.reader import Slide
 from slidevl.tiling.grid import SlideGrid
 
@@ -42,7 +39,7 @@ class TissueParams:
     min_object_area_um2: float = 20_000.0
     max_hole_area_um2: float = 50_000.0  # holes up to this area are filled; 0 keeps every hole
     adipose_radius_um: float = 50.0  # close stained-line networks up to this radius (adipocytes); 0 = off
-    adipose_um_per_px: float = 1.0  # resolution at which membranes are read for adipose recovery
+    adipose_um_per_px: float = 1.0  # finest resolution at which membranes are read (coarser levels search first)
     adipose_reach_um: float = 2000.0  # membranes are read (and fat recovered) up to this far from tissue
 
     def __post_init__(self) -> None:
@@ -73,7 +70,9 @@ class TissueMask:
     threshold: float
     level: int
     params: TissueParams
-    line_threshold: float | None = None  # fine-level membrane threshold when adipose recovery ran
+    line_threshold: float | None = None  # membrane threshold when adipose recovery ran
+    adipose_levels: tuple[int, ...] = ()  # pyramid levels membranes were read at, coarse first
+    adipose_read: tuple[float, ...] = ()  # share of the overview read at each of them
 
     @property
     def tissue_fraction(self) -> float:
@@ -84,6 +83,8 @@ class TissueMask:
             **self.params.as_dict(),
             "threshold_used": self.threshold,
             "adipose_threshold_used": self.line_threshold,
+            "adipose_levels_read": list(self.adipose_levels),
+            "adipose_read_fraction": [round(f, 4) for f in self.adipose_read],
             "read_level": self.level,
             "mask_shape": list(self.mask.shape),
             "mask_scale": [self.scale_x, self.scale_y],
@@ -131,28 +132,6 @@ def _bilinear(integral: np.ndarray, v: float, u_i: np.ndarray, u_f: np.ndarray) 
     return top * (1 - v_f) + bottom * v_f
 
 
-def _saturation_table() -> np.ndarray:
-    hi = np.arange(256, dtype=np.int32)[:, None]
-    lo = np.arange(256, dtype=np.int32)[None, :]
-    table = np.where(hi > 0, np.clip(hi - lo, 0, None) * 255 // np.maximum(hi, 1), 0)
-    return table.astype(np.uint8)
-
-
-_SATURATION = _saturation_table()  # [max channel, min channel] -> saturation; a lookup is ~10x faster
-
-
-def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation scaled to 0..255 (uint8), computed without a float HSV image."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    return _SATURATION[np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)]
-
-
-def _closed(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary closing with a disk, padded so that shapes touching the border are not eroded."""
-    pad = radius + 1
-    return ndimage.binary_closing(np.pad(mask, pad), structure=disk(radius).astype(bool))[pad:-pad, pad:-pad]
-
-
 def _components_at_most(mask: np.ndarray, max_px: float, *, keep_border: bool = False) -> np.ndarray:
     """Boolean map of 8-connected components of ``mask`` with area <= ``max_px`` pixels."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
@@ -167,17 +146,13 @@ def _components_at_most(mask: np.ndarray, max_px: float, *, keep_border: bool = 
     return small[labels]
 
 
-#: Given the overview pixels worth reading (bool), their fine-level maximum saturation (uint8, 0 elsewhere).
-LineReader = Callable[[np.ndarray], np.ndarray]
-
-
 def segment_image(rgb: np.ndarray, um_per_px: float, params: TissueParams, *, scale: tuple[float, float] = (1.0, 1.0),
-                  level: int = 0, read_lines: LineReader | None = None) -> TissueMask:
+                  level: int = 0, membranes: Sequence[MembraneMap] = ()) -> TissueMask:
     """Segment an overview ``rgb`` whose pixels are ``um_per_px`` microns wide.
 
-    ``read_lines`` turns on adipose recovery when ``params.adipose_radius_um`` is positive:
-    given the overview pixels worth reading, it returns their fine-level maximum
-    saturation (see :func:`max_saturation`).
+    ``membranes`` (a coarse search level and the fine level, or the fine level alone, as
+    :class:`MembraneMap` s over this overview) turn on adipose recovery when
+    ``params.adipose_radius_um`` is positive.
     """
     sat = saturation(rgb)
     if params.median_size > 1:
@@ -189,22 +164,14 @@ def segment_image(rgb: np.ndarray, um_per_px: float, params: TissueParams, *, sc
         otsu = float(threshold_otsu(sat)) if sat.size and sat.min() != sat.max() else 0.0
         threshold = max(otsu, params.min_saturation)
     mask = sat > threshold
-    line_threshold = None
     radius = int(round(params.closing_radius_um / um_per_px))
     if radius >= 1 and mask.any():
-        mask = _closed(mask, radius)
-    if read_lines is not None and params.adipose_radius_um > 0 and mask.any():
-        radius_px = params.adipose_radius_um / um_per_px
-        zone = _adipose_zone(mask, radius_px, params.adipose_reach_um / um_per_px)
-        lines = read_lines(zone)
-        if lines.shape != mask.shape:
-            raise ValueError(f"line saturation map {lines.shape} does not match the overview {mask.shape}")
-        # Halfway between the glass's own level and the tissue threshold: thin membranes lose
-        # about half their saturation to JPEG chroma subsampling, and a tinted glass raises both.
-        glass = lines[zone & ~mask]
-        glass_level = float(np.median(glass)) if glass.size else 0.0
-        line_threshold = max(params.min_saturation, (glass_level + threshold) / 2)
-        mask |= _line_networks(lines > line_threshold, mask, radius_px)
+        mask = closed(mask, radius)
+    adipose = None
+    if membranes and params.adipose_radius_um > 0 and mask.any():
+        adipose = recover_adipose(mask, threshold, um_per_px, params.adipose_radius_um, params.adipose_reach_um,
+                                  params.min_saturation, membranes)
+        mask |= adipose.networks
     px_area = um_per_px * um_per_px
     if params.min_object_area_um2 > 0:
         # Objects strictly smaller than the minimum area go.
@@ -212,62 +179,23 @@ def segment_image(rgb: np.ndarray, um_per_px: float, params: TissueParams, *, sc
     if params.max_hole_area_um2 > 0:
         mask |= _components_at_most(~mask, params.max_hole_area_um2 / px_area, keep_border=True)
     return TissueMask(mask=mask, scale_x=scale[0], scale_y=scale[1], threshold=threshold, level=level, params=params,
-                      line_threshold=line_threshold)
+                      line_threshold=adipose.line_threshold if adipose else None,
+                      adipose_levels=tuple(m.level for m in membranes) if adipose else (),
+                      adipose_read=adipose.read_fractions if adipose else ())
 
 
-def _adipose_zone(tissue: np.ndarray, radius_px: float, reach_px: float) -> np.ndarray:
-    """Overview pixels whose membranes can change the result: glass within reach of tissue,
-    and tissue within the closing's diameter of its edge (deeper tissue is tissue already)."""
-    outside = ndimage.distance_transform_edt(~tissue) <= reach_px
-    rim = ndimage.distance_transform_edt(tissue) <= 2 * radius_px + 1
-    return outside & rim
+#: Overview pixels per edge of the blocks in which membranes are read: at the default 16x
+#: overview, one 256 px JPEG tile of level 0.
+MEMBRANE_BLOCK = 16
 
 
-def _line_networks(lines: np.ndarray, tissue: np.ndarray, radius_px: float) -> np.ndarray:
-    """Networks of stained lines, closed at ``radius_px``, that touch ``tissue``."""
-    closed = _closed(lines, max(1, int(round(radius_px))))
-    labels, n = ndimage.label(closed, structure=np.ones((3, 3), dtype=bool))
-    if n == 0:
-        return closed
-    touching = np.zeros(n + 1, dtype=bool)
-    touching[labels[tissue & closed]] = True
-    touching[0] = False
-    return touching[labels]
-
-
-def max_saturation(slide: Slide, level: int, shape: tuple[int, int], zone: np.ndarray | None = None,
-                   tile: int = 64) -> np.ndarray:
-    """(h, w) uint8: per overview pixel, the highest saturation of the ``level`` pixels under it.
-
-    ``shape`` is the overview's; the level must be at least as fine. Only ``tile``-square
-    blocks of the overview that hold a ``zone`` pixel are read (all when ``zone`` is None);
-    pixels outside the zone are 0. Memory stays bounded by one block whatever the slide's size.
-    """
-    out_h, out_w = shape
-    lw, lh = slide.level_dimensions[level]
-    fx, fy = lw / out_w, lh / out_h
-    if fx < 1 - 1e-6 or fy < 1 - 1e-6:
-        raise ValueError(f"{slide.path}: level {level} ({lw}x{lh}) is coarser than the {out_w}x{out_h} overview")
-    if zone is not None and zone.shape != tuple(shape):
-        raise ValueError(f"zone {zone.shape} does not match the overview {tuple(shape)}")
-    ds = slide.level_downsamples[level]
-    row_edges = np.append(np.floor(np.arange(out_h) * fy).astype(np.int64), lh)
-    col_edges = np.append(np.floor(np.arange(out_w) * fx).astype(np.int64), lw)
-    out = np.zeros(shape, dtype=np.uint8)
-    for r0 in range(0, out_h, tile):
-        r1 = min(out_h, r0 + tile)
-        y0, y1 = int(row_edges[r0]), int(row_edges[r1])
-        for c0 in range(0, out_w, tile):
-            c1 = min(out_w, c0 + tile)
-            if zone is not None and not zone[r0:r1, c0:c1].any():
-                continue
-            x0, x1 = int(col_edges[c0]), int(col_edges[c1])
-            block = slide.read_region_image((int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0))
-            rows = np.maximum.reduceat(saturation(np.asarray(block)), row_edges[r0:r1] - y0, axis=0)
-            out[r0:r1, c0:c1] = np.maximum.reduceat(rows, col_edges[c0:c1] - x0, axis=1)
-    if zone is not None:
-        out[~zone] = 0
-    return out
+def membrane_levels(slide: Slide, mpp: float, params: TissueParams, overview_level: int) -> list[int]:
+    """Pyramid levels to read membranes at: a coarse search level if the pyramid has one
+    between the fine level and the overview, then the fine level (at most the overview's)."""
+    fine = min(slide.best_level(params.adipose_um_per_px / mpp), overview_level)
+    fine_ds = slide.level_downsamples[fine]
+    search = slide.best_level(fine_ds * MAX_SEARCH_RATIO)
+    return [search, fine] if fine < search < overview_level else [fine]
 
 
 def segment_slide(slide: Slide, mpp: float, params: TissueParams) -> tuple[TissueMask, np.ndarray]:
@@ -285,9 +213,9 @@ def segment_slide(slide: Slide, mpp: float, params: TissueParams) -> tuple[Tissu
     w0, h0 = slide.dimensions
     scale = (w0 / overview.shape[1], h0 / overview.shape[0])
     um_per_px = mpp * math.sqrt(scale[0] * scale[1])
-    fine = min(slide.best_level(params.adipose_um_per_px / mpp), level)
-
-    def read_lines(zone: np.ndarray) -> np.ndarray:
-        return max_saturation(slide, fine, overview.shape[:2], zone)
-
-    return segment_image(overview, um_per_px, params, scale=scale, level=level, read_lines=read_lines), overview
+    shape = overview.shape[:2]
+    with ThreadPoolExecutor(max_workers=available_cpus()) as pool:
+        membranes = [MembraneMap(shape, MEMBRANE_BLOCK, lv, slide.level_downsamples[lv], slide_block_reader(slide, lv, shape),
+                                 pool) for lv in membrane_levels(slide, mpp, params, level)]
+        tissue = segment_image(overview, um_per_px, params, scale=scale, level=level, membranes=membranes)
+    return tissue, overview
