@@ -123,3 +123,25 @@ def test_workers_follow_the_affinity_mask_without_slurm(monkeypatch: pytest.Monk
 
 def test_prefetch_bounds_batches_in_flight() -> None:
     assert [prefetch_factor(w) for w in (0, 1, 2, 8, 16)] == [8, 8, 4, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, None),
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "10"}, (3, 10)),
+        ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}, (0, 4)),
+        ({"SLURM_ARRAY_TASK_ID": "14", "SLURM_ARRAY_TASK_COUNT": "10", "SLURM_ARRAY_TASK_MIN": "5"}, (9, 10)),
+    ],
+)
+def test_slurm_array_tasks_take_disjoint_shards(env: dict, expected: tuple | None) -> None:
+    from slidevl.features.config import slurm_array_shard
+
+    assert slurm_array_shard(env) == expected
+
+
+def test_slurm_array_outside_its_range_names_the_fix() -> None:
+    from slidevl.features.config import slurm_array_shard
+
+    with pytest.raises(ValueError, match="--shard i/n"):
+        slurm_array_shard({"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_COUNT": "10"})

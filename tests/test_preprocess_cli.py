@@ -76,3 +76,14 @@ def test_progress_bars_run(slides, tmp_path):
     result = runner.invoke(app, ["preprocess", str(slides / "good.svs"), "--out", str(tmp_path), "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "slides" in result.output and "patches" in result.output
+
+
+def test_slurm_array_task_takes_its_shard_without_arguments(slides, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    result = runner.invoke(app, ["preprocess", str(slides), "--out", str(tmp_path), "--mpp-override", "0.5", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "shard 1/2 of the batch (from SLURM_ARRAY_TASK_ID)" in result.output
+    assert "(shard 1/2: 1 of 2)" in result.output
+    assert FeatureStore(tmp_path).slide_ids() == ["nompp"]

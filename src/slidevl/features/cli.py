@@ -18,7 +18,7 @@ from rich.console import Console
 
 from slidevl.features.encoders.base import EncoderError
 from slidevl.features.encoders.presets import default_mpp
-from slidevl.features.config import PreprocessConfig, default_workers, parse_shard
+from slidevl.features.config import PreprocessConfig, default_workers, parse_shard, slurm_array_shard
 from slidevl.features.jobs import MANIFEST, UsageError, read_manifest, recorded_slides
 from slidevl.interrupts import resumable
 from slidevl.slide.mpp import MppCsvError, load_mpp_csv
@@ -79,7 +79,9 @@ def preprocess_command(
     workers: Optional[int] = typer.Option(
         None, help="Tile-reading worker processes (default: usable CPUs - 1, at most 8, at least min(2, CPUs))."
     ),
-    shard: Optional[str] = typer.Option(None, help="Process shard i of n (0-based), e.g. 0/4: every n-th slide by sorted id."),
+    shard: Optional[str] = typer.Option(
+        None, help="Process shard i of n (0-based), e.g. 0/4: every n-th slide by sorted id. Inside a Slurm array "
+                   "job the shard comes from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when this is not given."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute slides that are already complete."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -96,6 +98,9 @@ def preprocess_command(
         if mpp is not None and magnification is not None:
             raise UsageError("give --mpp or --magnification, not both")
         target_mpp = 10.0 / magnification if magnification else (mpp if mpp is not None else default_mpp(encoder))
+        array_shard = None if shard else slurm_array_shard()
+        if array_shard is not None:
+            console.print(f"Slurm array task: shard {array_shard[0]}/{array_shard[1]} of the batch (from SLURM_ARRAY_TASK_ID)")
         config = PreprocessConfig(
             grid=GridSpec(target_mpp=target_mpp, patch_px=patch_px, region_patches=region_patches, pack_size=pack_size),
             tissue=TissueParams(
@@ -122,7 +127,7 @@ def preprocess_command(
             float16=not float32,
             batch_size=batch_size,
             workers=default_workers() if workers is None else workers,
-            shard=parse_shard(shard) if shard else None,
+            shard=parse_shard(shard) if shard else array_shard,
             overwrite=overwrite,
             progress=progress,
         )

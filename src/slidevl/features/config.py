@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -110,4 +111,30 @@ def parse_shard(text: str) -> tuple[int, int]:
         raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
     if not (n >= 1 and 0 <= i < n):
         raise ValueError(f"--shard {text}: need 0 <= i < n (shards are numbered from 0)")
+    return i, n
+
+
+def slurm_array_shard(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """The shard of a Slurm array task, or None outside an array.
+
+    ``sbatch --array=1-10`` numbers tasks 1..10: the shard is the task id minus
+    ``SLURM_ARRAY_TASK_MIN``, out of ``SLURM_ARRAY_TASK_COUNT``, so any id range
+    (``0-9``, ``1-10``, ``5-14``) splits the batch into that many disjoint parts.
+    """
+    env = os.environ if environ is None else environ
+    task, count = env.get("SLURM_ARRAY_TASK_ID", "").strip(), env.get("SLURM_ARRAY_TASK_COUNT", "").strip()
+    if not (task and count):
+        return None
+    try:
+        i = int(task) - int(env.get("SLURM_ARRAY_TASK_MIN", "0").strip() or 0)
+        n = int(count)
+    except ValueError:
+        raise ValueError(
+            f"SLURM_ARRAY_TASK_ID={task!r} / SLURM_ARRAY_TASK_COUNT={count!r} are not integers; pass --shard i/n instead"
+        ) from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(
+            f"Slurm array task {task} is outside 0..{n - 1} after subtracting SLURM_ARRAY_TASK_MIN; "
+            "use a contiguous --array range (e.g. --array=0-9) or pass --shard i/n"
+        )
     return i, n
