@@ -79,7 +79,7 @@ def _run(name: str, job: Path, clinical: Path, splits: Path, runs: Path, args: a
         summary = json.loads(done.read_text())
         if summary.get("config") == config.as_dict():
             return summary
-    return run_cv(config)
+    return run_cv(config, overwrite=True)  # a stale or --rerun run folder is replaced, not mixed
 
 
 def main() -> None:

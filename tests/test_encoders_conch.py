@@ -199,3 +199,20 @@ def test_conch_spec_goes_through_the_registry(tiny, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(conch_module, "conch_config", lambda architecture="conch_ViT-B-16": copy.deepcopy(cfg))
     enc = get_encoder(f"conch:{folder}")
     assert isinstance(enc, ConchEncoder) and enc.feature_dim == 512
+
+
+@pytest.mark.slow
+def test_full_size_conch_through_its_spec(tmp_path: Path, slide_tiles: np.ndarray) -> None:
+    """The shipped ``conch_ViT-B-16`` at full size, saved as the hub ships it and loaded by ``conch:PATH``."""
+    from slidevl.features.encoders import get_encoder
+
+    torch.manual_seed(1)
+    model = build_conch_model(copy.deepcopy(conch_config())).eval()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    enc = get_encoder(f"conch:{tmp_path}")
+    x = torch.stack([authors_transform()(Image.fromarray(t)) for t in slide_tiles])
+    with torch.inference_mode():
+        expected = model.encode_image(x, proj_contrast=False, normalize=False).numpy()
+        text = model.encode_text(tokenize(conch_tokenizer(), PROMPTS)).numpy()
+    np.testing.assert_allclose(enc.encode_tiles(slide_tiles), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(enc.encode_text(PROMPTS), text, rtol=1e-4, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 
 from slidevl.splits import write_splits
 from slidevl.survival.cohort import CohortError, load_cohort, read_clinical
-from slidevl.survival.folds import load_folds, make_folds
+from slidevl.survival.folds import load_folds, make_folds, write_folds
 
 GOOD = """pathology_id,patient_id,e,t
 S1,P1,1,10.5
@@ -110,8 +110,10 @@ def test_skipped_patients_are_dropped_from_read_splits(tmp_path: Path) -> None:
 def test_made_folds_are_patient_level_partitions(tmp_path: Path) -> None:
     rows = "\n".join(f"S{i},P{i},{int(i % 3 == 0)},{i + 1}" for i in range(30))
     cohort = load_cohort(_csv(tmp_path, "pathology_id,patient_id,e,t\n" + rows + "\n"))
-    folds, info = make_folds(cohort, 5, 0, tmp_path / "made")
-    assert info["source"] == "generated" and len(folds) == 5
+    folds, info = make_folds(cohort, 5, 0)
+    assert not (tmp_path / "made").exists(), "making folds writes nothing"
+    info = write_folds(folds, info, tmp_path / "made")
+    assert info["source"] == "generated" and info["written_to"] == str(tmp_path / "made") and len(folds) == 5
     vals = [p for f in folds for p in f.val]
     assert sorted(vals) == sorted(cohort.patient_ids)
     assert sorted((tmp_path / "made").glob("splits_*.csv"))

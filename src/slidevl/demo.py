@@ -38,8 +38,10 @@ def demo_command(
     # Imported here so that `slidevl --help` does not pay for torch and friends.
     from slidevl.features.config import PreprocessConfig
     from slidevl.features.pipeline import preprocess
+    from slidevl.survival.cohort import CohortError
     from slidevl.survival.cv import CVConfig, run_cv
     from slidevl.survival.report import print_cv_table
+    from slidevl.survival.train import ConfigError
     from slidevl.synth.cohort import make_cohort
 
     console = Console()
@@ -63,15 +65,14 @@ def demo_command(
     summaries = []
     for model in ("abmil", "hila"):
         start = time.perf_counter()
-        summaries.append(
-            run_cv(
-                CVConfig(
-                    features=job_dir, clinical=cohort_dir / "clinical.csv", splits=cohort_dir / "splits",
-                    out=runs_dir / model, model=model, epochs=epochs, seed=seed, grad_accum=grad_accum,
-                ),
-                console=console,
-            )
-        )
+        config = CVConfig(features=job_dir, clinical=cohort_dir / "clinical.csv", splits=cohort_dir / "splits",
+                          out=runs_dir / model, model=model, epochs=epochs, seed=seed, grad_accum=grad_accum)
+        try:
+            # resume: a finished run is reused, an interrupted one continues from its finished folds.
+            summaries.append(run_cv(config, console=console, resume=True))
+        except (CohortError, ConfigError) as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
         timings[f"survival cv: {model}"] = time.perf_counter() - start
     print_cv_table(summaries, console=console, title="Demo cohort: 5-fold cross-validation (final epoch)")
 

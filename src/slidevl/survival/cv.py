@@ -6,12 +6,17 @@ checkpoint selection on validation data — and save it. Across folds: mean ± s
 the validation C-index, out-of-fold risks, and a Kaplan–Meier plot of the high/low
 risk groups (median split of the pooled out-of-fold risks) with the log-rank test.
 
-Outputs in ``out``: ``summary.json``, ``oof_risks.csv``, ``km.png``,
-``fold_k/{model.safetensors,config.json}`` and ``evidence/<slide>.json``.
+The whole input is checked first (:mod:`.validate`), and options left unset are fitted
+to the cohort. Outputs in ``out``: ``summary.json``, ``oof_risks.csv``, ``km.png``,
+``fold_k/{model.safetensors,config.json,result.json}``, ``evidence/<slide>.json`` and
+``run_state.json``, which lets an interrupted run resume from its finished folds
+(:mod:`.runfolder`). A fold whose validation patients have no comparable pair has an
+undefined C-index: recorded as ``null`` and left out of the mean.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,12 +30,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import slidevl
 from slidevl.atomic import atomic_path, write_json_atomic
-from slidevl.features.store import FeatureStore, FeatureStoreError
+from slidevl.features.store import FeatureStoreError
 from slidevl.survival.checkpoint import save_checkpoint
-from slidevl.survival.cohort import Cohort, load_cohort
+from slidevl.survival.cohort import ClinicalColumns, Cohort
 from slidevl.survival.data import REGION_TOKEN_MODES, BagCache
 from slidevl.survival.evidence import prompt_table, write_evidence
-from slidevl.survival.folds import Fold, load_folds, make_folds
+from slidevl.survival.folds import Fold, write_folds
 from slidevl.survival.hila.model import VARIANTS
 from slidevl.survival.hila.prompts import (
     DEFAULT_TEXT_ENCODER,
@@ -43,8 +48,10 @@ from slidevl.survival.hila.prompts import (
 from slidevl.survival.labels import SurvivalBins, fit_bins
 from slidevl.survival.metrics import c_index, plot_km, stratify
 from slidevl.survival.registry import MODELS, build_model
+from slidevl.survival.runfolder import RunFolder, file_sha256
 from slidevl.survival.scaling import FeatureScaler
 from slidevl.survival.train import BagDataset, ConfigError, PatientRecord, TrainConfig, make_accelerator, predict_bag, train_model
+from slidevl.survival.validate import CVPlan, plan_cv
 
 BINS_MODES = ("all", "train")
 EVIDENCE_MODELS = ("hila", "abmil")
@@ -52,21 +59,25 @@ EVIDENCE_MODELS = ("hila", "abmil")
 
 @dataclass
 class CVConfig:
-    """Everything that defines a cross-validation run (recorded in ``summary.json``)."""
+    """Everything that defines a cross-validation run (recorded in ``summary.json``).
+
+    ``k``, ``n_bins`` and ``grad_accum`` left at ``None`` are fitted to the cohort
+    (:mod:`slidevl.survival.validate`); the values used are in the summary's ``settings``.
+    """
 
     features: Path
     clinical: Path
     out: Path
     model: str = "hila"
     splits: Path | None = None
-    k: int = 5
+    k: int | None = None
     epochs: int = 20
     seed: int = 0
     lr: float = 2e-4
     weight_decay: float = 1e-5
-    grad_accum: int = 32
+    grad_accum: int | None = None
     alpha: float = 0.0
-    n_bins: int = 4
+    n_bins: int | None = None
     bins_mode: str = "all"
     variant: str = "full"
     prompts: str = "synthetic"
@@ -79,6 +90,7 @@ class CVConfig:
     standardize: bool = True
     evidence: bool = True
     max_cache_bytes: int | None = None
+    columns: ClinicalColumns = field(default_factory=ClinicalColumns)
 
     def __post_init__(self) -> None:
         self.features, self.clinical, self.out = Path(self.features), Path(self.clinical), Path(self.out)
@@ -89,8 +101,11 @@ class CVConfig:
             raise ConfigError(f"--bins-mode must be one of {BINS_MODES}, got {self.bins_mode!r}")
         if self.region_tokens not in REGION_TOKEN_MODES:
             raise ConfigError(f"--region-tokens must be one of {REGION_TOKEN_MODES}, got {self.region_tokens!r}")
-        if self.epochs < 1 or self.grad_accum < 1 or self.k < 2:
-            raise ConfigError(f"need --epochs >= 1, --grad-accum >= 1 and --k >= 2 (got {self.epochs}, {self.grad_accum}, {self.k})")
+        if self.epochs < 1 or (self.grad_accum or 1) < 1 or (self.k or 2) < 2 or (self.n_bins or 1) < 1:
+            raise ConfigError(
+                f"need --epochs >= 1, --grad-accum >= 1, --k >= 2 and --n-bins >= 1 "
+                f"(got {self.epochs}, {self.grad_accum}, {self.k}, {self.n_bins})"
+            )
         if self.model == "hila" and self.variant not in VARIANTS:
             raise ConfigError(f"--variant must be one of {list(VARIANTS)}, got {self.variant!r}")
         if self.model != "hila" and self.variant != "full":
@@ -102,11 +117,19 @@ class CVConfig:
             if is_aligned(self.text_encoder):
                 self.standardize = False
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(self.epochs, self.lr, self.weight_decay, self.grad_accum, self.alpha, self.seed)
+    def train_config(self, grad_accum: int) -> TrainConfig:
+        return TrainConfig(self.epochs, self.lr, self.weight_decay, grad_accum, self.alpha, self.seed)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    def identity(self) -> dict[str, Any]:
+        """The options a resumed run must share with the run it continues (not where or on what it runs)."""
+        same = {k: v for k, v in self.as_dict().items() if k not in ("out", "device", "max_cache_bytes")}
+        for key in ("features", "clinical", "splits"):
+            if same[key] is not None:
+                same[key] = str(Path(same[key]).resolve())
+        return same
 
 
 def _records(cohort: Cohort, ids: list[str], bins: SurvivalBins, keys: dict[str, int]) -> list[PatientRecord]:
@@ -147,11 +170,11 @@ def _load_bags(
     return next(iter(dims))
 
 
-def _fold_bins(config: CVConfig, cohort: Cohort, fold: Fold, global_bins: SurvivalBins | None) -> SurvivalBins:
+def _fold_bins(n_bins: int, cohort: Cohort, fold: Fold, global_bins: SurvivalBins | None) -> SurvivalBins:
     if global_bins is not None:
         return global_bins
     train = cohort.subset(fold.train)
-    return fit_bins(train["t"].to_numpy(), train["e"].to_numpy(), config.n_bins, mode="train")
+    return fit_bins(train["t"].to_numpy(), train["e"].to_numpy(), n_bins, mode="train")
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
@@ -159,33 +182,44 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, console: Console | None = None, **kwargs: Any) -> dict:
-    """Cross-validate one model and write the run folder; return the summary dict.
+def c_index_summary(scores: list[float | None]) -> dict[str, Any]:
+    """Mean ± std (ddof 0) over the folds whose C-index is defined, and how many those are."""
+    counted = np.array([c for c in scores if c is not None], dtype=float)
+    return {
+        "folds": scores,
+        "mean": float(counted.mean()) if len(counted) else None,
+        "std": float(counted.std()) if len(counted) else None,
+        "std_ddof": 0,
+        "counted": int(len(counted)),
+        "undefined_folds": [i for i, c in enumerate(scores) if c is None],
+    }
+
+
+def run_cv(
+    config: CVConfig | None = None,
+    *,
+    show_progress: bool = True,
+    console: Console | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    **kwargs: Any,
+) -> dict:
+    """Check the input, cross-validate one model and write the run folder; return the summary dict.
 
     Pass a :class:`CVConfig`, or its fields as keyword arguments
-    (``run_cv(features=..., clinical=..., out=..., model="abmil")``).
+    (``run_cv(features=..., clinical=..., out=..., model="abmil")``). A non-empty ``out``
+    is refused unless it holds an unfinished run of the same settings (resumed) or
+    ``overwrite`` is given (the earlier run's outputs are removed first); ``resume`` on a
+    finished run of the same settings returns its summary.
     """
-    from accelerate.utils import set_seed
-
     config = config or CVConfig(**kwargs)
     console = console or Console(stderr=True)
     started = time.perf_counter()
     out = config.out
-    store = FeatureStore(config.features, config.encoder)
-    cohort = load_cohort(config.clinical, store.__contains__, skip_missing=config.skip_missing)
-    if cohort.skipped_slides:
-        console.print(
-            f"[yellow]--skip-missing:[/] {len(cohort.skipped_slides)} slide(s) without features left out "
-            f"({len(cohort.skipped_patients)} patient(s) lost entirely)"
-        )
-    if config.splits is not None:
-        folds, split_info = load_folds(cohort, config.splits)
-    else:
-        folds, split_info = make_folds(cohort, config.k, config.seed, out / "splits")
-    keys = {pid: i for i, pid in enumerate(cohort.patient_ids)}
-    global_bins = None
-    if config.bins_mode == "all":
-        global_bins = fit_bins(cohort.patients["t"].to_numpy(), cohort.patients["e"].to_numpy(), config.n_bins, mode="all")
+    plan = plan_cv(config)
+    store, folds = plan.store, plan.folds
+    for notice in plan.notices:
+        console.print(f"[yellow]note:[/] {notice}", highlight=False)
 
     bank = encoded = text_space = None
     options = dict(config.model_options)
@@ -195,20 +229,62 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
         encoded = {scale: encode_bank(bank, scale, config.text_encoder) for scale in ("patch", "region")}
         options.setdefault("variant", config.variant)
         options.update(aligned_options)
-    accelerator = make_accelerator(config.device, config.grad_accum)
+    accelerator = make_accelerator(config.device, plan.grad_accum)
     main = accelerator.is_main_process
-    train_config = config.train_config()
+    identity = {"config": config.identity(), "clinical_sha256": file_sha256(config.clinical),
+                "folds": [f.val for f in folds], "settings": {k: v["used"] for k, v in plan.settings.items()}}
+    # Every process takes the same decision; only the main one removes or writes anything.
+    folder = RunFolder.open(out, identity, len(folds), overwrite=overwrite, resume=resume, keep=config.splits, clean=main)
+    if folder.already_finished:
+        console.print(f"all {len(folds)} folds of this run are already finished in {out}; nothing to do")
+        return json.loads((out / "summary.json").read_text())
+    if folder.finished:
+        console.print(f"resuming: {len(folder.finished)} of {len(folds)} folds finished in {out}", highlight=False)
+    split_info = plan.split_info
+    if main:
+        folder.start()
+        if config.splits is None:
+            split_info = write_folds(folds, split_info, out / "splits")
+    try:
+        summary = _run_folds(config, plan, folder, split_info, accelerator, bank, encoded, text_space, options,
+                             show_progress, console, started)
+    except KeyboardInterrupt:
+        if main:
+            folder.stopped("interrupted")
+        raise
+    except Exception as exc:
+        if main:
+            folder.stopped("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    if main:
+        folder.stopped("finished")
+    return summary
+
+
+def _run_folds(config: CVConfig, plan: CVPlan, folder: RunFolder, split_info: dict, accelerator: Any, bank: Any,
+               encoded: Any, text_space: Any, options: dict, show_progress: bool, console: Console, started: float) -> dict:
+    """Train and evaluate the folds not yet finished, then write the pooled outputs and the summary."""
+    from accelerate.utils import set_seed
+
+    out = config.out
+    store, cohort, folds = plan.store, plan.cohort, plan.folds
+    keys = {pid: i for i, pid in enumerate(cohort.patient_ids)}
+    main = accelerator.is_main_process
+    train_config = config.train_config(plan.grad_accum)
     cache = BagCache(store, config.region_tokens, config.max_cache_bytes)
     want_evidence = config.evidence and config.model in EVIDENCE_MODELS
     prompt_meta = {} if bank is None else {"prompts": {s: prompt_table(bank.scale(s), bank.labels) for s in ("patch", "region")}}
     used = list(dict.fromkeys(p for f in folds for p in f.train + f.val))
 
-    fold_rows, oof = [], []
+    results: dict[int, dict[str, Any]] = dict(folder.finished)
+    resumed = sorted(results)
     with _progress(console, show_progress and main) as progress:
         in_dim, region_dim = _load_bags(cache, cohort, used, keys, progress, str(config.features))
         for fold in folds:
+            if fold.index in results:
+                continue
             set_seed(config.seed)
-            bins = _fold_bins(config, cohort, fold, global_bins)
+            bins = _fold_bins(plan.n_bins, cohort, fold, plan.global_bins)
             model = build_model(config.model, in_dim=in_dim, region_dim=region_dim, n_bins=bins.n_bins, options=options, prompts=encoded)
             scaler = None
             if config.standardize:
@@ -230,8 +306,8 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
                 if want_evidence and main:
                     write_evidence(out / "evidence", bag, pred.evidence,
                                    {"model": config.model, "fold": fold.index, "risk": pred.risk, **prompt_meta})
-            ci = c_index(val["t"].to_numpy(), val["e"].to_numpy(), np.asarray(risks))
-            fold_rows.append({
+            ci = None if fold.index in plan.undefined_folds else c_index(val["t"].to_numpy(), val["e"].to_numpy(), np.asarray(risks))
+            row = {
                 "fold": fold.index,
                 "c_index": ci,
                 "n_train": len(fold.train),
@@ -240,11 +316,12 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
                 "bins": bins.as_dict(),
                 "final_loss": history[-1]["loss"],
                 "history": history,
-            })
-            oof += [
+            }
+            oof = [
                 {"patient_id": pid, "fold": fold.index, "risk": r, "t": float(t), "e": int(e)}
                 for pid, r, t, e in zip(fold.val, risks, val["t"], val["e"])
             ]
+            results[fold.index] = {"row": row, "oof": oof}
             if main:
                 meta: dict[str, Any] = {
                     "model_name": config.model,
@@ -259,20 +336,24 @@ def run_cv(config: CVConfig | None = None, *, show_progress: bool = True, consol
                 if bank is not None:
                     meta["prompts"] = {**bank.as_dict(), "text_encoder": config.text_encoder}
                 save_checkpoint(out / f"fold_{fold.index}", model, meta)
-            progress.update(task, description=f"{label} C-index {ci:.3f}")
+                folder.fold_finished(fold.index, results[fold.index])
+            progress.update(task, description=f"{label} C-index {'undefined' if ci is None else f'{ci:.3f}'}")
 
-    oof_frame = pd.DataFrame(oof, columns=["patient_id", "fold", "risk", "t", "e"])
+    fold_rows = [results[f.index]["row"] for f in folds]
+    oof_frame = pd.DataFrame([r for f in folds for r in results[f.index]["oof"]], columns=["patient_id", "fold", "risk", "t", "e"])
     strat = stratify(oof_frame["t"].to_numpy(), oof_frame["e"].to_numpy(), oof_frame["risk"].to_numpy())
-    scores = np.array([row["c_index"] for row in fold_rows])
     summary = {
         "model": config.model,
         "variant": config.variant if config.model == "hila" else None,
-        "c_index": {"folds": scores.tolist(), "mean": float(scores.mean()), "std": float(scores.std()), "std_ddof": 0},
+        "c_index": c_index_summary([row["c_index"] for row in fold_rows]),
         "logrank_p": strat.p_value,
         "stratification": strat.as_dict(),
         "seed": config.seed,
-        "bins": {"mode": config.bins_mode, "n_bins": config.n_bins, "edges": [row["bins"]["edges"] for row in fold_rows]},
+        "bins": {"mode": config.bins_mode, "n_bins": plan.n_bins, "edges": [row["bins"]["edges"] for row in fold_rows]},
         "evaluation": "final epoch of every fold; no selection on validation data",
+        "settings": plan.settings,
+        "notices": plan.notices,
+        "resumed_folds": resumed,
         "cohort": {
             "clinical": str(config.clinical),
             "patients": len(cohort),

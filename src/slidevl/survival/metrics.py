@@ -11,13 +11,36 @@ from slidevl.atomic import atomic_path
 
 
 def c_index(t: np.ndarray, e: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's C on continuous time via scikit-survival (higher risk = earlier event)."""
+    """Harrell's C on continuous time via scikit-survival (higher risk = earlier event).
+
+    Raises ``ValueError`` when the set has no comparable pair (check with
+    :func:`has_comparable_pair`): the C-index is then undefined.
+    """
+    from sksurv.exceptions import NoComparablePairException
     from sksurv.metrics import concordance_index_censored
 
     e = np.asarray(e).astype(bool)
     if not e.any():
         raise ValueError("the C-index needs at least one uncensored patient in the evaluated set")
-    return float(concordance_index_censored(e, np.asarray(t, dtype=float), np.asarray(risk, dtype=float))[0])
+    undefined = "no comparable pair (an event before another patient's time) in the evaluated set: the C-index is undefined"
+    try:
+        # Events tied in time only form pairs that scikit-survival weighs 0/0: NaN, not a score.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = float(concordance_index_censored(e, np.asarray(t, dtype=float), np.asarray(risk, dtype=float))[0])
+    except NoComparablePairException as exc:
+        raise ValueError(undefined) from exc
+    if not np.isfinite(score):
+        raise ValueError(undefined)
+    return score
+
+
+def has_comparable_pair(t: np.ndarray, e: np.ndarray) -> bool:
+    """Whether the C-index of these patients is defined, by scikit-survival's own pairing rule."""
+    try:
+        c_index(t, e, np.zeros(len(np.asarray(t))))
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass

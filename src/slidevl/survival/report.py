@@ -14,7 +14,10 @@ def _name(summary: Mapping) -> str:
 
 
 def cv_table(summaries: Mapping | Iterable[Mapping], title: str = "Survival cross-validation") -> Table:
-    """One row per run: per-fold and mean ± std C-index, log-rank p, bins mode, seconds per epoch."""
+    """One row per run: per-fold and mean ± std C-index, log-rank p, bins mode, seconds per epoch.
+
+    An undefined fold shows ``n/a``; the mean then says over how many folds it was taken.
+    """
     if isinstance(summaries, Mapping):
         summaries = [summaries]
     summaries = list(summaries)
@@ -29,11 +32,15 @@ def cv_table(summaries: Mapping | Iterable[Mapping], title: str = "Survival cros
     table.add_column("s / epoch", justify="right")
     for s in summaries:
         ci = s["c_index"]
-        folds = [f"{c:.3f}" for c in ci["folds"]] + [""] * (n_folds - len(ci["folds"]))
+        folds = ["n/a" if c is None else f"{c:.3f}" for c in ci["folds"]] + [""] * (n_folds - len(ci["folds"]))
+        counted = ci.get("counted", len(ci["folds"]))
+        mean = "undefined" if ci["mean"] is None else f"{ci['mean']:.3f} ± {ci['std']:.3f}"
+        if counted < len(ci["folds"]):
+            mean += f" ({counted} of {len(ci['folds'])} folds)"
         p = s.get("logrank_p")
         table.add_row(
             _name(s),
-            f"{ci['mean']:.3f} ± {ci['std']:.3f}",
+            mean,
             *folds,
             "n/a" if p is None or p != p else f"{p:.2e}",
             s.get("bins", {}).get("mode", ""),

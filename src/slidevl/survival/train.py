@@ -1,6 +1,7 @@
 """Training and inference of one model on patient bags, through ``accelerate``.
 
-One patient per step with gradient accumulation (32 by default, as in HiLa), Adam,
+One patient per step with gradient accumulation (``TrainConfig`` keeps HiLa's 32; cross-validation
+fits it to the cohort, see :mod:`slidevl.survival.validate`), Adam,
 a fixed number of epochs, no early stopping and no selection on validation data: the
 model of the last epoch is the model. The same code runs on CPU, one GPU or several
 (``accelerate launch``); with several processes each keeps its own HiLa memory queue
