@@ -134,3 +134,11 @@ def test_synthetic_slides_end_to_end_with_predict_from_a_slide(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     pred = json.loads(result.stdout)
     assert pred["slides"] == [info.slide_ids[0]] and len(pred["survival"]) == 2
+
+
+def test_each_fold_gets_its_own_seed() -> None:
+    from slidevl.survival.cv import fold_seed
+
+    seeds = [fold_seed(0, k) for k in range(5)]
+    assert len(set(seeds)) == 5 and seeds == [fold_seed(0, k) for k in range(5)]
+    assert fold_seed(1, 0) not in seeds

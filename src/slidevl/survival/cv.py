@@ -195,6 +195,15 @@ def c_index_summary(scores: list[float | None]) -> dict[str, Any]:
     }
 
 
+def fold_seed(seed: int, fold_index: int) -> int:
+    """The seed of one fold's weights and batch order: distinct per fold, fixed by the run's seed.
+
+    Every fold starting from the run's seed would tie the folds' initialisations
+    together, so the fold spread would understate the seed-to-seed noise.
+    """
+    return int(np.random.SeedSequence([seed, fold_index]).generate_state(1)[0])
+
+
 def run_cv(
     config: CVConfig | None = None,
     *,
@@ -283,7 +292,7 @@ def _run_folds(config: CVConfig, plan: CVPlan, folder: RunFolder, split_info: di
         for fold in folds:
             if fold.index in results:
                 continue
-            set_seed(config.seed)
+            set_seed(fold_seed(config.seed, fold.index))
             bins = _fold_bins(plan.n_bins, cohort, fold, plan.global_bins)
             model = build_model(config.model, in_dim=in_dim, region_dim=region_dim, n_bins=bins.n_bins, options=options, prompts=encoded)
             scaler = None
@@ -349,6 +358,7 @@ def _run_folds(config: CVConfig, plan: CVPlan, folder: RunFolder, split_info: di
         "logrank_p": strat.p_value,
         "stratification": strat.as_dict(),
         "seed": config.seed,
+        "fold_seeds": {f.index: fold_seed(config.seed, f.index) for f in folds},
         "bins": {"mode": config.bins_mode, "n_bins": plan.n_bins, "edges": [row["bins"]["edges"] for row in fold_rows]},
         "evaluation": "final epoch of every fold; no selection on validation data",
         "settings": plan.settings,
