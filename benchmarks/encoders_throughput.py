@@ -75,22 +75,6 @@ def fetch_wheels(folder: Path) -> None:
     )
 
 
-def build_slide(path: Path, size: int, seed: int = 0) -> Path:
-    """A square synthetic H&E slide of ``size`` px at 0.5 µm/px, rendered block by block."""
-    from slidevl.synth.layout import make_layout
-    from slidevl.synth.model import sample_morphology
-    from slidevl.synth.render import SlideRenderer
-    from slidevl.synth.stain import sample_stain, stain_lut
-    from slidevl.synth.tiff import write_slide_tiff
-
-    rng = np.random.default_rng(seed)
-    morphology = sample_morphology(rng)
-    layout = make_layout(size, size, morphology, rng)
-    renderer = SlideRenderer(layout, morphology.grade, stain_lut(sample_stain(rng)), seed, rng)
-    write_slide_tiff(path, renderer.render, size, size, layout="aperio")
-    return path
-
-
 def tissue_boxes(slide_path: Path) -> tuple[np.ndarray, int]:
     """Level-0 boxes of the 256 px, 0.5 µm/px grid patches the pipeline would keep, and their level."""
     from slidevl.features.config import PreprocessConfig
@@ -221,7 +205,7 @@ def machine() -> dict[str, Any]:
     import timm
     import torch
 
-    from slidevl.features.config import available_cpus
+    from slidevl.cpus import available_cpus
 
     cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), platform.processor() or platform.machine())
@@ -320,7 +304,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         t = time.perf_counter()
-        slide_path = build_slide(work / f"bench_{args.slide_px}.svs", args.slide_px)
+        from slidevl.synth.cohort import render_slide
+        slide_path = render_slide(work / f"bench_{args.slide_px}.svs", args.slide_px)
         boxes, level = tissue_boxes(slide_path)
         print(f"slide {args.slide_px} px: {len(boxes)} tissue tiles ({time.perf_counter() - t:.0f} s)", flush=True)
         read_boxes = take(boxes, args.tiles)

@@ -82,24 +82,6 @@ def effective_cores(workers: int, n: int = 3_000_000) -> float:
     return workers * one / many
 
 
-def build_slide(path: Path, size: int, seed: int = 0) -> Path:
-    """A square synthetic H&E slide of ``size`` px at 0.5 µm/px, rendered block by block."""
-    from slidevl.synth.layout import make_layout
-    from slidevl.synth.model import sample_morphology
-    from slidevl.synth.render import SlideRenderer
-    from slidevl.synth.stain import sample_stain, stain_lut
-    from slidevl.synth.tiff import write_slide_tiff
-
-    if path.exists():
-        return path
-    rng = np.random.default_rng(seed)
-    morphology = sample_morphology(rng)
-    layout = make_layout(size, size, morphology, rng)
-    renderer = SlideRenderer(layout, morphology.grade, stain_lut(sample_stain(rng)), seed, rng)
-    write_slide_tiff(path, renderer.render, size, size, layout="aperio")
-    return path
-
-
 def run_preprocess(slide: Path, job: Path, extra: list[str]) -> dict:
     """One preprocess run in a fresh interpreter; timings from the slide's status file."""
     out = subprocess.run([sys.executable, "-c", CHILD, str(slide), "--out", str(job), *extra],
@@ -191,7 +173,8 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         t = time.perf_counter()
-        slide = build_slide(work / f"bench_{size}.svs", size)
+        from slidevl.synth.cohort import render_slide
+        slide = render_slide(work / f"bench_{size}.svs", size)
         print(f"slide {size}px ready ({time.perf_counter() - t:.0f}s)", flush=True)
         runs: dict[str, list[dict]] = {"full": [], "lean": [], "raw": []}
         for _ in range(args.repeats):

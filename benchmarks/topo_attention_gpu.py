@@ -27,7 +27,6 @@ Writes ``topo_attention_gpu.{json,md,png}`` (``topo_attention_gpu_small.*`` with
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys

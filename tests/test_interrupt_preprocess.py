@@ -12,24 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from process_helpers import wait_until_running
 from slide_fixtures import write_aperio_slide
 from slidevl.features.store import FeatureStore
 
 RUNNER = "from slidevl.features.cli import app; app()"
-
-
-def _wait_until_running(job: Path, slide_id: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    status = job / "status" / f"{slide_id}.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "preprocess finished before it could be interrupted"
-        try:
-            if json.loads(status.read_text())["status"] == "running":
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    raise AssertionError(f"{slide_id} never started")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -46,7 +33,7 @@ def test_interrupt_mid_slide_says_so_marks_the_slide_and_resumes(tmp_path: Path,
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     try:
-        _wait_until_running(job, "b", proc)
+        wait_until_running(job, "b", proc)
         time.sleep(0.5)  # inside b's tile reading, with the workers running
         # What a terminal's Ctrl-C does: the signal goes to the whole group, workers included.
         os.killpg(proc.pid, signum)

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from process_helpers import wait_until_running
 from slide_fixtures import write_aperio_slide
 from slidevl.features.config import PreprocessConfig
 from slidevl.features.pipeline import preprocess
@@ -29,20 +30,6 @@ def _datasets(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _wait_until_running(job: Path, slide_id: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    status = job / "status" / f"{slide_id}.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "preprocess finished before it could be killed"
-        try:
-            if json.loads(status.read_text())["status"] == "running":
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    raise AssertionError(f"{slide_id} never started")
-
-
 def test_kill_mid_slide_then_rerun_matches_clean_run(tmp_path):
     slides = tmp_path / "slides"
     slides.mkdir()
@@ -53,7 +40,7 @@ def test_kill_mid_slide_then_rerun_matches_clean_run(tmp_path):
                "--batch-size", "8", "--no-progress"]
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait_until_running(job, "b", proc)
+        wait_until_running(job, "b", proc)
         time.sleep(0.3)  # inside b's tile reading
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the runner and its DataLoader workers

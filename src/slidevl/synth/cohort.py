@@ -37,6 +37,7 @@ from .model import (
     WEIBULL_SHAPE,
     PatientDraw,
     event_scale,
+    sample_morphology,
     sample_patients,
 )
 from .render import SlideRenderer
@@ -335,3 +336,20 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc)
+
+
+def render_slide(path: str | os.PathLike[str], size: int, seed: int = 0) -> Path:
+    """One square synthetic H&E slide of ``size`` px at 0.5 µm/px (Aperio layout), rendered block by block.
+
+    For benchmarks that need a slide of a given size without a cohort; an existing
+    file is kept, so reruns reuse it.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+    morphology = sample_morphology(rng)
+    layout = make_layout(size, size, morphology, rng)
+    renderer = SlideRenderer(layout, morphology.grade, stain_lut(sample_stain(rng)), seed, rng)
+    write_slide_tiff(path, renderer.render, size, size, layout="aperio")
+    return path
