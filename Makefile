@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,conch]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,conch,ray]'
 	touch $(STAMP)
 
 # The viewer serves OpenSeadragon from node_modules: no CDN at run time.

@@ -191,13 +191,14 @@ def test_warmup_stage1_stage2_ask_end_to_end(world: dict[str, Path], tmp_path: P
         result = runner.invoke(ask_app, [slide, question, "--checkpoint", str(tmp_path / "s2"), "--max-new-tokens", "4",
                                          "--device", "cpu", "--cache", str(tmp_path / "cache")])
         assert result.exit_code == 0, result.output
-        assert result.output.strip() == expected
+        assert result.stdout.strip() == expected  # the answer alone on stdout; where it caches goes to stderr
     result = runner.invoke(ask_app, ["S1", "--interactive", "--checkpoint", str(tmp_path / "s2"), "--device", "cpu", "--cache", str(tmp_path / "cache"),
                                      "--max-new-tokens", "4"],
                            input=f"{question}\n/bbox 768,0,1600,768\nWhich are present?\n/bbox 90000,0,90001,1\n/quit\n")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = result.stdout.splitlines()
     assert lines[0] == "A"
+    assert result.stderr.count("cache:") == 1, result.stderr  # said once per session, not per question
     assert "region: 768,0,1600,768" in result.output
     assert "intersects no tissue pack" in result.output
     result = runner.invoke(ask_app, ["S9", "hello", "--checkpoint", str(tmp_path / "s2"), "--device", "cpu", "--cache", str(tmp_path / "cache")])

@@ -83,6 +83,11 @@ def preprocess_command(
         None, help="Process shard i of n (0-based), e.g. 0/4: every n-th slide by sorted id. Inside a Slurm array "
                    "job the shard comes from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when this is not given."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute slides that are already complete."),
+    executor: str = typer.Option(
+        "local", help="local: slides one after another on this machine. ray: each slide a Ray task (one GPU each "
+                      "with --device cuda), on the cluster at --address or on a local Ray cluster; see docs/cluster.md."),
+    address: Optional[str] = typer.Option(
+        None, help="Ray cluster to run on with --executor ray (head:6379, ray://head:10001 or auto); default: a local one."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Segment tissue, tile on the global grid and encode patches, regions, packs and thumbnail.
@@ -91,6 +96,7 @@ def preprocess_command(
     without SLIDES it re-runs the slides the job records (moved ones found with --slides-root).
     Exit codes: 0 all slides ok or skipped, 1 some slides failed, 2 usage error.
     """
+    from slidevl.features.executors import make_executor
     from slidevl.features.pipeline import preprocess
 
     console = Console()
@@ -133,8 +139,9 @@ def preprocess_command(
         )
         if slides and slides_root is not None:
             raise UsageError("--slides-root applies when re-running the slides the job records; give SLIDES or --slides-root, not both")
+        runner = make_executor(executor, address)
         with resumable(lambda: _finished(out), console=console):
-            report = preprocess(slides or recorded_slides(out, slides_root), out, config, console=console)
+            report = preprocess(slides or recorded_slides(out, slides_root), out, config, console=console, executor=runner)
     except (UsageError, MppCsvError, EncoderError, ValueError, PermissionError) as exc:
         raise _usage_error(console, str(exc)) from None
     console.print(

@@ -13,9 +13,10 @@ from __future__ import annotations
 import glob
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from slidevl.slide.qc import render_qc
 from slidevl.slide.reader import SlideReadError, open_slide, resize_image
 from slidevl.slide.tissue import TissueMask, segment_slide
 from slidevl.tiling.grid import SlideGrid
+
+if TYPE_CHECKING:
+    from slidevl.features.executors import Executor
 
 
 class NoTissueError(RuntimeError):
@@ -166,8 +170,11 @@ def fingerprint(config: PreprocessConfig, encoders: Encoders, slide_id: str, sli
     )
 
 
-def _remove_stale_partials(paths: Sequence[Path]) -> None:
-    # A SIGKILL skips atomic_path's cleanup; the temporaries of this slide are garbage.
+def remove_stale_partials(paths: Sequence[Path]) -> None:
+    """Delete the atomic-write temporaries of ``paths`` left by a killed process.
+
+    A SIGKILL skips atomic_path's cleanup; the temporaries of this slide are garbage.
+    """
     for target in paths:
         for stale in glob.glob(str(target.parent / f".{glob.escape(target.name)}.*.partial")):
             Path(stale).unlink(missing_ok=True)
@@ -244,6 +251,15 @@ class _Layout:
         return pack_features and self.pack_level == self.patch_level
 
 
+def output_paths(job: Path, store: FeatureStore, slide_id: str) -> dict[str, Path]:
+    """The files one slide writes besides its status."""
+    return {
+        "features": store.path(slide_id),
+        "tissue": job / "tissue" / f"{slide_id}.geojson",
+        "qc": job / "qc" / f"{slide_id}.png",
+    }
+
+
 class SlideProcessor:
     """Runs the whole per-slide chain for one job and one pair of encoders."""
 
@@ -254,18 +270,14 @@ class SlideProcessor:
         self.store = FeatureStore(self.job, encoders.folder)
 
     def output_paths(self, slide_id: str) -> dict[str, Path]:
-        return {
-            "features": self.store.path(slide_id),
-            "tissue": self.job / "tissue" / f"{slide_id}.geojson",
-            "qc": self.job / "qc" / f"{slide_id}.png",
-        }
+        return output_paths(self.job, self.store, slide_id)
 
     def run(self, path: Path, slide_id: str, fp: dict[str, Any], progress: _Progress) -> jobs.SlideStatus:
         """Process one slide; never raises for a bad slide (the status says failed)."""
         outputs = self.output_paths(slide_id)
         status = jobs.SlideStatus(slide_id=slide_id, **SlideRecord.of_file(slide_id, path, self.job).fields(), status="running",
                                   encoder=self.encoders.tile.name)
-        _remove_stale_partials([*outputs.values(), jobs.status_path(self.job, slide_id)])
+        remove_stale_partials([*outputs.values(), jobs.status_path(self.job, slide_id)])
         jobs.write_status(self.job, status)
         try:
             n_regions, n_packs, n_patches = self._process(path, slide_id, fp, outputs, status.timings, progress)
@@ -469,8 +481,34 @@ class SlideProcessor:
         }
 
 
+def run_slide(processor: SlideProcessor, path: Path, progress: _Progress) -> SlideResult:
+    """Skip ``path`` when it is complete for this configuration, else process it.
+
+    The one per-slide step of every executor (see :mod:`slidevl.features.executors`):
+    the local loop and a Ray task both call it, so a slide's files and status are the
+    same whichever ran it. Never raises for a bad slide.
+    """
+    job, config = processor.job, processor.config
+    slide_id = jobs.slide_id_of(path)
+    started = time.perf_counter()
+    fp = fingerprint(config, processor.encoders, slide_id, path)
+    feature_path = processor.store.path(slide_id)
+    status = None if config.overwrite else jobs.complete_status(job, slide_id, feature_path, fp, path)
+    if status is not None:
+        # The slide may have moved since it was processed: record where it is now.
+        status = replace(status, action="skipped", **SlideRecord.of_file(slide_id, path, job).fields())
+        jobs.write_status(job, status)
+        return SlideResult(slide_id, path, "skipped", n_patches=status.n_patches, output=feature_path)
+    status = processor.run(path, slide_id, fp, progress)
+    seconds = time.perf_counter() - started
+    if status.status == "ok":
+        return SlideResult(slide_id, path, "ok", n_patches=status.n_patches, output=feature_path, seconds=seconds)
+    return SlideResult(slide_id, path, "failed", error=status.error, seconds=seconds)
+
+
 def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, config: PreprocessConfig | None = None,
-               *, encoders: Encoders | None = None, console: Console | None = None) -> JobReport:
+               *, encoders: Encoders | None = None, console: Console | None = None,
+               executor: Executor | None = None) -> JobReport:
     """Turn slides into feature files under ``out`` (see the module docstring).
 
     ``slides`` is a slide file, a folder of slides, or a list of either. Slides already
@@ -479,51 +517,39 @@ def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, confi
     problems never raise, they are in the report, the status files and the manifest.
     ``encoders`` passes already-built encoder objects (e.g. a custom model following
     the encoder interface) instead of building ``config.encoder``/``config.region_encoder``.
+    ``executor`` runs the slides (default: one after another in this process; see
+    :mod:`slidevl.features.executors` for Ray).
     """
+    # executors builds on this module, so it is imported here rather than at the top.
+    from slidevl.features.encoders.base import safe_name
+    from slidevl.features.executors import LocalExecutor
+
     config = config or PreprocessConfig()
     console = console or Console()
     job = Path(out)
     all_slides = jobs.discover_slides(slides)
     mine = jobs.shard_slides(all_slides, config.shard)
-    encoders = encoders or load_encoders(config)
-    processor = SlideProcessor(job, config, encoders)
-    report = JobReport(job_dir=job, encoder=encoders.tile.name, feature_dir=processor.store.root)
-    shard_note = f" (shard {config.shard[0]}/{config.shard[1]}: {len(mine)} of {len(all_slides)})" if config.shard else ""
-    console.print(f"[bold]preprocess[/]: {len(mine)} slide(s){shard_note} -> {job} with encoder {encoders.tile.name}")
-    note = jobs.not_slides_note(slides)
-    if note:
-        console.print(note, highlight=False)
+    executor = executor or LocalExecutor()
     try:
-        _run_slides(mine, job, config, encoders, processor, report, console)
+        encoder_name = executor.start(job, config, encoders)
+        report = JobReport(job_dir=job, encoder=encoder_name, feature_dir=FeatureStore(job, safe_name(encoder_name)).root)
+        shard_note = f" (shard {config.shard[0]}/{config.shard[1]}: {len(mine)} of {len(all_slides)})" if config.shard else ""
+        console.print(f"[bold]preprocess[/]: {len(mine)} slide(s){shard_note} -> {job} with encoder {encoder_name}"
+                      f"{executor.note}")
+        note = jobs.not_slides_note(slides)
+        if note:
+            console.print(note, highlight=False)
+        try:
+            # closing(): an interrupt here ends the executor's run at once (cancelling what it started).
+            with _Progress(console, config.progress, len(mine)) as progress, closing(executor.run(mine, progress)) as results:
+                for result in results:
+                    if result.status == "failed":
+                        console.print(f"[red]failed[/] {result.slide_id}: {result.error}")
+                    report.results.append(result)
+                    progress.slide_done()
+        finally:
+            # Also after an interrupt or a crash: the manifest always reflects every status file.
+            report.manifest, report.summary = jobs.rebuild_manifest(job, config.public_dict())
     finally:
-        # Also after an interrupt or a crash: the manifest always reflects every status file.
-        report.manifest, report.summary = jobs.rebuild_manifest(job, config.public_dict())
+        executor.close()
     return report
-
-
-def _run_slides(mine: Sequence[Path], job: Path, config: PreprocessConfig, encoders: Encoders,
-                processor: SlideProcessor, report: JobReport, console: Console) -> None:
-    """Process (or skip, when complete) each slide of this shard, appending to ``report``."""
-    with _Progress(console, config.progress, len(mine)) as progress:
-        for path in mine:
-            slide_id = jobs.slide_id_of(path)
-            progress.start_slide(slide_id)
-            started = time.perf_counter()
-            fp = fingerprint(config, encoders, slide_id, path)
-            feature_path = processor.store.path(slide_id)
-            status = None if config.overwrite else jobs.complete_status(job, slide_id, feature_path, fp, path)
-            if status is not None:
-                # The slide may have moved since it was processed: record where it is now.
-                status = replace(status, action="skipped", **SlideRecord.of_file(slide_id, path, job).fields())
-                jobs.write_status(job, status)
-                report.results.append(SlideResult(slide_id, path, "skipped", n_patches=status.n_patches, output=feature_path))
-                progress.slide_done()
-                continue
-            status = processor.run(path, slide_id, fp, progress)
-            seconds = time.perf_counter() - started
-            if status.status == "ok":
-                report.results.append(SlideResult(slide_id, path, "ok", n_patches=status.n_patches, output=feature_path, seconds=seconds))
-            else:
-                console.print(f"[red]failed[/] {slide_id}: {status.error}")
-                report.results.append(SlideResult(slide_id, path, "failed", error=status.error, seconds=seconds))
-            progress.slide_done()
