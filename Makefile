@@ -33,8 +33,9 @@ chromium:
 demo: setup
 	$(VENV)/bin/slidevl demo --out $(DEMO_DIR)
 
+# One worker per core, whole modules per worker (module fixtures are built once).
 test: setup chromium
-	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -m "not slow" -n auto --dist loadfile $(PYTEST_ARGS)
 
 test-all: setup chromium
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
