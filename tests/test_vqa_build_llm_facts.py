@@ -79,3 +79,20 @@ def test_facts_come_from_the_model_and_a_rerun_is_served_from_the_cache(job: Pat
             assert record.options[ord(record.answer) - ord("A")] in (NAMES["tumour"], NAMES["stroma"])
         if record.meta.get("template") == "grade":
             assert record.options[ord(record.answer) - ord("A")].startswith("grade 2")
+
+
+def test_moved_slides_are_found_with_slides_root(job: Path, tmp_path: Path) -> None:
+    """The model is shown images read from the slide files: once they move, --slides-root says where."""
+    slides = job.parent / "slides"
+    moved = job.parent / "slides_elsewhere"
+    slides.rename(moved)
+    try:
+        with FakeChatServer(fake_pathologist) as server:
+            args = ["build", "--job", str(job), "--out", str(tmp_path / "qa"), "--k-rois", "2", "--test-fraction", "0.34",
+                    "--llm-url", server.base_url, "--llm-model", "fake-vl"]
+            lost = runner.invoke(app, args)
+            assert lost.exit_code == 2 and "--slides-root" in lost.output, lost.output
+            found = runner.invoke(app, [*args, "--slides-root", str(moved)])
+            assert found.exit_code == 0, found.output
+    finally:
+        moved.rename(slides)

@@ -267,8 +267,13 @@ def _rois_json(build: _SlideBuild, config: BuildConfig, encoder: str) -> dict[st
     }
 
 
-def facts_source(cohort: str | Path | None, job: str | Path, store: FeatureStore, client: LLMClient | None) -> FactsSource:
-    """Exact facts from the cohort's ``truth.json`` (given, or found beside the job's slides); else from ``client``."""
+def facts_source(cohort: str | Path | None, job: str | Path, store: FeatureStore, client: LLMClient | None,
+                 slides_root: str | Path | None = None) -> FactsSource:
+    """Exact facts from the cohort's ``truth.json`` (given, or found beside the job's slides); else from ``client``.
+
+    ``slides_root`` is where the job's slide files are now, when they moved: the model
+    is shown images read from them.
+    """
     root = Path(cohort) if cohort is not None else find_cohort(Path(job))
     try:
         if root is not None:
@@ -281,7 +286,7 @@ def facts_source(cohort: str | Path | None, job: str | Path, store: FeatureStore
             )
         from slidevl.vqa.facts_llm import LLMFacts
 
-        return LLMFacts(Path(job), store, client)
+        return LLMFacts(Path(job), store, client, None if slides_root is None else Path(slides_root))
     except FactsError as exc:
         raise BuildError(str(exc)) from exc
 
@@ -295,6 +300,7 @@ def build_qa(
     client: LLMClient | None = None,
     console: Console | None = None,
     progress: bool = True,
+    slides_root: str | Path | None = None,
 ) -> BuildReport:
     """Build the QA set of the slides of ``job`` (see the module docstring).
 
@@ -313,7 +319,7 @@ def build_qa(
         store = FeatureStore(job, config.encoder)
     except FeatureStoreError as exc:
         raise BuildError(str(exc)) from exc
-    facts = facts_source(cohort, job, store, client)
+    facts = facts_source(cohort, job, store, client, slides_root)
     try:
         facts.check(Path(job), store)
         strata = facts.patient_strata()

@@ -57,6 +57,8 @@ def build_command(
     test_fraction: float = typer.Option(0.25, "--test-fraction", help="Share of patients held out as the test benchmark."),
     seed: int = typer.Option(0, "--seed", help="Seed of ROI seeds, the split and question shuffling."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Feature encoder folder in the job (if several)."),
+    slides_root: Optional[Path] = typer.Option(
+        None, "--slides-root", help="Where the job's slide files are now, when they moved (the LLM facts read images from them)."),
 ) -> None:
     """Build hierarchical QA (WSI -> ROI -> patch) with a patient-level train/test split.
 
@@ -91,7 +93,7 @@ def build_command(
             _fail(str(exc))
     console = Console()
     try:
-        report = build_qa(cohort, job, out, config, client=client, console=console)
+        report = build_qa(cohort, job, out, config, client=client, console=console, slides_root=slides_root)
     except (BuildError, WindowError, LLMError) as exc:
         _fail(str(exc))
     finally:
