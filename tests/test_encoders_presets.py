@@ -236,3 +236,22 @@ def test_preprocess_cli_with_a_preset_spec(tmp_path: Path, shallow_presets: None
     assert features.patch_features.shape[1] == 384
     assert features.attrs["target_mpp"] == PRESETS["kaiko-vits16"].mpp
     assert features.attrs["encoder_provenance"]["preset"]["hub_repo"].startswith("1aurent/")
+
+
+def test_transformers_preset_with_a_missing_weight_fails(tmp_path: Path) -> None:
+    """A Phikon-v2 folder whose safetensors lacks a tensor is refused, never run half-random."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    config = transformers.Dinov2Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                                       image_size=224, patch_size=14)
+    folder = tmp_path / "phikon-v2"
+    transformers.Dinov2Model(config).save_pretrained(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state.pop(next(k for k in state if "attention" in k))
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(EncoderError, match=r"phikon-v2: .*model.safetensors does not fit the phikon-v2 architecture"):
+        get_encoder(f"phikon-v2:{folder}")
+    (folder / "config.json").unlink()
+    with pytest.raises(EncoderError, match="has no config.json"):
+        get_encoder(f"phikon-v2:{folder}")
