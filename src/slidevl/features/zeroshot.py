@@ -42,6 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from slidevl.atomic import atomic_path, write_json_atomic
 from slidevl.features.encoders.base import EncoderError, safe_name
+from slidevl.features.encoders.text import class_embeddings, class_probabilities
 from slidevl.features.store import FeatureStore, FeatureStoreError
 
 MANIFEST = "manifest.json"
@@ -94,26 +95,6 @@ def load_prompt_classes(path: str | Path) -> PromptClasses:
         names.append(str(name))
         prompts.append(tuple(t.strip() for t in texts))
     return PromptClasses(tuple(names), tuple(prompts), str(path))
-
-
-def class_embeddings(text: Any, classes: PromptClasses) -> np.ndarray:
-    """``(C, D)`` unit class embeddings: the renormalised mean of each class's prompt embeddings."""
-    flat = [t for group in classes.prompts for t in group]
-    emb = np.asarray(text.encode(flat), np.float32)
-    out, row = [], 0
-    for group in classes.prompts:
-        mean = emb[row : row + len(group)].mean(axis=0)
-        out.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
-        row += len(group)
-    return np.stack(out).astype(np.float32)
-
-
-def class_probabilities(image_embeddings: np.ndarray, classes: np.ndarray, logit_scale: float) -> np.ndarray:
-    """``softmax(logit_scale · cosine)`` over classes, ``(N, C)``; inputs are unit rows."""
-    logits = logit_scale * (np.asarray(image_embeddings, np.float64) @ np.asarray(classes, np.float64).T)
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _rgb(hex_colour: str) -> np.ndarray:
@@ -231,7 +212,7 @@ def _classify_job(report: ZeroShotReport, text: Any, classes: PromptClasses, con
             f"{report.job}: no features from {text.image_encoder.name} (feature folders: {found or 'none'}); run "
             f"`slidevl preprocess SLIDES --out {report.job} --encoder <the same spec>`, or pass the slides instead of the job"
         )
-    class_emb = class_embeddings(text, classes)
+    class_emb = class_embeddings(text, classes.prompts)
     prompt_table = [{"index": c, "level": c, "label": name, "text": " | ".join(group)}
                     for c, (name, group) in enumerate(zip(classes.names, classes.prompts))]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())

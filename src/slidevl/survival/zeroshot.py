@@ -19,28 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from slidevl.features.encoders.text import class_embeddings, class_probabilities
 from slidevl.survival.hila.prompts import PromptError, load_prompt_bank
-
-
-def level_embeddings(prompt_sets: tuple[tuple[str, ...], ...], text: Any) -> np.ndarray:
-    """Unit-length mean prompt embedding of each risk level, ``(L, dim)``."""
-    rows = []
-    for prompts in prompt_sets:
-        emb = np.asarray(text.encode(list(prompts)), dtype=np.float32)
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        mean = emb.mean(0)
-        rows.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
-    return np.stack(rows)
 
 
 def patch_risk(image_embeddings: np.ndarray, levels: np.ndarray, logit_scale: float) -> np.ndarray:
     """Expected risk level of each patch: 0 = lowest-risk level ... L-1 = highest (levels run high to low)."""
-    logits = logit_scale * image_embeddings @ levels.T
-    logits -= logits.max(1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(1, keepdims=True)
     weights = np.arange(len(levels) - 1, -1, -1, dtype=np.float64)
-    return p @ weights
+    return class_probabilities(image_embeddings, levels, logit_scale).astype(np.float64) @ weights
 
 
 def zero_shot_prognosis(job: str | Path, clinical: str | Path, text_encoder: str, prompts: str = "synthetic",
@@ -59,7 +45,7 @@ def zero_shot_prognosis(job: str | Path, clinical: str | Path, text_encoder: str
         )
     store = FeatureStore(job, encoder)
     cohort = load_cohort(clinical, store.__contains__, skip_missing=True)
-    levels = level_embeddings(load_prompt_bank(prompts).patch, text)
+    levels = class_embeddings(text, load_prompt_bank(prompts).patch)
     risks = {}
     for patient_id, row in cohort.patients.iterrows():
         per_patch = []

@@ -230,17 +230,19 @@ def save_model(model: torch.nn.Module, out: Path, config: ClipTrainConfig) -> No
     write_json_atomic(out / OPENCLIP_CONFIG, {"model_cfg": config.model_cfg(), "preprocess_cfg": config.preprocess_cfg()})
 
 
-def zero_shot_tissue(model: torch.nn.Module, tiles: TileSet, context_length: int) -> dict[str, Any]:
-    """Tissue class of each tile from prompts alone: accuracy and confusion matrix (rows = truth)."""
-    open_clip = import_open_clip("train-clip")
-    tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
-    with torch.inference_mode():
-        class_embeddings = []
-        for tissue in TISSUES:
-            prompts = model.encode_text(tokenizer(class_prompts(tissue)), normalize=True)
-            class_embeddings.append(torch.nn.functional.normalize(prompts.mean(0), dim=-1))
-        image_features = torch.cat([model.encode_image(b, normalize=True) for b in tiles.images.split(256)])
-        predicted = (image_features @ torch.stack(class_embeddings).T).argmax(1).numpy()
+def zero_shot_tissue(model_dir: Path, tiles: TileSet) -> dict[str, Any]:
+    """Tissue class of each tile from prompts alone: accuracy and confusion matrix (rows = truth).
+
+    The saved folder is loaded back through ``openclip:`` as any user would load it, so the
+    check also covers the round trip, and the rule is the one ``encoders zero-shot`` uses.
+    """
+    from slidevl.features.encoders.openclip import OpenCLIPEncoder
+    from slidevl.features.encoders.text import OpenCLIPTextEncoder, class_embeddings
+
+    text = OpenCLIPTextEncoder(OpenCLIPEncoder(str(model_dir)))
+    classes = class_embeddings(text, [class_prompts(tissue) for tissue in TISSUES])
+    images = text.image_embeddings(np.concatenate([text.image_encoder.encode(b) for b in tiles.images.split(256)]))
+    predicted = (images @ classes.T).argmax(1)
     truth = tiles.tissues
     confusion = np.zeros((len(TISSUES), len(TISSUES)), dtype=int)
     np.add.at(confusion, (truth, predicted), 1)
@@ -276,7 +278,7 @@ def train_clip(cohort: str | Path, job: str | Path, out: str | Path, config: Cli
         "heldout_patients": heldout_patients,
         "n_train_tiles": len(train.facts),
         "loss_per_epoch": history,
-        "zero_shot_heldout": zero_shot_tissue(model, heldout, config.context_length),
+        "zero_shot_heldout": zero_shot_tissue(out, heldout),
         "seconds": round(time.perf_counter() - start, 1),
         "load_with": f"openclip:{out}",
     }

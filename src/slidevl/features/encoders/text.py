@@ -180,3 +180,27 @@ def get_text_encoder(spec: str, device: str = "cpu") -> TextEncoder:
     if isinstance(encoder, OpenCLIPEncoder):
         return OpenCLIPTextEncoder(encoder)
     raise EncoderError(f"text encoder {spec!r} has no text tower; use conch:PATH, openclip:... or one of {SENTENCE_SPECS}")
+
+
+def class_embeddings(text: Any, prompt_sets: Sequence[Sequence[str]]) -> np.ndarray:
+    """``(C, D)`` unit class embeddings: the renormalised mean of each class's prompt embeddings.
+
+    ``text`` is an aligned text tower (:mod:`slidevl.features.encoders.text`), whose
+    prompt embeddings are unit rows; one call encodes every prompt.
+    """
+    flat = [t for group in prompt_sets for t in group]
+    emb = np.asarray(text.encode(flat), np.float32)
+    out, row = [], 0
+    for group in prompt_sets:
+        mean = emb[row : row + len(group)].mean(axis=0)
+        out.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+        row += len(group)
+    return np.stack(out).astype(np.float32)
+
+
+def class_probabilities(image_embeddings: np.ndarray, classes: np.ndarray, logit_scale: float) -> np.ndarray:
+    """``softmax(logit_scale · cosine)`` over classes, ``(N, C)``; inputs are unit rows."""
+    logits = logit_scale * (np.asarray(image_embeddings, np.float64) @ np.asarray(classes, np.float64).T)
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
