@@ -21,7 +21,7 @@ from slidevl.features.encoders.base import EncoderError, TileEncoder
 from slidevl.features.encoders.handcrafted import HandcraftedEncoder
 from slidevl.features.encoders.hf import HFEncoder
 from slidevl.features.encoders.openclip import OpenCLIPEncoder
-from slidevl.features.encoders.presets import PRESETS, EncoderPreset
+from slidevl.features.encoders.presets import PRESETS, EncoderPreset, preset_for_spec
 
 DEFAULT_ENCODER = "handcrafted"
 SPEC_FORMS = (
@@ -67,8 +67,8 @@ def get_encoder(spec: str = DEFAULT_ENCODER, *, device: str = "cpu") -> TileEnco
         # Pure numpy in the workers: the device does not apply.
         return HandcraftedEncoder()
     kind, sep, rest = spec.partition(":")
-    if kind.lower() in PRESETS:
-        preset = PRESETS[kind.lower()]
+    preset = preset_for_spec(spec)
+    if preset is not None:
         return preset_builder(preset)(preset, preset_path(preset.name, rest), device)
     if sep and not rest.strip():
         raise EncoderError(f"encoder spec {spec!r} names no path; e.g. {kind}:/models/my-model")
