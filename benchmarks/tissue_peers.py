@@ -1,5 +1,10 @@
 """Tissue detection + tiling against a public tiler (hs2p), on the same slides in one run.
 
+Canonical result ``benchmarks/results/tissue_peers.{json,md}``, regenerated (after installing
+the peer, below) by::
+
+    python benchmarks/tissue_peers.py
+
 For every slide of a synthetic cohort with planted fat (:mod:`slidevl.synth`, 0.5 µm/px,
 ``truth``: ``labels/<slide>.png`` at 16x) this times, interleaved and fastest of
 ``--repeats``:
@@ -21,11 +26,7 @@ wandb and friends out, hs2p imports without them)::
 
     .venv/bin/pip install --no-deps hs2p==6.1.0 && .venv/bin/pip install omegaconf opencv-python-headless
 
-Usage::
-
-    python benchmarks/tissue_peers.py [--slide-px 20000] [--patients 2] [--workdir DIR]
-
-Results go to ``benchmarks/results/tissue_peers.{json,md}``.
+``--slide-px`` (default 20,000), ``--patients`` (default 2) and ``--workdir`` change the cohort.
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
 """Topo-pack attention at GPU speed: time and peak memory against packs, per implementation.
 
+Canonical result ``benchmarks/results/topo_attention_gpu.{json,md,png}`` (a GPU run; none is
+committed yet), regenerated on a GPU machine by (see ``benchmarks/GPU_RUNBOOK.md``)::
+
+    python benchmarks/topo_attention_gpu.py --time-limit 500
+
 For each number of packs (full 3×3 packs, N = 10·packs + 1 tokens, 8 heads of 64, bf16)
 the attention operator's forward + backward is timed for
 
@@ -17,11 +22,8 @@ allocated before it (CUDA only; CPU runs record time alone). The configurations 
 decide the goals (3,600 packs, the 40,000-pack encoder) run first, then the sweep, and a
 time limit stops the run cleanly: whatever did not fit is recorded as skipped.
 
-Writes ``topo_attention_gpu.{json,md,png}`` (``topo_attention_gpu_small.*`` with
-``--small``) into ``--out`` (default ``benchmarks/results``).
-
-    python benchmarks/topo_attention_gpu.py --small            # CPU smoke run, < 2 min
-    python benchmarks/topo_attention_gpu.py --time-limit 500   # GPU (see benchmarks/GPU_RUNBOOK.md)
+``--out`` writes elsewhere; ``--small`` is a CPU smoke run (< 2 min) written to
+``topo_attention_gpu_small.*``, which is not kept.
 """
 
 from __future__ import annotations

@@ -1,54 +1,21 @@
 """Continue a finished ``vqa_ablations.py`` variant's stage 2 for more epochs, then score it.
 
+No canonical result: a continued run's numbers depend on the run it continues, so its
+tables (``benchmarks/results/<name>.json`` and ``.md``) are for reading, not for keeping.
+For example, four more epochs of the MLP connector of ``vqa_ablations.py``'s default run::
+
+    python benchmarks/vqa_continue.py --work /tmp/vqa_bench --variant mlp_all_tokens --epochs 4 --name mlp_more
+
 A stage-2 checkpoint given as ``init`` keeps training its LoRA adapters and connector
 (with a fresh learning-rate schedule), so a variant can be trained longer without
 starting again, on its own data or on another preprocessing of the same cohort
-(``--data``: a folder with ``job/`` and ``qa/`` whose test patients are the run's). The
-continued run (``runs/<name>`` of the data folder), its answers (free, ranked, and the
-shuffled-image control) and its scores stay there; the tables go to
-``benchmarks/results/<name>.json`` and ``.md``. Finished steps are reused.
-
-    python benchmarks/vqa_continue.py --work /tmp/vqa_big --variant mlp_all_tokens --epochs 4 --lr 2.5e-4 \\
-        --name vqa_big_mlp_8ep   # 4 + 4 epochs on 96 patients
-    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_big/runs/vqa_big_mlp_8ep/stage2 \\
-        --data /tmp/vqa_fat --epochs 4 --name vqa_fat_mlp_12ep   # then 4 on the adipose-aware tissue mask
-    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat/runs/vqa_fat_mlp_12ep/stage2 \\
-        --data /tmp/vqa_fat --epochs 6 --lr 2e-4 --probe --name vqa_fat_mlp_18ep   # and 6 more, with the probes
-    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_big/runs/full/stage2 \\
-        --data /tmp/vqa_fat --epochs 4 --lr 5e-4 --probe --name vqa_fat_qformer_8ep   # the Q-Former, 4 + 4
-    # vqa_fat8_*: training slides with 8 more ROIs each (`slidevl vqa build ... --train-extra-rois 8`, same test.jsonl)
-    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat/runs/vqa_fat_mlp_18ep/stage2 \\
-        --data /tmp/vqa_fat8 --epochs 3 --lr 2e-4 --probe --threads 2 --name vqa_fat8_mlp_21ep
-    # then 3 more with the connector's pooled tokens, and 3 more without them (the control):
-    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat8/runs/vqa_fat8_mlp_21ep/stage2 \\
-        --data /tmp/vqa_fat8 --epochs 3 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fat8_pooled_24ep
-    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat8/runs/vqa_fat8_mlp_21ep/stage2 \\
-        --data /tmp/vqa_fat8 --epochs 3 --lr 2e-4 --probe --threads 2 --name vqa_fat8_mlp_24ep
-    # vqa_fatx_*: 6, 8 and 12 more ROIs per training slide (--train-extra-rois 6,8,12), one epoch on the pooled run:
-    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fat8/runs/vqa_fat8_pooled_24ep/stage2 \\
-        --data /tmp/vqa_fatx --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatx_pooled_25ep
-    # vqa_fatn_*: five fresh partitions instead (--train-extra-rois 5,7,9,10,11), one more epoch:
-    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatx/runs/vqa_fatx_pooled_25ep/stage2 \\
-        --data /tmp/vqa_fatn --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatn_pooled_26ep
-    # vqa_fatp_*: single-patch fields (--train-extra-rois 8 --train-patch-fields 32), one more epoch:
-    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatx/runs/vqa_fatx_pooled_25ep/stage2 \\
-        --data /tmp/vqa_fatp --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatp_pooled_26ep
-    # the same epoch with the patch features standardised per dimension (the checkpoint converted), then one more
-    # on a fresh draw (--train-extra-rois 12 --train-patch-fields 48) and one on another (10 and 56):
-    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatx/runs/vqa_fatx_pooled_25ep/stage2 \\
-        --data /tmp/vqa_fatp --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --patch-scaling per_dim \\
-        --name vqa_fatp_perdim_26ep
-    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatp/runs/vqa_fatp_perdim_26ep/stage2 \\
-        --data /tmp/vqa_fatq --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatq_perdim_27ep
-    python benchmarks/vqa_continue.py --work /tmp/vqa_fat --source /tmp/vqa_fatq/runs/vqa_fatq_perdim_27ep/stage2 \\
-        --data /tmp/vqa_fatr --epochs 1 --lr 2e-4 --probe --threads 2 --pooled-tokens --name vqa_fatr_perdim_28ep
-    # the 5-epoch from-scratch run of vqa_ablations.py (variant mlp_pooled), 3 more epochs on a fresh draw (10 and 56),
-    # then 4 more on one whose training ROIs are also asked the slide's share questions
-    # (--train-extra-rois 11 --train-patch-fields 40 --train-slide-scale):
-    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_big/runs/mlp_pooled/stage2 \\
-        --data /tmp/vqa_fr --epochs 3 --lr 2e-4 --threads 2 --pooled-tokens --name vqa_fr_pooled_8ep
-    python benchmarks/vqa_continue.py --work /tmp/vqa_big --source /tmp/vqa_fr/runs/vqa_fr_pooled_8ep/stage2 \\
-        --data /tmp/vqa_ss --epochs 4 --lr 2e-4 --threads 2 --pooled-tokens --name vqa_ss_pooled_12ep
+(``--data``: a folder with ``job/`` and ``qa/`` whose test patients are the run's).
+``--source`` continues any stage-2 folder instead of ``runs/<variant>/stage2``;
+``--pooled-tokens`` and ``--patch-scaling per_dim`` change how the connector reads (a
+shared-scale checkpoint is converted without changing its outputs); ``--probe`` adds the
+feature probes per template. The continued run (``runs/<name>`` of the data folder), its
+answers (free, ranked, and the shuffled-image control) and its scores stay there.
+Finished steps are reused.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Is the answer in the features? Probes that bound what a reader of the patch features can score.
 
+No result file of its own: ``vqa_ablations.py`` runs these probes and puts their table in
+its results (``vqa_ablations.md``, ``vqa_ss_fresh_3ep.md``); the commands that regenerate
+those are named at the top of ``vqa_ablations.py`` and ``vqa_gpu.py``.
+
 Every probe is fit per single-choice template on the train patients and scored on the test
 patients, predicting the correct option *text* from a summary of the patches under the
 record's box (the whole slide for WSI questions):

@@ -17,7 +17,7 @@ in the run's ``summary.json`` under ``settings``:
 * gradient accumulation: ``grad_accum = min(32, max(1, n_train // MIN_STEPS_PER_EPOCH))``
   with ``n_train`` the smallest training fold, i.e. at least 32 optimizer steps per epoch;
   the paper's 32 patients per step is kept from 1024 training patients up. Evidence
-  (``benchmarks/results/survival_synthetic.md`` and ``survival_diagnose_360_accum32.md``):
+  (``benchmarks/results/survival_synthetic.md`` and ``survival_diagnose.md``):
   with 9 steps per epoch (288 training patients, accumulation 32) models were still far
   from fitting their training patients after 20 epochs, with 36 steps (accumulation 8)
   they fit; on a 60-patient cohort HiLa scored 0.590 with accumulation 32 (2 steps per
