@@ -27,7 +27,7 @@ def test_available_encoders_lists_every_form() -> None:
 
 @pytest.mark.parametrize("spec", ["resnet50", "hf", "timm:/models/x", ""])
 def test_unknown_specs_list_the_valid_forms(spec: str) -> None:
-    with pytest.raises(EncoderError, match="valid forms are handcrafted, NAME:"):
+    with pytest.raises(EncoderError, match="valid forms are handcrafted, hf:.*, NAME:"):
         get_encoder(spec)
 
 

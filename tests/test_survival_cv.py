@@ -107,7 +107,7 @@ def test_missing_features_fail_or_are_skipped(toy, tmp_path: Path) -> None:
 def test_bad_options_are_reported(toy, tmp_path: Path) -> None:
     base = ["cv", "--features", str(toy.job), "--clinical", str(toy.clinical), "--out", str(tmp_path / "x"), "--quiet"]
     for extra, message in ((["--model", "cox"], "--model must be one of"),
-                           (["--model", "abmil", "--variant", "B"], "--variant applies to HiLa only"),
+                           (["--model", "abmil", "--variant", "B"], "--variant applies to hila only"),
                            (["--bins-mode", "val"], "--bins-mode must be one of"),
                            (["--prompts", "nope"], "unknown prompt bank")):
         result = CliRunner().invoke(app, [*base, *extra])

@@ -17,7 +17,9 @@
 Both take ``tokens`` (B, T, D) and a boolean ``valid`` (B, T), plus the patch features
 under the question's box when configured (``patches`` (B, N, D_patch) and
 ``patch_valid``), and return a :class:`ConnectorOutput` whose ``valid`` says which
-output rows are real.
+output rows are real. They are registered by name in :data:`CONNECTORS` (``kind`` in
+:class:`ConnectorConfig`); a new one derives from :class:`Connector` and is decorated
+with ``@CONNECTORS.register(NAME)`` (see ``docs/adding-a-model.md``).
 
 Both first standardise the encoder tokens with statistics of the training slides
 (:class:`TokenStandardizer`, fitted once before stage 1 and saved with the weights). The
@@ -31,13 +33,16 @@ embeddings differed between slides by 3e-4 of their norm).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-CONNECTOR_KINDS = ("qformer", "mlp")
+from slidevl.registry import Registry
+
+#: Connector kinds → classes, filled by ``@CONNECTORS.register(NAME)`` below.
+CONNECTORS: Registry[type["Connector"]] = Registry("connector")
 #: Connector options that change how it reads, not its weights: a run continuing a checkpoint may set them.
 READ_OPTIONS = frozenset({"max_patches", "pooled_tokens"})
 #: How patch features are scaled before their linear map: one scale for all dimensions, or one each.
@@ -94,12 +99,13 @@ class ConnectorConfig:
     patch_scaling: str = "per_dim"
 
     def __post_init__(self) -> None:
-        if self.kind not in CONNECTOR_KINDS:
-            raise ValueError(f"connector kind must be one of {CONNECTOR_KINDS}, got {self.kind!r}")
+        if self.kind not in CONNECTORS:
+            raise ValueError(f"connector kind must be one of {list_connectors()}, got {self.kind!r}")
         if self.patch_scaling not in PATCH_SCALINGS:
             raise ValueError(f"connector patch_scaling must be one of {PATCH_SCALINGS}, got {self.patch_scaling!r}")
-        if self.pooled_tokens and self.kind != "mlp":
-            raise ValueError("pooled_tokens applies to the mlp connector; the Q-Former's queries already pool")
+        if self.pooled_tokens and not CONNECTORS.get(self.kind).pools_tokens:
+            pooling = ", ".join(name for name, cls in CONNECTORS.items() if cls.pools_tokens)
+            raise ValueError(f"pooled_tokens applies to the {pooling} connector, not to {self.kind}")
         for name in ("vision_dim", "llm_dim", "num_queries", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_patches"):
             if getattr(self, name) < 1:
@@ -202,8 +208,16 @@ def _check_inputs(tokens: Tensor, valid: Tensor, dim: int) -> None:
         raise ValueError("every sample needs at least one valid visual token")
 
 
-class _Inputs(nn.Module):
-    """What both connectors share: standardised encoder tokens, plus projected patch features."""
+class Connector(nn.Module):
+    """What every connector shares: standardised encoder tokens, plus projected patch features.
+
+    A subclass builds its layers from a :class:`ConnectorConfig`, maps the merged inputs
+    to a :class:`ConnectorOutput` in ``forward(tokens, valid, patches=None,
+    patch_valid=None)``, and says in :meth:`output_length` how many rows that gives.
+    """
+
+    #: ``pooled_tokens`` applies: the connector can append mean outputs (one row per token group).
+    pools_tokens: ClassVar[bool] = False
 
     def __init__(self, config: ConnectorConfig) -> None:
         super().__init__()
@@ -212,6 +226,13 @@ class _Inputs(nn.Module):
         if config.reads_patches:
             self.patch_standardize = TokenStandardizer(config.patch_dim, per_dim=config.patch_scaling == "per_dim")
             self.patch_proj = nn.Linear(config.patch_dim, config.vision_dim)
+
+    def output_length(self, n_tokens: int, n_patches: int = 0) -> int:  # pragma: no cover - interface
+        """Rows of ``embeds`` for one slide of ``n_tokens`` encoder tokens and ``n_patches`` patch features.
+
+        What the LLM's context must hold for the image; padding rows, marked invalid, may come on top.
+        """
+        raise NotImplementedError
 
     @torch.no_grad()
     def scale_patches_per_dim(self, patches: Tensor) -> None:
@@ -251,7 +272,8 @@ class _Inputs(nn.Module):
         return torch.cat([tokens, projected], dim=1), torch.cat([valid, patch_valid], dim=1)
 
 
-class QFormerConnector(_Inputs):
+@CONNECTORS.register("qformer")
+class QFormerConnector(Connector):
     """Learnable queries cross-attending to the visual tokens through a BLIP-2 Q-Former."""
 
     def __init__(self, config: ConnectorConfig) -> None:
@@ -283,9 +305,16 @@ class QFormerConnector(_Inputs):
         embeds = self.proj(out)
         return ConnectorOutput(embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device))
 
+    def output_length(self, n_tokens: int, n_patches: int = 0) -> int:
+        """One row per query, however many tokens the slide has."""
+        return self.config.num_queries
 
-class MLPConnector(_Inputs):
+
+@CONNECTORS.register("mlp")
+class MLPConnector(Connector):
     """A 2-layer MLP per token; the output keeps the input's validity mask."""
+
+    pools_tokens = True
 
     def __init__(self, config: ConnectorConfig) -> None:
         super().__init__(config)
@@ -308,6 +337,11 @@ class MLPConnector(_Inputs):
         return ConnectorOutput(torch.cat([embeds, torch.stack(pooled, 1)], 1),
                                torch.cat([valid, torch.stack(pooled_valid, 1)], 1))
 
+    def output_length(self, n_tokens: int, n_patches: int = 0) -> int:
+        """Every token and patch, plus the pooled rows (summaries, and patches when read)."""
+        pooled = (1 + int(self.config.reads_patches)) if self.config.pooled_tokens else 0
+        return n_tokens + (n_patches if self.config.reads_patches else 0) + pooled
+
 
 def _masked_mean(x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """(B, D) mean of ``x`` (B, T, D) over its valid rows, and (B,) whether any row was valid."""
@@ -316,6 +350,11 @@ def _masked_mean(x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     return (x * weight).sum(1) / count.clamp_min(1.0), count[:, 0] > 0
 
 
-def build_connector(config: ConnectorConfig) -> QFormerConnector | MLPConnector:
+def list_connectors() -> list[str]:
+    """Every registered connector kind, in registration order."""
+    return CONNECTORS.names()
+
+
+def build_connector(config: ConnectorConfig) -> Connector:
     """The connector named by ``config.kind``."""
-    return QFormerConnector(config) if config.kind == "qformer" else MLPConnector(config)
+    return CONNECTORS.get(config.kind)(config)

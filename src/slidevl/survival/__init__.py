@@ -12,6 +12,7 @@ Layout (one idea per module):
 - :mod:`.metrics`    C-index (scikit-survival), median-split log-rank test, Kaplan–Meier PNG
 - :mod:`.sinkhorn`   batched log-domain Sinkhorn
 - :mod:`.models`     mean pooling, ABMIL, TransMIL; :mod:`.hila` prompt bank, OPL, CLP, MCL, HiLa
+- :mod:`.registry`   model names → classes (``list_survival_models``, ``build_model``, ``model_from_config``)
 - :mod:`.train`      one fold's training/inference through ``accelerate``
 - :mod:`.cv`         :func:`~slidevl.survival.cv.run_cv`: the cross-validation run folder
 - :mod:`.runfolder`  refuse, overwrite or resume a run folder (``run_state.json``)

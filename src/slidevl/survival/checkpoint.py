@@ -15,15 +15,14 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from slidevl.atomic import atomic_path, write_json_atomic
+from slidevl.errors import CheckpointError
 from slidevl.survival.models.base import SurvivalModel
 from slidevl.survival.registry import model_from_config
 
+__all__ = ["CONFIG", "WEIGHTS", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing files or does not match its config."""
 
 
 def save_checkpoint(directory: str | Path, model: SurvivalModel, meta: dict[str, Any]) -> Path:
@@ -43,7 +42,16 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> tuple[Surviva
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory}: no {name}; pass a fold folder written by `slidevl survival cv` (RUN/fold_k)")
     config = json.loads((directory / CONFIG).read_text())
-    model = model_from_config(config["model"])
+    try:
+        model = model_from_config(config["model"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"{directory}: {exc}") from exc
+    except (KeyError, TypeError) as exc:
+        # A config from another slidevl version: a renamed, missing or extra architecture setting.
+        raise CheckpointError(
+            f"{directory}/{CONFIG} does not describe a model this slidevl can build ({type(exc).__name__}: {exc}); "
+            "load it with the slidevl version that wrote it"
+        ) from exc
     try:
         model.load_state_dict(load_file(str(directory / WEIGHTS), device=device))
     except RuntimeError as exc:

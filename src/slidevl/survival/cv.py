@@ -12,6 +12,12 @@ to the cohort. Outputs in ``out``: ``summary.json``, ``oof_risks.csv``, ``km.png
 ``run_state.json``, which lets an interrupted run resume from its finished folds
 (:mod:`.runfolder`). A fold whose validation patients have no comparable pair has an
 undefined C-index: recorded as ``null`` and left out of the mean.
+
+Under ``accelerate launch`` with N processes, training is data-parallel
+(:mod:`.train`), each process predicts a contiguous share of the validation patients
+and the shares are gathered in process order, so the C-index, the out-of-fold risks
+and the evidence cover every validation patient; only the main process writes files
+or prints.
 """
 
 from __future__ import annotations
@@ -34,9 +40,8 @@ from slidevl.features.store import FeatureStoreError
 from slidevl.survival.checkpoint import save_checkpoint
 from slidevl.survival.cohort import ClinicalColumns, Cohort
 from slidevl.survival.data import REGION_TOKEN_MODES, BagCache
-from slidevl.survival.evidence import prompt_table, write_evidence
+from slidevl.survival.evidence import prompt_table, slide_evidence, write_evidence
 from slidevl.survival.folds import Fold, write_folds
-from slidevl.survival.hila.model import VARIANTS
 from slidevl.survival.hila.prompts import (
     DEFAULT_TEXT_ENCODER,
     encode_bank,
@@ -47,14 +52,14 @@ from slidevl.survival.hila.prompts import (
 )
 from slidevl.survival.labels import SurvivalBins, fit_bins
 from slidevl.survival.metrics import c_index, plot_km, stratify
-from slidevl.survival.registry import MODELS, build_model
+from slidevl.survival.models.base import SurvivalModel
+from slidevl.survival.registry import SURVIVAL_MODELS, build_model, list_survival_models
 from slidevl.survival.runfolder import RunFolder, file_sha256
 from slidevl.survival.scaling import FeatureScaler
 from slidevl.survival.train import BagDataset, ConfigError, PatientRecord, TrainConfig, make_accelerator, predict_bag, train_model
 from slidevl.survival.validate import CVPlan, plan_cv
 
 BINS_MODES = ("all", "train")
-EVIDENCE_MODELS = ("hila", "abmil")
 
 
 @dataclass
@@ -95,8 +100,8 @@ class CVConfig:
     def __post_init__(self) -> None:
         self.features, self.clinical, self.out = Path(self.features), Path(self.clinical), Path(self.out)
         self.splits = None if self.splits is None else Path(self.splits)
-        if self.model not in MODELS:
-            raise ConfigError(f"--model must be one of {sorted(MODELS)}, got {self.model!r}")
+        if self.model not in SURVIVAL_MODELS:
+            raise ConfigError(f"--model must be one of {list_survival_models()}, got {self.model!r}")
         if self.bins_mode not in BINS_MODES:
             raise ConfigError(f"--bins-mode must be one of {BINS_MODES}, got {self.bins_mode!r}")
         if self.region_tokens not in REGION_TOKEN_MODES:
@@ -106,16 +111,23 @@ class CVConfig:
                 f"need --epochs >= 1, --grad-accum >= 1, --k >= 2 and --n-bins >= 1 "
                 f"(got {self.epochs}, {self.grad_accum}, {self.k}, {self.n_bins})"
             )
-        if self.model == "hila" and self.variant not in VARIANTS:
-            raise ConfigError(f"--variant must be one of {list(VARIANTS)}, got {self.variant!r}")
-        if self.model != "hila" and self.variant != "full":
-            raise ConfigError(f"--variant applies to HiLa only; got --model {self.model} --variant {self.variant}")
-        if self.model == "hila":
+        variants = self.model_class.variants
+        if variants and self.variant not in variants:
+            raise ConfigError(f"--variant must be one of {list(variants)} for --model {self.model}, got {self.variant!r}")
+        if not variants and self.variant != "full":
+            with_variants = ", ".join(name for name, cls in SURVIVAL_MODELS.items() if cls.variants)
+            raise ConfigError(f"--variant applies to {with_variants} only; got --model {self.model} --variant {self.variant}")
+        if self.model_class.needs_prompts:
             self.text_encoder = normalise_encoder_spec(self.text_encoder)
             # Prompts from the features' own model are compared with the raw features;
             # standardising would move the features out of that space.
             if is_aligned(self.text_encoder):
                 self.standardize = False
+
+    @property
+    def model_class(self) -> type[SurvivalModel]:
+        """The registered class of ``model``: what it needs (prompts) and gives (evidence, variants)."""
+        return SURVIVAL_MODELS.get(self.model)
 
     def train_config(self, grad_accum: int) -> TrainConfig:
         return TrainConfig(self.epochs, self.lr, self.weight_decay, grad_accum, self.alpha, self.seed)
@@ -227,27 +239,31 @@ def run_cv(
     out = config.out
     plan = plan_cv(config)
     store, folds = plan.store, plan.folds
-    for notice in plan.notices:
+    accelerator = make_accelerator(config.device, plan.grad_accum, find_unused=config.model_class.find_unused_parameters)
+    main = accelerator.is_main_process
+    for notice in plan.notices if main else []:
         console.print(f"[yellow]note:[/] {notice}", highlight=False)
 
     bank = encoded = text_space = None
     options = dict(config.model_options)
-    if config.model == "hila":
+    if config.model_class.variants:
+        options.setdefault("variant", config.variant)
+    if config.model_class.needs_prompts:
         bank = load_prompt_bank(config.prompts)
         text_space, aligned_options = text_space_options(config.text_encoder, store)
         encoded = {scale: encode_bank(bank, scale, config.text_encoder) for scale in ("patch", "region")}
-        options.setdefault("variant", config.variant)
         options.update(aligned_options)
-    accelerator = make_accelerator(config.device, plan.grad_accum)
-    main = accelerator.is_main_process
     identity = {"config": config.identity(), "clinical_sha256": file_sha256(config.clinical),
                 "folds": [f.val for f in folds], "settings": {k: v["used"] for k, v in plan.settings.items()}}
     # Every process takes the same decision; only the main one removes or writes anything.
     folder = RunFolder.open(out, identity, len(folds), overwrite=overwrite, resume=resume, keep=config.splits, clean=main)
+    # Every process has looked at the folder before the main one writes into it.
+    accelerator.wait_for_everyone()
     if folder.already_finished:
-        console.print(f"all {len(folds)} folds of this run are already finished in {out}; nothing to do")
+        if main:
+            console.print(f"all {len(folds)} folds of this run are already finished in {out}; nothing to do")
         return json.loads((out / "summary.json").read_text())
-    if folder.finished:
+    if folder.finished and main:
         console.print(f"resuming: {len(folder.finished)} of {len(folds)} folds finished in {out}", highlight=False)
     split_info = plan.split_info
     if main:
@@ -273,7 +289,7 @@ def run_cv(
 def _run_folds(config: CVConfig, plan: CVPlan, folder: RunFolder, split_info: dict, accelerator: Any, bank: Any,
                encoded: Any, text_space: Any, options: dict, show_progress: bool, console: Console, started: float) -> dict:
     """Train and evaluate the folds not yet finished, then write the pooled outputs and the summary."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     out = config.out
     store, cohort, folds = plan.store, plan.cohort, plan.folds
@@ -281,7 +297,7 @@ def _run_folds(config: CVConfig, plan: CVPlan, folder: RunFolder, split_info: di
     main = accelerator.is_main_process
     train_config = config.train_config(plan.grad_accum)
     cache = BagCache(store, config.region_tokens, config.max_cache_bytes)
-    want_evidence = config.evidence and config.model in EVIDENCE_MODELS
+    want_evidence = config.evidence and config.model_class.gives_evidence
     prompt_meta = {} if bank is None else {"prompts": {s: prompt_table(bank.scale(s), bank.labels) for s in ("patch", "region")}}
     used = list(dict.fromkeys(p for f in folds for p in f.train + f.val))
 
@@ -307,14 +323,20 @@ def _run_folds(config: CVConfig, plan: CVPlan, folder: RunFolder, split_info: di
 
             model, history = train_model(model, dataset, train_config, accelerator, on_epoch)
             val = cohort.subset(fold.val)
-            risks = []
-            for pid in fold.val:
-                bag = cache.bag(pid, cohort.patients.at[pid, "slides"], keys[pid])
-                pred = predict_bag(model, bag if scaler is None else scaler.apply(bag), accelerator.device, evidence=want_evidence)
-                risks.append(pred.risk)
-                if want_evidence and main:
-                    write_evidence(out / "evidence", bag, pred.evidence,
-                                   {"model": config.model, "fold": fold.index, "risk": pred.risk, **prompt_meta})
+            predicted = []
+            # A contiguous share per process, gathered in process order: the whole list again.
+            with accelerator.split_between_processes(fold.val) as share:
+                for pid in share:
+                    bag = cache.bag(pid, cohort.patients.at[pid, "slides"], keys[pid])
+                    pred = predict_bag(model, bag if scaler is None else scaler.apply(bag), accelerator.device, evidence=want_evidence)
+                    predicted.append((pid, pred.risk, slide_evidence(bag, pred.evidence) if want_evidence else None))
+            predicted = gather_object(predicted)
+            if [pid for pid, _, _ in predicted] != fold.val:
+                raise RuntimeError(f"fold {fold.index}: gathered predictions do not cover the validation patients in order")
+            risks = [risk for _, risk, _ in predicted]
+            for pid, risk, records in predicted if want_evidence and main else []:
+                write_evidence(out / "evidence", pid, records,
+                               {"model": config.model, "fold": fold.index, "risk": risk, **prompt_meta})
             ci = None if fold.index in plan.undefined_folds else c_index(val["t"].to_numpy(), val["e"].to_numpy(), np.asarray(risks))
             row = {
                 "fold": fold.index,
@@ -353,7 +375,7 @@ def _run_folds(config: CVConfig, plan: CVPlan, folder: RunFolder, split_info: di
     strat = stratify(oof_frame["t"].to_numpy(), oof_frame["e"].to_numpy(), oof_frame["risk"].to_numpy())
     summary = {
         "model": config.model,
-        "variant": config.variant if config.model == "hila" else None,
+        "variant": config.variant if config.model_class.variants else None,
         "c_index": c_index_summary([row["c_index"] for row in fold_rows]),
         "logrank_p": strat.p_value,
         "stratification": strat.as_dict(),
@@ -391,6 +413,6 @@ def _run_folds(config: CVConfig, plan: CVPlan, folder: RunFolder, split_info: di
     if main:
         _write_csv(out / "oof_risks.csv", oof_frame)
         plot_km(out / "km.png", oof_frame["t"].to_numpy(), oof_frame["e"].to_numpy(), strat,
-                title=f"{config.model}{'' if config.model != 'hila' else ' ' + config.variant}")
+                title=f"{config.model}{' ' + config.variant if config.model_class.variants else ''}")
         write_json_atomic(out / "summary.json", summary)
     return summary

@@ -1,18 +1,29 @@
-"""Model names → classes, and rebuilding a model from its saved config."""
+"""Survival models by name: listing them, building one, and rebuilding one from its saved config.
+
+Importing this module registers every model shipped with slidevl in
+:data:`SURVIVAL_MODELS` (the registry itself lives in :mod:`.models.base`, so the
+model modules can register without importing this one). Adding a model is one
+decorated class; see ``docs/adding-a-model.md``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
-import torch
-
-from slidevl.survival.hila.model import HiLa
+# Imported for their registrations, baselines first: the import order is the listing order.
+import slidevl.survival.models.mil  # noqa: F401  (meanpool, abmil)
+import slidevl.survival.models.transmil  # noqa: F401  (transmil)
+import slidevl.survival.hila.model  # noqa: F401  (hila)
+from slidevl.errors import CheckpointError
 from slidevl.survival.hila.prompts import EncodedPrompts
-from slidevl.survival.models.base import SurvivalModel
-from slidevl.survival.models.mil import ABMIL, MeanPoolMIL
-from slidevl.survival.models.transmil import TransMIL
+from slidevl.survival.models.base import SURVIVAL_MODELS, SurvivalModel
 
-MODELS: dict[str, type[SurvivalModel]] = {cls.name: cls for cls in (MeanPoolMIL, ABMIL, TransMIL, HiLa)}
+__all__ = ["SURVIVAL_MODELS", "build_model", "list_survival_models", "model_from_config"]
+
+
+def list_survival_models() -> list[str]:
+    """Every registered survival model name, in registration order."""
+    return SURVIVAL_MODELS.names()
 
 
 def build_model(
@@ -21,42 +32,20 @@ def build_model(
     in_dim: int,
     region_dim: int,
     n_bins: int,
-    options: dict[str, Any] | None = None,
-    prompts: dict[str, EncodedPrompts] | None = None,
+    options: Mapping[str, Any] | None = None,
+    prompts: Mapping[str, EncodedPrompts] | None = None,
 ) -> SurvivalModel:
-    """Instantiate a model; HiLa also needs the encoded ``{"patch": ..., "region": ...}`` prompts."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; use one of {sorted(MODELS)}")
-    options = dict(options or {})
-    if name != "hila":
-        return MODELS[name](in_dim=in_dim, n_bins=n_bins, **options)
-    if prompts is None:
-        raise ValueError("HiLa needs encoded prompts (see slidevl.survival.hila.prompts.encode_bank)")
-    return HiLa(
-        in_dim=in_dim,
-        region_dim=region_dim,
-        n_bins=n_bins,
-        patch_prompts=torch.from_numpy(prompts["patch"].embeddings),
-        patch_prompt_mask=torch.from_numpy(prompts["patch"].mask),
-        region_prompts=torch.from_numpy(prompts["region"].embeddings),
-        region_prompt_mask=torch.from_numpy(prompts["region"].mask),
-        **options,
-    )
+    """A fresh model ``name``; models that read prompts (``needs_prompts``) need the encoded ``prompts``."""
+    return SURVIVAL_MODELS.get(name).build(in_dim=in_dim, region_dim=region_dim, n_bins=n_bins, options=options, prompts=prompts)
 
 
-def model_from_config(config: dict[str, Any]) -> SurvivalModel:
-    """An untrained model with the architecture recorded in ``config`` (weights loaded separately).
-
-    HiLa's prompt embeddings are buffers: they are created empty here and filled by the
-    checkpoint's state dict, so prediction needs no text encoder.
-    """
+def model_from_config(config: Mapping[str, Any]) -> SurvivalModel:
+    """An untrained model with the architecture recorded in ``config`` (weights loaded separately)."""
     config = dict(config)
-    name = config.pop("name")
-    if name not in MODELS:
-        raise ValueError(f"checkpoint names unknown model {name!r}; known: {sorted(MODELS)}")
-    if name == "hila":
-        shapes = config.pop("prompt_shape")
-        for scale in ("patch", "region"):
-            config[f"{scale}_prompts"] = torch.zeros(shapes[scale])
-            config[f"{scale}_prompt_mask"] = torch.ones(shapes[scale][:2], dtype=torch.bool)
-    return MODELS[name](**config)
+    name = config.pop("name", None)
+    if name not in SURVIVAL_MODELS:
+        raise CheckpointError(
+            f"the checkpoint names survival model {name!r}, which this slidevl does not have; known: "
+            f"{', '.join(list_survival_models())}. Load it with the slidevl version (or plugin) that wrote it"
+        )
+    return SURVIVAL_MODELS.get(name).from_config(config)

@@ -29,6 +29,8 @@ tokens enter region OPL unchanged); ``C`` without MCL; ``D`` patch level only.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
@@ -36,8 +38,8 @@ from slidevl.survival.data import PatientBag
 from slidevl.survival.hila.clp import CrossLevelPropagation
 from slidevl.survival.hila.mcl import MutualContrastive
 from slidevl.survival.hila.opl import OPLOutput, OptimalPromptLearning
-from slidevl.survival.hila.prompts import PromptError
-from slidevl.survival.models.base import ModelOutput, SurvivalModel, to_numpy
+from slidevl.survival.hila.prompts import EncodedPrompts, PromptError
+from slidevl.survival.models.base import SURVIVAL_MODELS, ModelOutput, SurvivalModel, to_numpy
 
 VARIANTS = {
     "full": dict(use_ot=True, use_clp=True, use_mcl=True, use_region=True),
@@ -48,8 +50,16 @@ VARIANTS = {
 }
 
 
+PROMPT_SCALES = ("patch", "region")
+
+
+@SURVIVAL_MODELS.register("hila")
 class HiLa(SurvivalModel):
-    name = "hila"
+    needs_prompts = True
+    gives_evidence = True
+    variants = tuple(VARIANTS)
+    # OPL's top-r selection and the ablations can leave parameters without a gradient on a step.
+    find_unused_parameters = True
 
     def __init__(
         self,
@@ -109,6 +119,36 @@ class HiLa(SurvivalModel):
         self.score_scale = nn.Parameter(torch.tensor(10.0))
         self.head = nn.Sequential(nn.Linear(fused, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, n_bins))
 
+    @classmethod
+    def build(
+        cls,
+        *,
+        in_dim: int,
+        region_dim: int,
+        n_bins: int,
+        options: Mapping[str, Any] | None = None,
+        prompts: Mapping[str, EncodedPrompts] | None = None,
+    ) -> "HiLa":
+        """HiLa for a cohort: the encoded ``{"patch": ..., "region": ...}`` prompts become its prompt buffers."""
+        if prompts is None:
+            raise PromptError("HiLa needs encoded prompts (see slidevl.survival.hila.prompts.encode_bank)")
+        tensors = {}
+        for scale in PROMPT_SCALES:
+            tensors[f"{scale}_prompts"] = torch.from_numpy(prompts[scale].embeddings)
+            tensors[f"{scale}_prompt_mask"] = torch.from_numpy(prompts[scale].mask)
+        return cls(in_dim=in_dim, region_dim=region_dim, n_bins=n_bins, **tensors, **(options or {}))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "HiLa":
+        """The prompt embeddings (and an aligned model's feature projection) are buffers: they are
+        created empty here and filled by the checkpoint's state dict, so prediction needs no text encoder."""
+        config = dict(config)
+        shapes = config.pop("prompt_shape")
+        for scale in PROMPT_SCALES:
+            config[f"{scale}_prompts"] = torch.zeros(shapes[scale])
+            config[f"{scale}_prompt_mask"] = torch.ones(shapes[scale][:2], dtype=torch.bool)
+        return cls(**config)
+
     def _opl(self, prompts: torch.Tensor, mask: torch.Tensor, dim: int, opl: dict) -> OptimalPromptLearning:
         module = OptimalPromptLearning(prompts, mask, dim, **opl)
         if self.text_space is not None:
@@ -149,7 +189,7 @@ def _aligned_projection(text_space: str, projection: torch.Tensor | None, in_dim
                         patch_prompts: torch.Tensor, region_prompts: torch.Tensor, use_region: bool) -> torch.Tensor:
     """The fixed map from patch features into ``text_space``, after checking every dimension agrees.
 
-    ``projection`` is None only when a checkpoint is rebuilt (``model_from_config``): the
+    ``projection`` is None only when a checkpoint is rebuilt (:meth:`HiLa.from_config`): the
     zeros are then overwritten by the saved buffer, as the prompt embeddings are.
     """
     text_dim = int(patch_prompts.shape[-1])

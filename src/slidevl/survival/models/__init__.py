@@ -1,1 +1,1 @@
-"""Baseline MIL models; HiLa lives in :mod:`slidevl.survival.hila`, the name → class map in :mod:`slidevl.survival.registry`."""
+"""Baseline MIL models and the model registry (:data:`.base.SURVIVAL_MODELS`); HiLa lives in :mod:`slidevl.survival.hila`."""

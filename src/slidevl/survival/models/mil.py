@@ -6,17 +6,16 @@ import torch
 from torch import nn
 
 from slidevl.survival.data import PatientBag
-from slidevl.survival.models.base import ModelOutput, SurvivalModel, to_numpy
+from slidevl.survival.models.base import SURVIVAL_MODELS, ModelOutput, SurvivalModel, to_numpy
 
 
 def _embed(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
 
 
+@SURVIVAL_MODELS.register("meanpool")
 class MeanPoolMIL(SurvivalModel):
     """Embed each patch, average over the bag, classify."""
-
-    name = "meanpool"
 
     def __init__(self, in_dim: int, n_bins: int = 4, hidden: int = 256, dropout: float = 0.25) -> None:
         super().__init__(in_dim=in_dim, n_bins=n_bins, hidden=hidden, dropout=dropout)
@@ -41,10 +40,11 @@ class GatedAttention(nn.Module):
         return weights @ h, weights
 
 
+@SURVIVAL_MODELS.register("abmil")
 class ABMIL(SurvivalModel):
     """Gated-attention MIL; the attention weight of every patch is its evidence."""
 
-    name = "abmil"
+    gives_evidence = True
 
     def __init__(
         self, in_dim: int, n_bins: int = 4, hidden: int = 256, attn_dim: int = 128, dropout: float = 0.25

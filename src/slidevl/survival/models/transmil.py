@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slidevl.survival.data import PatientBag
-from slidevl.survival.models.base import ModelOutput, SurvivalModel
+from slidevl.survival.models.base import SURVIVAL_MODELS, ModelOutput, SurvivalModel
 
 
 def _pinv_iterative(x: torch.Tensor, iters: int = 6) -> torch.Tensor:
@@ -128,8 +128,8 @@ class PPEG(nn.Module):
         return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
+@SURVIVAL_MODELS.register("transmil")
 class TransMIL(SurvivalModel):
-    name = "transmil"
 
     def __init__(
         self, in_dim: int, n_bins: int = 4, dim: int = 512, dropout: float = 0.1, full_attention_max: int = 1024
