@@ -63,11 +63,15 @@ def test_interrupt_mid_slide_says_so_marks_the_slide_and_resumes(tmp_path: Path,
     assert FeatureStore(job, "handcrafted").path("b").is_file()
 
 
-def test_files_that_are_not_slides_are_named_once_dicom_and_hidden_files_are_not(tmp_path: Path) -> None:
-    from slidevl.features.jobs import not_slides_note
+def test_entries_that_are_not_slides_are_named_once_hidden_ones_are_not(tmp_path: Path) -> None:
+    from slidevl.features.jobs import find_inputs, not_slides_note
 
-    for name in ("a.svs", "b.TIFF", ".DS_Store", "image.dcm", *(f"f{i}.csv" for i in range(7))):
+    for name in ("a.svs", "b.TIFF", ".DS_Store", *(f"f{i}.csv" for i in range(7))):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
-    assert not_slides_note(tmp_path) == "skipped 7 file(s) that are not slides: f0.csv, f1.csv, f2.csv, f3.csv, f4.csv … (2 more)"
-    assert not_slides_note(tmp_path / "a.svs") is None
+    (tmp_path / ".cache").mkdir()
+    slides, others = find_inputs(tmp_path)
+    assert [p.name for p in slides] == ["a.svs", "b.TIFF"]
+    assert not_slides_note(others) == ("skipped 7 file(s) and 1 folder(s) that are not slides: "
+                                       "f0.csv, f1.csv, f2.csv, f3.csv, f4.csv … (3 more)")
+    assert find_inputs(tmp_path / "a.svs")[1] == [] and not_slides_note([]) is None

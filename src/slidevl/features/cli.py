@@ -39,7 +39,7 @@ def _usage_error(console: Console, message: str) -> typer.Exit:
 
 def preprocess_command(
     slides: Optional[List[Path]] = typer.Argument(
-        None, help="Slide files and/or folders of slides; omitted: the slides the job --out already records."),
+        None, help="Slide files, DICOM series folders and/or folders of slides (docs/slides.md); omitted: the slides the job --out already records."),
     out: Path = typer.Option(..., "--out", "-o", help="Job folder (created if needed; shards may share it)."),
     slides_root: Optional[Path] = typer.Option(
         None, "--slides-root", help="Re-running a job's recorded slides: the folder that now holds them."),

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from slidevl.features import jobs
 from slidevl.features.slidepaths import SlideChangedError, SlideFileError, SlideRecord, relocate_hint, resolve_slide
 from slidevl.features.store import read_slide_features
+from slidevl.slide.formats import is_slide_path
 
 BROKEN_SUFFIX = ".broken"
 
@@ -217,7 +218,7 @@ def plan_relocation(job: str | os.PathLike[str], slides_root: str | os.PathLike[
         new = root / (record.name or status.slide_id)
         if record.name is None:
             problem = "the job records no file name for it; re-run `slidevl preprocess` with the slide"
-        elif not new.is_file():
+        elif not is_slide_path(new):
             problem = f"not found in {root}"
         else:
             difference = record.change(new)

@@ -19,26 +19,28 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slidevl.atomic import write_json_atomic, write_text_atomic
+from slidevl.errors import InputError
 from slidevl.features.slidepaths import SlideFileError, SlideRecord, resolve_slide
 from slidevl.features.store import FeatureStoreError, read_slide_attrs
+from slidevl.slide.formats import DICOM_EXTENSION, MIRAX_EXTENSION, SLIDE_EXTENSIONS, is_dicom_folder, is_visible, slide_of
 
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".qptiff")
-# DICOM files are neither read nor reported as "not slides": issue 10 adds DICOM support.
-DICOM_EXTENSIONS = (".dcm",)
 # How many names a one-line list shows before it only counts the rest.
 SHOWN_NAMES = 5
+# How many not-slide entries summary.md lists (the manifest lists all of them).
+SUMMARY_NAMES = 50
 STATUS_DIR = "status"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.md"
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """Bad command-line input (no slides, duplicate ids, bad options): exit code 2."""
 
 
 def slide_id_of(path: Path) -> str:
-    """A slide's id is its file stem."""
-    return Path(path).stem
+    """A slide's id: the file stem, or the folder name of a DICOM slide (also for one of its ``.dcm`` files)."""
+    slide = slide_of(path)
+    return slide.name if slide.is_dir() else slide.stem
 
 
 def is_slide_file(path: Path) -> bool:
@@ -46,50 +48,88 @@ def is_slide_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in SLIDE_EXTENSIONS
 
 
-def not_slides_note(inputs: Path | str | Sequence[Path | str]) -> str | None:
-    """One line naming the files of the given folders that are not slides (None: there are none).
+def scan_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(slides, entries that are not slides) of one input folder, read one level deep.
 
-    Folders are read non-recursively, as :func:`discover_slides` does; hidden files (``.DS_Store``)
-    and DICOM files are left out of the list.
+    A folder holding ``.dcm`` files is one DICOM slide. Any other folder is a folder of
+    slides: its files with a slide extension and its sub-folders holding ``.dcm`` files
+    (one DICOM slide each) are slides; every other entry is not, except hidden ones and
+    the data folder a MIRAX ``.mrxs`` file keeps beside it.
     """
-    if isinstance(inputs, (str, Path)):
-        inputs = [inputs]
-    others = [
-        p.name for item in map(Path, inputs) if item.is_dir() for p in sorted(item.iterdir())
-        if p.is_file() and not is_slide_file(p) and not p.name.startswith(".") and p.suffix.lower() not in DICOM_EXTENSIONS
-    ]
-    if not others:
-        return None
-    shown = ", ".join(others[:SHOWN_NAMES]) + (f" … ({len(others) - SHOWN_NAMES} more)" if len(others) > SHOWN_NAMES else "")
-    return f"skipped {len(others)} file(s) that are not slides: {shown}"
+    if is_dicom_folder(folder):
+        mixed = [_entry_name(p) for p in sorted(folder.iterdir()) if is_slide_file(p) or is_dicom_folder(p)]
+        if mixed:
+            raise UsageError(
+                f"{folder}: holds DICOM (.dcm) files, which make a folder one DICOM slide, and also other slides "
+                f"({', '.join(mixed[:SHOWN_NAMES])}); move the DICOM series into a folder of its own"
+            )
+        return [folder], []
+    entries = [p for p in sorted(folder.iterdir()) if is_visible(p)]
+    mirax_data = {p.stem for p in entries if p.suffix.lower() == MIRAX_EXTENSION and p.is_file()}
+    slides: list[Path] = []
+    others: list[Path] = []
+    for entry in entries:
+        if is_slide_file(entry) or is_dicom_folder(entry):
+            slides.append(entry)
+        elif not (entry.is_dir() and entry.name in mirax_data):
+            others.append(entry)
+    return slides, others
 
 
-def discover_slides(inputs: Path | str | Sequence[Path | str]) -> list[Path]:
-    """Slide files from files and folders (folders: known slide extensions, not recursive).
+def find_inputs(inputs: Path | str | Sequence[Path | str]) -> tuple[list[Path], list[Path]]:
+    """(slides sorted by id, input entries that are not slides) from files and folders.
 
-    Sorted by slide id. Raises :class:`UsageError` when nothing is found or two files
-    share an id (their outputs would overwrite each other).
+    Folders are read by :func:`scan_folder`; a file given by name is a slide whatever its
+    extension, and a ``.dcm`` file stands for the DICOM slide of its folder. Raises
+    :class:`UsageError` when no slide is found or two slides share an id (their outputs
+    would overwrite each other).
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     found: list[Path] = []
+    others: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(p for p in sorted(item.iterdir()) if is_slide_file(p))
+            slides, rest = scan_folder(item)
+            found += slides
+            others += rest
         elif item.exists():
-            found.append(item)
+            found.append(slide_of(item))
         else:
             raise UsageError(f"{item}: no such file or folder")
     if not found:
         where = ", ".join(str(p) for p in map(Path, inputs)) or "(nothing given)"
-        raise UsageError(f"no slides found in {where} (looked for {', '.join('*' + e for e in SLIDE_EXTENSIONS)})")
+        note = not_slides_note(others)
+        raise UsageError(f"no slides found in {where} (looked for {', '.join('*' + e for e in SLIDE_EXTENSIONS)} "
+                         f"and folders of *{DICOM_EXTENSION} files){'; ' + note if note else ''}")
     by_id: dict[str, Path] = {}
     for path in found:
         sid = slide_id_of(path)
         if sid in by_id and by_id[sid].resolve() != path.resolve():
-            raise UsageError(f"two slides share the id {sid!r}: {by_id[sid]} and {path}; rename one (ids are file stems)")
+            raise UsageError(f"two slides share the id {sid!r}: {by_id[sid]} and {path}; rename one "
+                             "(ids are file stems, and folder names for DICOM slides)")
         by_id[sid] = path
-    return [by_id[sid] for sid in sorted(by_id)]
+    return [by_id[sid] for sid in sorted(by_id)], others
+
+
+def discover_slides(inputs: Path | str | Sequence[Path | str]) -> list[Path]:
+    """The slides of :func:`find_inputs`, sorted by slide id."""
+    return find_inputs(inputs)[0]
+
+
+def _entry_name(path: Path) -> str:
+    return f"{path.name}/" if path.is_dir() else path.name
+
+
+def not_slides_note(others: Sequence[Path]) -> str | None:
+    """One line naming the input entries that are not slides (None: there are none)."""
+    if not others:
+        return None
+    n_dirs = sum(p.is_dir() for p in others)
+    counted = " and ".join(f"{n} {kind}" for n, kind in ((len(others) - n_dirs, "file(s)"), (n_dirs, "folder(s)")) if n)
+    names = [_entry_name(p) for p in others]
+    shown = ", ".join(names[:SHOWN_NAMES]) + (f" … ({len(names) - SHOWN_NAMES} more)" if len(names) > SHOWN_NAMES else "")
+    return f"skipped {counted} that are not slides: {shown}"
 
 
 def shard_slides(slides: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:
@@ -237,14 +277,25 @@ def read_manifest(job: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def rebuild_manifest(job: Path, config: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Rebuild ``manifest.json`` and ``summary.md`` from every status file in the job."""
+def rebuild_manifest(job: Path, config: dict[str, Any] | None = None,
+                     not_slides: Sequence[Path] | None = None) -> tuple[Path, Path]:
+    """Rebuild ``manifest.json`` and ``summary.md`` from every status file in the job.
+
+    ``not_slides`` are the entries of the latest run's input folders that are not slides
+    (see :func:`find_inputs`); None keeps the list the manifest already holds.
+    """
     job = Path(job)
     entries = [manifest_entry(r) for r in read_statuses(job)]
     counts: dict[str, int] = {}
     for e in entries:
         counts[e["status"]] = counts.get(e["status"], 0) + 1
-    manifest = {"job": str(job.resolve()), "updated": now_iso(), "counts": counts, "config": config, "slides": entries}
+    if not_slides is None:
+        kept = (read_manifest(job) or {}).get("not_slides")
+        listed = [str(p) for p in kept] if isinstance(kept, list) else []
+    else:
+        listed = [str(Path(p).resolve()) + ("/" if Path(p).is_dir() else "") for p in not_slides]
+    manifest = {"job": str(job.resolve()), "updated": now_iso(), "counts": counts, "config": config, "slides": entries,
+                "not_slides": listed}
     from slidevl import __version__
 
     manifest["slidevl_version"] = __version__
@@ -311,4 +362,12 @@ def render_summary(manifest: dict[str, Any]) -> str:
     interrupted = [e for e in manifest["slides"] if e["status"] == "interrupted"]
     if interrupted:
         lines += ["", f"{len(interrupted)} slide(s) were interrupted; run the same command again to finish them."]
+    others = manifest.get("not_slides") or []
+    if others:
+        lines += ["", f"## Not slides ({len(others)})", "",
+                  "Entries of the input folders that were not read as slides (a slide is a file with a slide "
+                  "extension, or a folder of DICOM .dcm files):", ""]
+        lines += [f"- `{name}`" for name in others[:SUMMARY_NAMES]]
+        if len(others) > SUMMARY_NAMES:
+            lines.append(f"- … and {len(others) - SUMMARY_NAMES} more, listed under `not_slides` in {MANIFEST}")
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from slidevl import __version__
 from slidevl.atomic import atomic_path, write_json_atomic
+from slidevl.errors import DataError
 from slidevl.features import jobs
 from slidevl.features.config import PreprocessConfig
 from slidevl.features.slidepaths import SlideRecord
@@ -35,6 +36,7 @@ from slidevl.features.tiles import WorkItem, WorkItemDataset, iterate_items, mos
 from slidevl.slide.geojson import mask_polygons, polygons_geojson
 from slidevl.slide.mpp import MppInfo, mpp_request, resolve_mpp
 from slidevl.slide.qc import render_qc
+from slidevl.slide.formats import slide_bytes
 from slidevl.slide.reader import SlideReadError, open_slide, resize_image
 from slidevl.slide.tissue import TissueMask, segment_slide
 from slidevl.tiling.grid import SlideGrid
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from slidevl.features.executors import Executor
 
 
-class NoTissueError(RuntimeError):
+class NoTissueError(DataError):
     """Segmentation found no patch with enough tissue."""
 
 
@@ -165,7 +167,7 @@ def fingerprint(config: PreprocessConfig, encoders: Encoders, slide_id: str, sli
             "pack_features": config.pack_features,
             "global_feature": config.global_feature,
             "float16": config.float16,
-            "slide_bytes": slide_path.stat().st_size if slide_path.exists() else None,
+            "slide_bytes": slide_bytes(slide_path) if slide_path.exists() else None,
         }
     )
 
@@ -513,7 +515,9 @@ def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, confi
                executor: Executor | None = None) -> JobReport:
     """Turn slides into feature files under ``out`` (see the module docstring).
 
-    ``slides`` is a slide file, a folder of slides, or a list of either. Slides already
+    ``slides`` is a slide file, a DICOM series folder, a folder of slides, or a list of
+    them (see :func:`slidevl.features.jobs.scan_folder`); entries of the folders that are
+    not slides are printed and listed in the job summary. Slides already
     complete for this configuration are skipped unless ``config.overwrite``. Raises
     :class:`slidevl.features.jobs.UsageError` when no slides are found; per-slide
     problems never raise, they are in the report, the status files and the manifest.
@@ -529,7 +533,7 @@ def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, confi
     config = config or PreprocessConfig()
     console = console or Console()
     job = Path(out)
-    all_slides = jobs.discover_slides(slides)
+    all_slides, not_slides = jobs.find_inputs(slides)
     mine = jobs.shard_slides(all_slides, config.shard)
     executor = executor or LocalExecutor()
     try:
@@ -538,9 +542,9 @@ def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, confi
         shard_note = f" (shard {config.shard[0]}/{config.shard[1]}: {len(mine)} of {len(all_slides)})" if config.shard else ""
         console.print(f"[bold]preprocess[/]: {len(mine)} slide(s){shard_note} -> {job} with encoder {encoder_name}"
                       f"{executor.note}")
-        note = jobs.not_slides_note(slides)
+        note = jobs.not_slides_note(not_slides)
         if note:
-            console.print(note, highlight=False)
+            console.print(f"{note} (listed in {job / jobs.SUMMARY})", highlight=False)
         try:
             # closing(): an interrupt here ends the executor's run at once (cancelling what it started).
             with _Progress(console, config.progress, len(mine)) as progress, closing(executor.run(mine, progress)) as results:
@@ -551,7 +555,7 @@ def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, confi
                     progress.slide_done()
         finally:
             # Also after an interrupt or a crash: the manifest always reflects every status file.
-            report.manifest, report.summary = jobs.rebuild_manifest(job, config.public_dict())
+            report.manifest, report.summary = jobs.rebuild_manifest(job, config.public_dict(), not_slides)
     finally:
         executor.close()
     return report

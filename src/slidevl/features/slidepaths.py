@@ -13,7 +13,9 @@ is unchanged:
 
 A file is *unchanged* when its size and its sampled fingerprint equal the recorded ones;
 a changed file is never used in place of the original, because its pixels would be
-paired with features computed from another file.
+paired with features computed from another file. A DICOM slide is a folder (see
+:mod:`slidevl.slide.formats`): it is found by its folder name, its size is that of its
+``.dcm`` files together, and its fingerprint samples each of them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from slidevl.errors import InputError
+from slidevl.slide.formats import is_slide_path, slide_bytes, slide_parts
+
 # Bytes hashed at each of the start, the middle and the end of the file. Hashing whole
 # slides (gigabytes each) would make every rerun and check read the cohort; the header
 # (TIFF directories, vendor metadata), the tile data around the middle and the tail
@@ -32,7 +37,7 @@ _SAMPLE_BYTES = 1 << 16
 _FINGERPRINT_KIND = "sha256-sampled"
 
 
-class SlideFileError(RuntimeError):
+class SlideFileError(InputError):
     """A job's slide file cannot be used; the message names the paths tried and the fix.
 
     ``detail`` is what went wrong without the fix, for tables that show the fix apart.
@@ -51,15 +56,29 @@ class SlideChangedError(SlideFileError):
     """A file was found where the slide was recorded, but it is not the file that was processed."""
 
 
-def file_fingerprint(path: str | os.PathLike[str]) -> str:
-    """``sha256-sampled:<hex>`` over the file size and three 64 KiB samples (start, middle, end)."""
-    path = Path(path)
+def _sample_file(digest: Any, path: Path) -> None:
+    """Feed the file size and three 64 KiB samples (start, middle, end) to ``digest``."""
     size = path.stat().st_size
-    digest = hashlib.sha256(size.to_bytes(8, "little"))
+    digest.update(size.to_bytes(8, "little"))
     with open(path, "rb") as fh:
         for offset in sorted({0, max(0, size // 2 - _SAMPLE_BYTES // 2), max(0, size - _SAMPLE_BYTES)}):
             fh.seek(offset)
             digest.update(fh.read(_SAMPLE_BYTES))
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> str:
+    """``sha256-sampled:<hex>`` over the file size and three 64 KiB samples (start, middle, end).
+
+    For a DICOM slide folder: over each ``.dcm`` file's name, size and samples, by name.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for part in slide_parts(path):
+            digest.update(part.name.encode() + b"\0")
+            _sample_file(digest, part)
+    else:
+        _sample_file(digest, path)
     return f"{_FINGERPRINT_KIND}:{digest.hexdigest()}"
 
 
@@ -81,8 +100,8 @@ class SlideRecord:
             relpath: str | None = os.path.relpath(absolute, Path(job).resolve())
         except ValueError:  # another drive (Windows): there is no relative path
             relpath = None
-        exists = absolute.is_file()
-        return cls(slide_id, str(absolute), relpath, absolute.stat().st_size if exists else None,
+        exists = is_slide_path(absolute)
+        return cls(slide_id, str(absolute), relpath, slide_bytes(absolute) if exists else None,
                    file_fingerprint(absolute) if exists else None)
 
     @classmethod
@@ -108,7 +127,7 @@ class SlideRecord:
 
     @property
     def name(self) -> str | None:
-        """The slide's file name, the key under a slides root."""
+        """The slide's file (or DICOM folder) name, the key under a slides root."""
         recorded = self.path or self.relpath
         return Path(recorded).name if recorded else None
 
@@ -135,7 +154,7 @@ class SlideRecord:
 
         Only what was recorded is compared: old records without a fingerprint are checked by size.
         """
-        size = Path(path).stat().st_size
+        size = slide_bytes(path)
         if self.size is not None and size != self.size:
             return f"{size:,} bytes, recorded {self.size:,}"
         if self.fingerprint is not None and file_fingerprint(path) != self.fingerprint:
@@ -158,7 +177,7 @@ def resolve_slide(record: SlideRecord, job: str | os.PathLike[str], slides_root:
     candidates = record.candidates(job, slides_root)
     changed: list[str] = []
     for path in candidates:
-        if not path.is_file():
+        if not is_slide_path(path):
             continue
         difference = record.change(path)
         if difference is None:

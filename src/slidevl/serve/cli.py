@@ -7,15 +7,17 @@ from pathlib import Path
 
 import typer
 
+from slidevl.errors import InputError
 from slidevl.features.slidepaths import relocate_hint
-from slidevl.serve.answerer import AnswererUnavailableError, load_checkpoint_answerer
 from slidevl.serve.assets import OSD_MISSING, find_openseadragon
 from slidevl.serve.job import JobError, ServeJob
+from slidevl.serve.vqa import load_checkpoint_answerer
+from slidevl.slide.formats import is_slide_path
 
 app = typer.Typer(add_completion=False, help="Web viewer for a slidevl job folder.")
 
 
-class RemoteBindError(ValueError):
+class RemoteBindError(InputError):
     """A non-loopback bind address was asked for without ``--allow-remote``."""
 
 
@@ -78,7 +80,7 @@ def serve(
 def _warn_unreachable_slides(job: ServeJob) -> None:
     # Only existence is checked here (cheap for thousands of slides); opening a slide also
     # checks that it is the file that was processed, and its error names the paths tried.
-    missing = [e.slide_id for e in job.slides() if not any(p.is_file() for p in e.slide.candidates(job.job_dir, job.slides_root))]
+    missing = [e.slide_id for e in job.slides() if not any(is_slide_path(p) for p in e.slide.candidates(job.job_dir, job.slides_root))]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         typer.echo(f"warning: {len(missing)} slide file(s) not found ({shown}); their images will not load. "

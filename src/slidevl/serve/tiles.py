@@ -20,16 +20,18 @@ import openslide
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
+from slidevl.errors import InputError, SlideError
 from slidevl.features.slidepaths import SlideFileError
+from slidevl.slide.reader import SlideOpenError, dicom_series_file
 
 FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "jpg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png")}
 
 
-class TileRangeError(ValueError):
+class TileRangeError(InputError):
     """Level, column or row outside the slide's pyramid."""
 
 
-class SlideUnreadableError(RuntimeError):
+class SlideUnreadableError(SlideError):
     """The slide file is missing or OpenSlide cannot open it."""
 
 
@@ -125,7 +127,10 @@ class TileService:
             except SlideFileError as exc:
                 raise SlideUnreadableError(str(exc)) from exc
             try:
-                osr = openslide.OpenSlide(path)
+                # A DICOM slide is a folder: OpenSlide opens it through one file of its series.
+                osr = openslide.OpenSlide(dicom_series_file(path) if path.is_dir() else path)
+            except SlideOpenError as exc:
+                raise SlideUnreadableError(str(exc)) from exc
             except (openslide.OpenSlideError, OSError) as exc:
                 raise SlideUnreadableError(f"{path}: OpenSlide cannot open it ({exc}); replace the file with a readable copy") from exc
             pair = (osr, DeepZoomGenerator(osr, tile_size=self.tile_size, overlap=self.overlap, limit_bounds=False))

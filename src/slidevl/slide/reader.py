@@ -1,5 +1,9 @@
 """Open whole-slide images: OpenSlide for every format it reads, tifffile for plain TIFF.
 
+A DICOM WSI is a folder holding the ``.dcm`` files of one series (see
+:mod:`slidevl.slide.formats`); OpenSlide opens it through one of its files, after a check
+that every file belongs to that one series.
+
 Both backends expose the same small surface (:class:`Slide`): level-0 size, the pyramid
 (level sizes and downsamples), string properties, and ``read_region`` returning an RGB
 ``uint8`` array with anything outside the slide (or transparent) painted white.
@@ -26,6 +30,9 @@ from typing import Iterator, Mapping
 import numpy as np
 from PIL import Image
 
+from slidevl.errors import SlideError
+from slidevl.slide.formats import dicom_files, slide_bytes, slide_of
+
 # Relative slack when comparing a pyramid downsample with a needed scale: OpenSlide
 # reports downsamples such as 4.000244 for odd level sizes, which must count as 4.
 _SCALE_TOL = 1e-3
@@ -33,11 +40,11 @@ _SCALE_TOL = 1e-3
 _BAND_PIXELS = 16 * 1024 * 1024
 
 
-class SlideOpenError(RuntimeError):
+class SlideOpenError(SlideError):
     """A file cannot be opened as a slide; the message names the file and the reason."""
 
 
-class SlideReadError(RuntimeError):
+class SlideReadError(SlideError):
     """Pixels could not be read from an opened slide (truncated or corrupt data)."""
 
 
@@ -224,7 +231,7 @@ class Slide(ABC):
         """Provenance of the slide: path, backend, vendor, sizes and pyramid."""
         return {
             "path": str(self.path.resolve()),
-            "file_bytes": self.path.stat().st_size,
+            "file_bytes": slide_bytes(self.path),
             "backend": self.backend,
             "vendor": self.vendor,
             "width": self.dimensions[0],
@@ -235,15 +242,19 @@ class Slide(ABC):
 
 
 class OpenSlideSlide(Slide):
-    """Any format OpenSlide reads (Aperio, Hamamatsu, Leica, MIRAX, Philips, generic TIFF…)."""
+    """Any format OpenSlide reads (Aperio, DICOM, Hamamatsu, Leica, MIRAX, Philips, generic TIFF…).
+
+    ``source`` is the file OpenSlide opens when it is not ``path`` itself: a DICOM slide's
+    path is its folder, opened through one of its files.
+    """
 
     backend = "openslide"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, source: Path | None = None) -> None:
         import openslide
 
         super().__init__(path)
-        self._osr = openslide.OpenSlide(str(path))
+        self._osr = openslide.OpenSlide(str(source or path))
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
@@ -430,17 +441,60 @@ def _quiet_tifffile() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def dicom_series_file(folder: str | Path) -> Path:
+    """The file OpenSlide opens for the DICOM slide in ``folder``, once every ``.dcm`` file there
+    is known to belong to one series.
+
+    OpenSlide opens the series of the file it is given and passes over the other files of
+    the folder, so a second series (another slide) or a file it cannot read (a copy cut
+    short, a non-image DICOM object) would go unnoticed; they are refused here, by name.
+    """
+    folder = Path(folder)
+    files = dicom_files(folder)
+    if not files:
+        raise SlideOpenError(f"{folder}: a folder without DICOM (.dcm) files; pass a slide file, or a folder holding "
+                             "the .dcm files of one DICOM whole-slide image series")
+    try:
+        import openslide
+    except ImportError as exc:
+        raise SlideOpenError(f"{folder}: DICOM slides are read by OpenSlide 4, which is unavailable ({exc}); "
+                             "install openslide-python and openslide-bin") from exc
+    series: dict[str, list[Path]] = {}
+    unreadable: list[str] = []
+    for file in files:
+        try:
+            with openslide.OpenSlide(str(file)) as osr:
+                series.setdefault(osr.properties.get("dicom.SeriesInstanceUID", ""), []).append(file)
+        except (openslide.OpenSlideError, OSError) as exc:
+            unreadable.append(f"{file.name} ({exc})")
+    if unreadable:
+        count = f"reads none of its {len(files)}" if not series else f"cannot read {len(unreadable)} of its {len(files)}"
+        raise SlideOpenError(
+            f"{folder}: OpenSlide {count} .dcm file(s) as a DICOM whole-slide image: "
+            f"{'; '.join(unreadable[:3])}{' …' if len(unreadable) > 3 else ''}. A DICOM slide folder holds only the "
+            "whole-slide image files of one series: copy a file cut short again, or move other files out of the folder"
+        )
+    if len(series) > 1:
+        found = "; ".join(f"series {uid or '(no SeriesInstanceUID)'}: {len(group)} file(s), e.g. {group[0].name}"
+                          for uid, group in series.items())
+        raise SlideOpenError(f"{folder}: holds {len(series)} DICOM series ({found}); a folder is one slide, so move "
+                             "each series into a folder of its own")
+    return files[0]
+
+
 def open_slide(path: str | Path) -> Slide:
     """Open ``path`` with OpenSlide, falling back to tifffile for TIFFs OpenSlide refuses.
 
-    Raises :class:`SlideOpenError` with the file name and the reason (missing, empty,
-    truncated, not a slide) when neither backend can read it.
+    A folder (or a ``.dcm`` file in it) is opened as one DICOM series; the slide's path is
+    then the folder. Raises :class:`SlideOpenError` with the file name and the reason
+    (missing, empty, truncated, not a slide, several DICOM series) when it cannot be read.
     """
     path = Path(path)
     if not path.exists():
         raise SlideOpenError(f"{path}: no such file")
+    path = slide_of(path)
     if path.is_dir():
-        raise SlideOpenError(f"{path}: is a directory, not a slide file")
+        return OpenSlideSlide(path, dicom_series_file(path))
     if path.stat().st_size == 0:
         raise SlideOpenError(f"{path}: file is empty (0 bytes); the copy or scan did not finish")
     errors: list[str] = []

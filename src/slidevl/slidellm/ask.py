@@ -30,7 +30,7 @@ from slidevl.slidellm.tokenizer import IMAGE_TOKEN
 from slidevl.slidellm.tuning.checkpoint import LoadedVLM, load_vlm
 from slidevl.slidellm.tuning.visual import CachedVisuals
 from slidevl.slidellm.vqa_data import ChatCollator, Example, chat_messages, encode_chat, user_prompt
-from slidevl.vqa.records import OPTION_LETTERS, VQARecord
+from slidevl.qa.records import OPTION_LETTERS, VQARecord
 
 #: Where features of slides given as files are kept when no --job is passed.
 DEFAULT_ASK_JOB = Path("~/.cache/slidevl/ask")
@@ -142,7 +142,7 @@ class SlideAssistant:
 
     def open_slide(self, slide: str | os.PathLike[str], *, job: str | Path | None = None, console: Console | None = None,
                    slides_root: str | Path | None = None) -> VisualTokens:
-        """Visual tokens of a slide file (preprocessed on first use) or of a slide id in ``job``.
+        """Visual tokens of a slide file or DICOM folder (preprocessed on first use) or of a slide id in ``job``.
 
         Without ``job``, a slide id is looked up in the checkpoint's training job and a
         slide file is preprocessed into the cache root (``~/.cache/slidevl/ask``). A slide
@@ -150,8 +150,10 @@ class SlideAssistant:
         ``slidevl job check --fix``) is preprocessed from its recorded file, looked for
         first in ``slides_root`` when the slides moved.
         """
+        from slidevl.slide.formats import is_slide_path
+
         path = Path(slide).expanduser()
-        if path.is_file():
+        if is_slide_path(path):  # a slide file, or a DICOM slide's folder
             from slidevl.features.jobs import slide_id_of
 
             job_dir = Path(job).expanduser() if job is not None else self.cache_root

@@ -18,16 +18,20 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
+from slidevl.errors import InputError
+from slidevl.slide.formats import SLIDE_EXTENSIONS
+
 REQUIRED_COLUMNS = ("pathology_id", "patient_id", "e", "t")
 # Months per unit; a year is 365.25 days, so a month is 30.4375 days.
 TIME_UNITS = {"days": 12 / 365.25, "months": 1.0, "years": 12.0}
 # No follow-up lasts a century: longer times mean the unit is wrong (days read as months).
 MAX_PLAUSIBLE_MONTHS = 1200.0
 # Extensions a table's slide ids may carry; the feature file is named by the slide's stem.
-ID_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".qptiff", ".h5")
+# A DICOM slide's id is its folder name, which carries none: it matches as it is.
+ID_EXTENSIONS = (*SLIDE_EXTENSIONS, ".h5")
 
 
-class CohortError(ValueError):
+class CohortError(InputError):
     """The clinical table, the splits or the feature store do not fit together."""
 
 
