@@ -75,11 +75,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "queries_500": {"connector": {"num_queries": 500}},
     "qformer_blip2": {"represent": True},
     "qformer_blip2_500": {"represent": True, "connector": {"num_queries": 500}},
-    "mlp_all_tokens": {"connector": {"kind": "mlp"}},
+    "mlp_all_tokens": {"connector": {"kind": "mlp", "pooled_tokens": False}},
     "mlp_pooled": {"connector": {"kind": "mlp", "pooled_tokens": True}},
     "no_pretraining": {"encoder_init": "random"},
     "one_stage": {"two_stage": False},
 }
+
+
+def _connector(spec: dict[str, Any]) -> dict[str, Any]:
+    """A variant's connector options: the ablations vary the paper's Q-Former unless they name a kind
+    (the toolkit's default is the MLP connector with pooled tokens, ``mlp_pooled``)."""
+    return {"kind": "qformer", **spec.get("connector", {})}
 
 
 @dataclass
@@ -170,9 +176,9 @@ def answer_test(checkpoint: Path, test: Path, job: Path, out: Path, max_new_toke
     from dataclasses import replace as replace_record
 
     from slidevl.atomic import write_json_atomic
+    from slidevl.qa.records import read_records
     from slidevl.slidellm.ask import SlideAssistant
     from slidevl.vqa.predictions import write_predictions
-    from slidevl.vqa.records import read_records
 
     if out.is_file():
         meta = json.loads(out.with_suffix(".meta.json").read_text())
@@ -210,7 +216,7 @@ def run_variant(name: str, spec: dict[str, Any], ctx: dict[str, Any], seed: int)
     represent_scores = None
     init = None
     if spec.get("two_stage", True):
-        stage1 = dict(llm=str(ctx["llm"]), connector=spec.get("connector", {}))
+        stage1 = dict(llm=str(ctx["llm"]), connector=_connector(spec))
         stage1_epochs = sizes.stage1_epochs
         if spec.get("represent"):
             from slidevl.slidellm.tuning.represent import EVAL_NAME
@@ -219,7 +225,7 @@ def run_variant(name: str, spec: dict[str, Any], ctx: dict[str, Any], seed: int)
             if sizes.represent_epochs < 1 or stage1_epochs < 1:
                 raise SystemExit(f"{name}: represent_epochs must leave stage 1 at least one of its {sizes.stage1_epochs} epochs")
             summaries["represent"] = run_stage_once(dict(
-                stage="represent", out=str(folder / "represent"), llm=str(ctx["llm"]), connector=spec.get("connector", {}),
+                stage="represent", out=str(folder / "represent"), llm=str(ctx["llm"]), connector=_connector(spec),
                 train=_train(seed, sizes.batch_size, sizes.represent_epochs), **common))
             represent_scores = json.loads((folder / "represent" / EVAL_NAME).read_text())
             stage1 = dict(init=str(folder / "represent"))
@@ -230,7 +236,7 @@ def run_variant(name: str, spec: dict[str, Any], ctx: dict[str, Any], seed: int)
     stage2 = dict(stage="stage2", out=str(folder / "stage2"), train=_train(seed, sizes.batch_size, sizes.stage2_epochs),
                   llm_tuning=spec.get("llm_tuning", "lora"), **common)
     if init is None:
-        stage2.update(llm=str(ctx["llm"]), connector=spec.get("connector", {}))
+        stage2.update(llm=str(ctx["llm"]), connector=_connector(spec))
     else:
         stage2["init"] = init
     summaries["stage2"] = run_stage_once(stage2)
@@ -287,6 +293,51 @@ def _baselines(blind: dict[str, Any] | None) -> str:
             f"{_fmt(blind['majority_letter'])}.")
 
 
+def _steps(summary: dict[str, Any] | None) -> str:
+    """``steps | final loss | minutes`` cells of one stage's summary."""
+    if not summary:
+        return "- | - | -"
+    return f"{summary['steps']} | {_fmt(summary['final_loss'])} | {summary['seconds'] / 60:.1f}"
+
+
+def _seed_table(rows: dict[str, Any]) -> list[str]:
+    """Mean and spread of single-choice accuracy per variant over its tuning seeds (when any has several)."""
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for name, r in rows.items():
+        by_variant.setdefault(r.get("variant", name), []).append(r)
+    if all(len(runs) < 2 for runs in by_variant.values()):
+        return []
+    lines = ["", "Single-choice accuracy over tuning seeds (same data, encoder and warm-up; mean ± sample sd, "
+                 "and the range):", "", "| variant | seeds | acc single | acc single, ranked |", "|---|---|---|---|"]
+    for variant, runs in by_variant.items():
+        cells = []
+        for values in ([r["by_format"].get("single", {}).get("accuracy") for r in runs],
+                       [r.get("single_ranked") for r in runs]):
+            v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
+            sd = f" ± {float(v.std()):.3f}" if len(v) > 1 else ""
+            cells.append(f"{float(v.mean()):.3f}{sd} ({float(v.min()):.3f}–{float(v.max()):.3f})" if len(v) else "-")
+        seeds = ", ".join(str(r.get("tune_seed", "-")) for r in runs)
+        lines.append(f"| {variant} | {seeds} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def _represent_table(rows: dict[str, Any]) -> list[str]:
+    """How well the representation stage fit its captions (its own losses and ITC retrieval, eval mode)."""
+    scored = {name: r["represent"] for name, r in rows.items() if r.get("represent")}
+    if not scored:
+        return []
+    lines = ["", "Representation stage scored on its training captions at its end (eval mode): the three losses, and "
+                 "how often the caption with the highest ITC similarity to a region is one of its own (and back), "
+                 "against a random pick:", "",
+             "| variant | ITC | ITM | ITG | region→caption top-1 | caption→region top-1 | random pick | captions (distinct) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, sc in scored.items():
+        lines.append(f"| {name} | {_fmt(sc['itc'])} | {_fmt(sc['itm'])} | {_fmt(sc['itg'])} | {_fmt(sc['image_to_text_top1'])} "
+                     f"| {_fmt(sc['text_to_image_top1'])} | {_fmt(sc['top1_by_chance'])} | {sc['captions']} "
+                     f"({sc['distinct_captions']}) |")
+    return lines
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     rows = result["variants"]
     levels = ["WSI", "ROI", "patch"]
@@ -315,20 +366,22 @@ def render_markdown(result: dict[str, Any]) -> str:
             + f" | {_fmt(fm.get('open', {}).get('meteor'))} | {_fmt(fm.get('caption', {}).get('meteor'))}"
             + f" | {r['overall']['n_unparsed']} | {r['seconds_per_answer']:.3f} |"
         )
+    lines += _seed_table(rows)
     lines += [
         "",
-        "Training (final loss = mean of the last 10 optimizer steps):",
+        "Training (final loss = mean of the last 10 optimizer steps; the representation stage, where run, counts "
+        "toward the caption epochs of stage 1):",
         "",
-        "| variant | stage 1 steps | stage 1 loss | stage 2 steps | stage 2 loss | stage 2 trainable params | stage 2 min |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | represent steps | represent loss | represent min | stage 1 steps | stage 1 loss | stage 1 min "
+        "| stage 2 steps | stage 2 loss | stage 2 min | stage 2 trainable params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        s1, s2 = r["training"].get("stage1"), r["training"]["stage2"]
-        lines.append(
-            f"| {name} | {s1['steps'] if s1 else '-'} | {_fmt(s1['final_loss']) if s1 else '-'} | {s2['steps']} | "
-            f"{_fmt(s2['final_loss'])} | {s2['trainable_parameters']:,} | {s2['seconds'] / 60:.1f} |"
-        )
-    missing = [v for v in VARIANTS if v not in rows]
+        rep, s1, s2 = r["training"].get("represent"), r["training"].get("stage1"), r["training"]["stage2"]
+        lines.append(f"| {name} | {_steps(rep)} | {_steps(s1)} | {_steps(s2)} | {s2['trainable_parameters']:,} |")
+    lines += _represent_table(rows)
+    seen = {r.get("variant", name) for name, r in rows.items()}
+    missing = [v for v in VARIANTS if v not in seen]
     if missing:
         lines += ["", f"Not run for this result: {', '.join(missing)}."]
     controls = {name: r["shuffled_visuals"] for name, r in rows.items() if r.get("shuffled_visuals")}
@@ -372,8 +425,9 @@ def merge_results(parts: list[str], name: str) -> Path:
         if r["data"]["cohort"] != merged["data"]["cohort"] or r["sizes"] != merged["sizes"]:
             raise SystemExit(f"--merge: {parts} were not run on the same cohort with the same sizes")
         merged["variants"].update(r["variants"])
-    order = [v for v in VARIANTS if v in merged["variants"]]
-    merged["variants"] = {v: merged["variants"][v] for v in order}
+    rank = {v: i for i, v in enumerate(VARIANTS)}
+    order = sorted(merged["variants"].items(), key=lambda kv: (rank[kv[1].get("variant", kv[0])], kv[1].get("tune_seed", 0)))
+    merged["variants"] = dict(order)
     merged["seconds"] = max(r["seconds"] for r in results)
     merged["parts"] = {part: sorted(r["variants"]) for part, r in zip(parts, results)}
     write_json_atomic(RESULTS / f"{name}.json", merged)
@@ -392,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one size, e.g. --set stage2_epochs=10 (fields: " + ", ".join(Sizes.__dataclass_fields__) + ")")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tune-seeds", default="",
+                        help="comma-separated seeds of the tuning stages, each variant trained once per seed on the same "
+                             "data, encoder and warm-up (default: --seed alone)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--name", default="vqa_ablations", help="result file stem under benchmarks/results")
     parser.add_argument("--data-only", action="store_true", help="make the cohort, features and QA, then stop")
@@ -403,12 +460,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    try:
+        tune_seeds = [int(x) for x in args.tune_seeds.split(",") if x.strip()] or [args.seed]
+    except ValueError:
+        parser.error(f"--tune-seeds {args.tune_seeds!r}: expected comma-separated integers, e.g. 0,1,2")
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     from slidevl.atomic import write_json_atomic, write_text_atomic
-    from slidevl.vqa.records import read_records
+    from slidevl.qa.records import read_records
     from slidevl.vqa.textmetrics import TextScorer
 
     hf_logging.disable_progress_bar()
@@ -451,8 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     with TextScorer() as scorer:
         ctx["scorer"] = scorer
         for name in wanted:
-            _log(f"variant {name}")
-            result["variants"][name] = run_variant(name, VARIANTS[name], ctx)
+            for seed in tune_seeds:
+                key = run_key(name, seed, args.seed)
+                _log(f"variant {key}")
+                result["variants"][key] = run_variant(name, VARIANTS[name], ctx, seed)
             result["seconds"] = time.perf_counter() - started
             write_json_atomic(RESULTS / f"{args.name}.json", result)
             write_text_atomic(RESULTS / f"{args.name}.md", render_markdown(result))

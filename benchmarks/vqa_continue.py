@@ -44,7 +44,7 @@ def epochs_so_far(checkpoint: Path) -> int:
 
 def same_test_slides(a: Path, b: Path) -> None:
     """Refuse to score on a test split whose slides differ from the ones the run held out."""
-    from slidevl.vqa.records import read_records
+    from slidevl.qa.records import read_records
 
     sa, sb = ({r.slide for r in read_records(p)} for p in (a, b))
     if sa != sb:
@@ -68,8 +68,8 @@ def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, 
         CheckpointInfo,
         resolve_checkpoint,
     )
+    from slidevl.qa.records import read_records
     from slidevl.vqa.evaluate import evaluate
-    from slidevl.vqa.records import read_records
 
     base = json.loads((source / "run.json").read_text())
     records, job = Path(base["records"]), Path(base["job"])

@@ -149,7 +149,7 @@ def template_key(record: Any) -> str:
 
 def probe_features(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
     """Accuracy of every probe (and the majority answer) per level, per template and overall."""
-    from slidevl.vqa.records import OPTION_LETTERS, read_records
+    from slidevl.qa.records import OPTION_LETTERS, read_records
 
     splits = {side: [r for r in read_records(qa / f"{side}.jsonl") if r.format == "single"] for side in ("train", "test")}
     train_ids = {r.slide for r in splits["train"]}

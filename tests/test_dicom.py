@@ -28,12 +28,12 @@ from slidevl.features.cli import app
 from slidevl.features.config import PreprocessConfig
 from slidevl.features.pipeline import preprocess
 from slidevl.features.store import FeatureStore
+from slidevl.qa.records import VQARecord, write_records
 from slidevl.serve.app import create_app
 from slidevl.serve.job import ServeJob
 from slidevl.slide.reader import SlideOpenError, open_slide
 from slidevl.slidellm.ask import SlideAssistant
 from slidevl.slidellm.tuning.stages import run_stage
-from slidevl.qa.records import VQARecord, write_records
 
 runner = CliRunner()
 QUIET = PreprocessConfig(workers=0, progress=False)

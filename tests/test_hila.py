@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from slidevl.features.encoders.base import EncoderError
+from slidevl.features.encoders.text import encode_texts
 from slidevl.survival.data import PatientBag
 from slidevl.survival.hila.clp import CrossLevelPropagation
 from slidevl.survival.hila.mcl import MutualContrastive, info_nce
@@ -18,7 +20,6 @@ from slidevl.survival.hila.prompts import (
     PromptError,
     available_banks,
     encode_bank,
-    encode_texts,
     load_prompt_bank,
 )
 from slidevl.survival.sinkhorn import sinkhorn_log
@@ -92,9 +93,9 @@ def test_clip_text_tower_from_local_folder(tmp_path: Path) -> None:
     assert e.shape == (3, 16)
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     assert not np.allclose(e[0], e[1])
-    with pytest.raises(PromptError, match="text tower folder not found"):
+    with pytest.raises(EncoderError, match="text tower folder not found"):
         encode_texts(["x"], f"clip:{tmp_path / 'missing'}")
-    with pytest.raises(PromptError, match="unknown text encoder"):
+    with pytest.raises(EncoderError, match="unknown text encoder"):
         encode_texts(["x"], "bert")
 
 

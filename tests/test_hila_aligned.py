@@ -103,14 +103,17 @@ def test_cv_with_conch_prompts_records_the_text_space(conch_cohort, tmp_path: Pa
     with h5py.File(h5, "a") as f:
         f.attrs["encoder_revision"] = "0123456789ab"
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run2")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "prompts and features must share one model" in " ".join(result.output.split()) and h5.name in result.output.replace("\n", "")
 
 
 def test_minilm_stays_a_space_of_its_own() -> None:
-    from slidevl.survival.hila.prompts import encode_texts, text_space_options
+    from slidevl.features.encoders.text import encode_texts
+    from slidevl.survival.hila.prompts import text_space_options
 
     text = get_text_encoder("minilm")
     assert (text.space, text.dim, text.aligned) == ("minilm", 384, False)
-    np.testing.assert_allclose(text.encode(["tumour necrosis"]), encode_texts(["tumour necrosis"]), atol=1e-6)
+    emb = encode_texts(["tumour necrosis", "adipose tissue"])
+    assert emb.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert text_space_options("minilm", store=None) == ("minilm", {})

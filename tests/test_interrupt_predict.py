@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from slidevl.qa.records import read_records, write_records
 from slidevl.vqa.cli import app
 from slidevl.vqa.partial import partial_path
 from slidevl.vqa.predictions import read_predictions
-from slidevl.vqa.records import read_records, write_records
 from test_slidellm_fixtures import world  # noqa: F401  (fixture used by name)
 from test_vqa_predict import checkpoint  # noqa: F401  (fixture used by name)
 
@@ -97,7 +97,7 @@ def test_finished_output_is_refused_unless_overwrite_and_a_foreign_partial_is_re
     # A stopped run with other settings is not mixed into this one; a torn last line is dropped.
     out.unlink()
     header = {"slidevl_predict": {"checkpoint": str(checkpoint.resolve()), "job": None, "max_new_tokens": 99,
-                                  "rank_single": False}}
+                                  "rank_single": True}}
     partial_path(out).write_text(json.dumps(header) + "\n" + '{"id": "S1-cap", "answer": "x"}\n{"id": "S1')
     other = runner.invoke(app, args)
     assert other.exit_code == 2 and "max_new_tokens: 99 then, 2 now" in other.output and "--overwrite" in other.output

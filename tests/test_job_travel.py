@@ -209,7 +209,7 @@ def test_predicting_from_another_directory_and_after_the_slides_moved(site: Path
     new = _moved_slides(site, tmp_path)
     FeatureStore(job).path("A").unlink()
     failed = runner.invoke(survival_app, [*base, "A"])
-    assert failed.exit_code == 1
+    assert failed.exit_code == 2
     assert str(site / "cohort" / "slides" / "A.svs") in failed.output and "--slides-root" in failed.output
     again = runner.invoke(survival_app, [*base, "A", "--slides-root", str(new)])
     assert again.exit_code == 0, again.output
@@ -287,9 +287,9 @@ def test_asking_from_another_directory_and_after_the_slides_moved(site: Path, tm
                                                                   world: dict[str, Path]) -> None:
     from test_slidellm_fixtures import make_encoder_dir, stage_config, tiny_train
 
+    from slidevl.qa.records import VQARecord, write_records
     from slidevl.slidellm.ask_cli import app as ask_app
     from slidevl.slidellm.tuning.stages import run_stage
-    from slidevl.vqa.records import VQARecord, write_records
 
     job = site / "job"
     records = write_records(tmp_path / "qa.jsonl", [
@@ -304,7 +304,7 @@ def test_asking_from_another_directory_and_after_the_slides_moved(site: Path, tm
     new = _moved_slides(site, tmp_path)
     FeatureStore(job).path("B").unlink()
     failed = runner.invoke(ask_app, ["B", *base])
-    assert failed.exit_code == 1
+    assert failed.exit_code == 2
     assert str(site / "cohort" / "slides" / "B.svs") in failed.output and "--slides-root" in failed.output
     again = runner.invoke(ask_app, ["B", *base, "--slides-root", str(new)])
     assert again.exit_code == 0, again.output

@@ -14,7 +14,7 @@ from slidevl.vqa.judge import (
     parse_json_reply,
     parse_scores,
 )
-from slidevl.vqa.records import VQARecord
+from slidevl.qa.records import VQARecord
 from test_llmclient_server import FakeChatServer, fake_judge
 
 def record(rid: str, answer: str, fmt: str = "open") -> VQARecord:

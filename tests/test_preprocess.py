@@ -76,7 +76,7 @@ def test_manifest_summary_and_status_files(batch):
     entries = {e["slide_id"]: e for e in manifest["slides"]}
     assert manifest["counts"] == {"ok": 3, "failed": len(BAD)}
     assert entries["good"]["output"] == "features/handcrafted/good.h5"
-    assert set(entries["good"]["timings"]) == {"open", "tissue", "tiles", "regions", "write"}
+    assert set(entries["good"]["timings"]) == {"open", "tissue", "tiling", "qc", "read", "encode", "regions", "write"}
     assert entries["corrupt"]["error"] and entries["corrupt"]["status"] == "failed"
     summary = (job / "summary.md").read_text()
     assert "| good | ok |" in summary and "truncated" in summary

@@ -19,10 +19,8 @@ from typer.testing import CliRunner
 
 from slidevl.atomic import write_json_atomic
 from slidevl.features.store import FeatureStore
-from slidevl.serve.answerer import (
-    Answerer,
-    JobFactsAnswerer,
-)
+from slidevl.serve.answerer import Answerer
+from slidevl.serve.jobfacts import JobFactsAnswerer
 from slidevl.serve.cli import RemoteBindError, check_bind_host, is_loopback
 from slidevl.serve.cli import app as cli_app
 from slidevl.serve.geometry import (

@@ -9,14 +9,10 @@ from fastapi.testclient import TestClient
 from test_slidellm_fixtures import stage_config, tiny_train, world  # noqa: F401  (fixtures used by name)
 
 from slidevl.atomic import write_json_atomic
-from slidevl.serve.answerer import (
-    AnswerError,
-    AnswererUnavailableError,
-    load_checkpoint_answerer,
-)
+from slidevl.serve.answerer import AnswerError, AnswererUnavailableError
 from slidevl.serve.app import create_app
 from slidevl.serve.job import ServeJob
-from slidevl.serve.vqa import SlideLLMAnswerer
+from slidevl.serve.vqa import SlideLLMAnswerer, load_checkpoint_answerer
 from slidevl.slidellm.tuning.stages import run_stage
 
 

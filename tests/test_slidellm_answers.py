@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from slidevl.slidellm.tuning.config import TuneConfig
+from slidevl.qa.records import VQARecord, parse_answer_letters
 from slidevl.slidellm.answers import ANSWER_STYLES, DEFAULT_ANSWER_STYLE, assistant_answer
+from slidevl.slidellm.tuning.config import TuneConfig
 from slidevl.slidellm.vqa_data import chat_messages, corpus_texts
 from slidevl.vqa.choices import parse_choice
-from slidevl.vqa.records import VQARecord, parse_answer_letters
 
 SINGLE = VQARecord("s", "S1", "ROI", "composition", "single", "Which tissue dominates?", "C",
                    options=("tumour", "necrosis", "fibrous stroma", "adipose tissue"), bbox=(0, 0, 8, 8))

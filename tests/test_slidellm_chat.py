@@ -20,8 +20,8 @@ from slidevl.slidellm.tokenizer import (
     prepare_tokenizer,
     train_tokenizer,
 )
+from slidevl.qa.records import VQARecord
 from slidevl.slidellm.vqa_data import ChatCollator, ChatDataset, chat_messages, encode_chat, select_records, user_prompt
-from slidevl.vqa.records import VQARecord
 
 RECORDS = [
     VQARecord("a", "S1", "WSI", "diagnosis", "single", "Is there a tumour?", "B", options=("no", "yes")),

@@ -13,7 +13,7 @@ DIM, WIDTH = 12, 20
 
 def _config(kind: str = "qformer", **kw: object) -> ConnectorConfig:
     base = dict(vision_dim=DIM, llm_dim=WIDTH, kind=kind, num_queries=5, hidden_size=16, num_layers=2, num_heads=4,
-                intermediate_size=32, dropout=0.0)
+                intermediate_size=32, dropout=0.0, pooled_tokens=False)  # plain connectors; pooling is asked for by name
     base.update(kw)
     return ConnectorConfig(**base)  # type: ignore[arg-type]
 

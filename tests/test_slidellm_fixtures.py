@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 
 from slidevl.features.store import FeatureStore, SlideFeatures
+from slidevl.qa.records import VQARecord, read_records, write_records
 from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, save_encoder
 from slidevl.slidellm.llm import EmbeddedLMConfig, build_embedded_llm
 from slidevl.slidellm.tokenizer import train_tokenizer
 from slidevl.slidellm.tuning.config import TrainSettings, TuneConfig
 from slidevl.slidellm.vqa_data import corpus_texts
 from slidevl.tiling.grid import GridSpec, SlideGrid, index_cells
-from slidevl.vqa.records import VQARecord, read_records, write_records
 
 FEATURE_DIM = 8
 FEATURE_ENCODER = "toy"
-TINY_CONNECTOR = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "intermediate_size": 64, "num_queries": 4, "dropout": 0.0}
+TINY_CONNECTOR = {"kind": "qformer", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "intermediate_size": 64, "num_queries": 4, "dropout": 0.0}
 TINY_LM = EmbeddedLMConfig(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, max_positions=512)
 
 

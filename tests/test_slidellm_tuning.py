@@ -19,16 +19,16 @@ from test_slidellm_fixtures import (  # noqa: F401  (fixtures are used by name)
 from typer.testing import CliRunner
 
 from slidevl.features.store import FeatureStore
+from slidevl.qa.records import read_records
 from slidevl.slidellm.ask import SlideAssistant
 from slidevl.slidellm.ask_cli import app as ask_app
 from slidevl.slidellm.llm import LoraSettings
 from slidevl.slidellm.model import boxes_intersecting
 from slidevl.slidellm.tuning.checkpoint import load_vlm
-from slidevl.slidellm.tuning.config import TuneConfig
 from slidevl.slidellm.tuning.cli import app as tune_app
+from slidevl.slidellm.tuning.config import TuneConfig
 from slidevl.slidellm.tuning.stages import prepare_stage, run_stage
 from slidevl.slidellm.tuning.state import CheckpointError, load_state
-from slidevl.vqa.records import read_records
 
 runner = CliRunner()
 
@@ -151,11 +151,11 @@ def test_resume_refuses_changed_options_and_overwrites(world: dict[str, Path], t
 def test_cli_reports_bad_input_clearly(world: dict[str, Path], tmp_path: Path) -> None:
     result = runner.invoke(tune_app, ["stage1", "--records", str(world["records"]), "--out", str(tmp_path / "x"),
                                       "--llm", str(tmp_path / "nowhere"), "--job", str(world["job"])])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "config.json" in result.output
     result = runner.invoke(tune_app, ["stage2", "--records", str(world["records"]), "--out", str(tmp_path / "y"),
                                       "--llm", str(world["llm"]), "--job", str(world["job"]), "--connector", "linear"])
-    assert result.exit_code == 1 and "connector kind" in result.output
+    assert result.exit_code == 2 and "connector kind" in result.output
 
 
 def test_warmup_stage1_stage2_ask_end_to_end(world: dict[str, Path], tmp_path: Path) -> None:
@@ -192,7 +192,8 @@ def test_warmup_stage1_stage2_ask_end_to_end(world: dict[str, Path], tmp_path: P
                                          "--device", "cpu", "--cache", str(tmp_path / "cache")])
         assert result.exit_code == 0, result.output
         assert result.stdout.strip() == expected  # the answer alone on stdout; where it caches goes to stderr
-    result = runner.invoke(ask_app, ["S1", "--interactive", "--checkpoint", str(tmp_path / "s2"), "--device", "cpu", "--cache", str(tmp_path / "cache"),
+    # A new cache, so this session creates it and says where it is.
+    result = runner.invoke(ask_app, ["S1", "--interactive", "--checkpoint", str(tmp_path / "s2"), "--device", "cpu", "--cache", str(tmp_path / "cache2"),
                                      "--max-new-tokens", "4"],
                            input=f"{question}\n/bbox 768,0,1600,768\nWhich are present?\n/bbox 90000,0,90001,1\n/quit\n")
     assert result.exit_code == 0, result.output
@@ -202,7 +203,7 @@ def test_warmup_stage1_stage2_ask_end_to_end(world: dict[str, Path], tmp_path: P
     assert "region: 768,0,1600,768" in result.output
     assert "intersects no tissue pack" in result.output
     result = runner.invoke(ask_app, ["S9", "hello", "--checkpoint", str(tmp_path / "s2"), "--device", "cpu", "--cache", str(tmp_path / "cache")])
-    assert result.exit_code == 1 and "neither a slide file nor a slide id" in result.output
+    assert result.exit_code == 2 and "neither a slide file nor a slide id" in result.output
 
 
 def test_multi_turn_history_and_regions(world: dict[str, Path], tmp_path: Path) -> None:
@@ -232,7 +233,7 @@ def test_ask_from_a_raw_slide_file_preprocesses_it_once(world: dict[str, Path], 
 
     from slidevl.features.config import PreprocessConfig
     from slidevl.features.pipeline import preprocess
-    from slidevl.vqa.records import VQARecord, write_records
+    from slidevl.qa.records import VQARecord, write_records
 
     slides = tmp_path / "slides"
     slides.mkdir()

@@ -66,7 +66,7 @@ def test_hila_cv_learns_and_writes_the_run_folder(toy, tmp_path: Path) -> None:
     assert pred["bin_edges_months"] == summary["bins"]["edges"][0]
     assert pred["slides"] == [p.stem for p in h5]
     result = CliRunner().invoke(app, ["predict", "--checkpoint", str(run / "fold_0"), str(toy.clinical)])
-    assert result.exit_code == 1 and "--job" in result.output
+    assert result.exit_code == 2 and "--job" in result.output
 
 
 def test_abmil_cv_with_read_splits_train_bins_and_attention_evidence(toy, tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_missing_features_fail_or_are_skipped(toy, tmp_path: Path) -> None:
     pd.concat([table, extra]).to_csv(clinical, index=False)
     args = ["cv", "--features", str(toy.job), "--clinical", str(clinical), "--model", "meanpool", "--epochs", "1", *FAST[4:]]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r1")])
-    assert result.exit_code == 1 and "GHOST-S0" in result.output and "--skip-missing" in result.output
+    assert result.exit_code == 2 and "GHOST-S0" in result.output and "--skip-missing" in result.output
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r2"), "--skip-missing"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
@@ -111,7 +111,7 @@ def test_bad_options_are_reported(toy, tmp_path: Path) -> None:
                            (["--bins-mode", "val"], "--bins-mode must be one of"),
                            (["--prompts", "nope"], "unknown prompt bank")):
         result = CliRunner().invoke(app, [*base, *extra])
-        assert result.exit_code == 1 and message in result.output, result.output
+        assert result.exit_code == 2 and message in result.output, result.output
 
 
 @pytest.mark.slow

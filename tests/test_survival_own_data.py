@@ -82,18 +82,18 @@ def test_every_problem_is_reported_at_once_before_anything_is_written(cohorts, t
     out = tmp_path / "run"
     result = _cv(cohorts, clinical, out, *QUICK, "--k", "5", "--n-bins", "4")
     text = result.output.replace("\n", " ")
-    assert result.exit_code == 1 and "Traceback" not in text
+    assert result.exit_code == 2 and "Traceback" not in text
     assert "3 problems" in text and "GHOST-01" in text and "--skip-missing" in text
     assert "--k 5: only 3 of the 8 patients have an event" in text and "use --k 2 to 3" in text
     assert "--n-bins 4 does not fit the cohort" in text and "--n-bins 3 or fewer fits" in text
     assert not out.exists(), "a refused run leaves no folder (no stray splits/)"
 
     result = CliRunner().invoke(app, ["bins", "--clinical", str(cohorts["c5"]), "--n-bins", "3"])
-    assert result.exit_code == 1 and "--n-bins 2 or fewer fits" in result.output.replace("\n", " ")
+    assert result.exit_code == 2 and "--n-bins 2 or fewer fits" in result.output.replace("\n", " ")
     one_event = tmp_path / "one.csv"
     table.assign(e=(table["patient_id"] == "SYN-0000").astype(int)).to_csv(one_event, index=False)
     result = _cv(cohorts, one_event, out, *QUICK)
-    assert result.exit_code == 1 and "cross-validation needs at least 2" in result.output.replace("\n", " ")
+    assert result.exit_code == 2 and "cross-validation needs at least 2" in result.output.replace("\n", " ")
     assert not out.exists()
 
 
@@ -147,9 +147,9 @@ def test_own_table_columns_units_and_extensions(cohorts, tmp_path: Path) -> None
     with pytest.raises(CohortError, match=r"not plausible follow-up; pass the unit of OS.time with --time-unit \(days\)"):
         read_clinical(tmp_path / "own.csv", ClinicalColumns("slide", "case", "OS.time", "censored", True, "months"))
     result = _cv(cohorts, tmp_path / "own.csv", tmp_path / "run2", *QUICK)
-    assert result.exit_code == 1 and "--id-col, --patient-col, --event-col, --time-col" in result.output.replace("\n", " ")
+    assert result.exit_code == 2 and "--id-col, --patient-col, --event-col, --time-col" in result.output.replace("\n", " ")
     result = _cv(cohorts, tmp_path / "own.csv", tmp_path / "run2", *QUICK, *mapping[2:], "--id-col", "case")
-    assert result.exit_code == 1 and "pass the column with the slide file names as --id-col" in result.output.replace("\n", " ")
+    assert result.exit_code == 2 and "pass the column with the slide file names as --id-col" in result.output.replace("\n", " ")
 
 
 def test_run_folders_refuse_overwrite_cleanly_and_resume_only_the_same_run(cohorts, tmp_path: Path) -> None:
@@ -159,9 +159,9 @@ def test_run_folders_refuse_overwrite_cleanly_and_resume_only_the_same_run(cohor
     (out / "notes.txt").write_text("mine")
 
     again = _cv(cohorts, cohorts["c8"], out, *QUICK)
-    assert again.exit_code == 1 and "holds a finished run; pass --overwrite" in again.output.replace("\n", " ")
+    assert again.exit_code == 2 and "holds a finished run; pass --overwrite" in again.output.replace("\n", " ")
     differs = _cv(cohorts, cohorts["c8"], out, *QUICK, "--resume")
-    assert differs.exit_code == 1 and "model ('abmil' → 'meanpool')" in differs.output.replace("\n", " ")
+    assert differs.exit_code == 2 and "model ('abmil' → 'meanpool')" in differs.output.replace("\n", " ")
 
     replaced = _cv(cohorts, cohorts["c8"], out, *QUICK, "--overwrite")
     assert replaced.exit_code == 0, replaced.output
@@ -175,7 +175,7 @@ def test_run_folders_refuse_overwrite_cleanly_and_resume_only_the_same_run(cohor
     other.mkdir()
     (other / "slides.txt").write_text("x")
     refused = _cv(cohorts, cohorts["c8"], other, *QUICK)
-    assert refused.exit_code == 1 and "holds other files" in refused.output.replace("\n", " ")
+    assert refused.exit_code == 2 and "holds other files" in refused.output.replace("\n", " ")
     assert sorted(p.name for p in other.iterdir()) == ["slides.txt"]
 
 

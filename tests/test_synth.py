@@ -13,6 +13,7 @@ import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
+from slidevl.errors import InputError
 from slidevl.splits import read_splits
 from slidevl.synth import CLASSES, class_fractions, load_truth, make_cohort
 from slidevl.synth import tiff as synth_tiff
@@ -242,10 +243,10 @@ def test_level_buffer_on_disk_when_large(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_load_truth_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="slidevl synth cohort"):
+    with pytest.raises(InputError, match="slidevl synth cohort"):
         load_truth(tmp_path)
     (tmp_path / "truth.json").write_text('{"schema": "other"}')
-    with pytest.raises(ValueError, match="schema"):
+    with pytest.raises(InputError, match="schema"):
         load_truth(tmp_path)
 
 

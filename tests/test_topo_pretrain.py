@@ -12,8 +12,8 @@ import torch
 
 from slidevl.slidellm.encoder import TopoPackConfig, collate_batches, load_encoder
 from slidevl.slidellm.encoder.synthetic import synthetic_slide
+from slidevl.errors import CheckpointError
 from slidevl.slidellm.pretrain import (
-    CheckpointError,
     MemorySource,
     PretrainConfig,
     load_checkpoint,
@@ -108,7 +108,7 @@ def test_checkpoint_files_and_exact_resume(tmp_path) -> None:
 def test_refuses_to_overwrite_and_rejects_changed_settings_on_resume(tmp_path) -> None:
     source = _source(2)
     pretrain(source, tmp_path, config=_config(mae_steps=1, moco_steps=0), encoder_config=ENC, progress=False)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(CheckpointError, match="--resume"):
         pretrain(source, tmp_path, config=_config(mae_steps=1, moco_steps=0), encoder_config=ENC, progress=False)
     with pytest.raises(ValueError, match="mask_ratio"):
         pretrain(source, tmp_path, config=_config(mae_steps=2, moco_steps=0, mask_ratio=0.5), resume=True, progress=False)
@@ -170,4 +170,4 @@ def test_cli_pretrain_and_resume(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 4
     res = runner.invoke(app, ["pretrain", "--features", str(job), "--out", str(out), "--quiet"])
-    assert res.exit_code == 1 and "--resume" in res.output
+    assert res.exit_code == 2 and "--resume" in res.output

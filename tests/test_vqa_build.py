@@ -8,19 +8,18 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
 from typer.testing import CliRunner
 
 from test_llmclient_server import FakeChatServer
 from slidevl.features.config import PreprocessConfig
 from slidevl.features.pipeline import preprocess
 from slidevl.llmclient import LLMClient
+from slidevl.qa.records import read_records
 from slidevl.serve.overlays import parse_rois
 from slidevl.synth import make_cohort
 from slidevl.synth.truth import class_fractions
 from slidevl.vqa.build import BuildConfig, BuildError, build_qa, split_patients
 from slidevl.vqa.cli import app
-from slidevl.vqa.records import read_records
 
 CLASSES = ("background", "tumour", "stroma", "lymphocytes", "necrosis", "fat")
 NAMES = {"tumour": "tumour", "stroma": "fibrous stroma", "lymphocytes": "lymphocytic infiltrate",
@@ -70,12 +69,6 @@ def _expected(template: str, level: str, fr: dict[str, float], grade: int, label
         return f"grade {grade} ("
     if template == "nuclear_grade":
         return f"grade {grade} (" if fr["tumour"] >= 0.25 else "no tumour in this field"
-    if template == "nodules":
-        bed = (labels == 1) | (labels == 4)
-        pieces, _ = ndimage.label(bed, structure=np.ones((3, 3)))
-        sizes = np.bincount(pieces.ravel())[1:] * (16 * 0.5) ** 2  # µm² per label pixel at 0.5 µm/px
-        n = int((sizes >= 0.01e6).sum())
-        return ("one", "two", "three", "four or more")[min(n, 4) - 1]
     raise AssertionError(f"no check for template {template}")
 
 
@@ -101,7 +94,7 @@ def _check_answers(cohort, records) -> Counter[str]:
         g = grade[r.meta["patient"]]
         if r.format == "caption" and r.level == "WSI":
             assert f"grade {g} (" in r.answer
-        if not r.is_choice:
+        if not r.is_choice or r.category == "spatial":  # spatial answers: tests/test_vqa_spatial.py
             continue
         expected = _expected(r.meta["template"], r.level, _tissue_fractions(lab, bbox), g, lab)
         chosen = [r.options[ord(x) - 65] for x in r.answer.split(",")]
@@ -119,7 +112,7 @@ def _check_answers(cohort, records) -> Counter[str]:
 def test_template_answers_agree_with_the_truth(cohort):
     checked = _check_answers(cohort, cohort["report"].train_records + cohort["report"].test_records)
     assert set(checked) >= {
-        "WSI/grade", "WSI/tumour_burden", "WSI/necrosis", "WSI/lymphocytes", "WSI/nodules", "WSI/dominant",
+        "WSI/grade", "WSI/tumour_burden", "WSI/necrosis", "WSI/lymphocytes", "WSI/dominant",
         "WSI/present", "ROI/dominant", "ROI/present", "ROI/tumour_extent", "ROI/necrosis_extent",
         "ROI/fat_extent", "patch/dominant", "patch/present", "patch/nuclear_grade",
     }
@@ -134,7 +127,7 @@ def test_answers_vary_with_the_image_and_letters_are_balanced(cohort):
             answers.setdefault(f"{r.level}/{r.meta['template']}", set()).add(text)
     for template in ("WSI/tumour_burden", "WSI/grade", "ROI/dominant", "ROI/tumour_extent", "patch/dominant"):
         assert len(answers[template]) >= 2, f"{template} always has the same answer: {answers[template]}"
-    letters = Counter(r.answer for r in records if r.format == "single")
+    letters = Counter(r.answer for r in records if r.format == "single" and len(r.options) == 4)
     n_slides = len({r.slide for r in records})
     assert set(letters) == set("ABCD")
     assert max(letters.values()) - min(letters.values()) <= n_slides  # one balanced deck per slide
@@ -176,7 +169,8 @@ def test_roi_files_are_viewer_files_and_match_the_records(cohort):
     for s in truth["slides"]:
         data = json.loads((report.rois_dir / f"{s['slide_id']}.json").read_text())
         parsed = parse_rois(data, "rois.json")
-        assert parsed.slide == s["slide_id"] and len(parsed.rois) >= 4
+        # k_rois is 4, but a starved ROI merges into a neighbour, so a slide may end with fewer.
+        assert parsed.slide == s["slide_id"] and len(parsed.rois) == len(data["rois"]) >= 3
         bboxes = {r["id"]: tuple(r["bbox"]) for r in data["rois"]}
         indices = sorted(i for r in data["rois"] for i in r["patch_index"])
         assert indices == list(range(len(indices)))  # every patch in exactly one ROI

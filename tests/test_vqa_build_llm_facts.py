@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from slide_fixtures import write_aperio_slide
 from slidevl.features.config import PreprocessConfig
 from slidevl.features.pipeline import preprocess
+from slidevl.qa.records import read_records
 from slidevl.vqa.cli import app
-from slidevl.vqa.records import read_records
 from test_llmclient_server import FakeChatServer
 
 runner = CliRunner()

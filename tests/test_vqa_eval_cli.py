@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from slidevl.qa.records import VQARecord, write_records
 from slidevl.vqa.cli import app
 from slidevl.vqa.evaluate import JUDGE_SKIPPED, evaluate
 from slidevl.vqa.predictions import PredictionError, read_predictions, write_predictions
-from slidevl.vqa.records import VQARecord, write_records
 from test_llmclient_server import FakeChatServer, fake_judge
 
 OPTS = ["Hepatocellular carcinoma", "Cholangiocarcinoma", "Metastasis", "Hemangioma"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from slidevl.vqa.records import (
+from slidevl.qa.records import (
     VQARecord,
     VQARecordError,
     parse_answer_letters,

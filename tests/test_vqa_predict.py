@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from slidevl.cli import app
+from slidevl.qa.records import read_records
 from slidevl.slidellm.tuning.stages import run_stage
 from slidevl.vqa.evaluate import evaluate
 from slidevl.vqa.predictions import read_predictions
-from slidevl.vqa.records import read_records
 from test_slidellm_fixtures import stage_config, world  # noqa: F401  (fixture used by name)
 
 runner = CliRunner()
@@ -55,10 +55,10 @@ def test_ranked_single_choice_answers_pick_the_most_likely_option(world: dict[st
                                                                   tmp_path: Path) -> None:  # noqa: F811
     from dataclasses import replace
 
+    from slidevl.qa.records import OPTION_LETTERS
     from slidevl.slidellm.ask import SlideAssistant
     from slidevl.slidellm.vqa_data import ChatCollator, Example, chat_messages, encode_chat
     from slidevl.vqa.choices import parse_choice
-    from slidevl.vqa.records import OPTION_LETTERS
 
     assistant = SlideAssistant(checkpoint, device="cpu", cache_root=tmp_path / "cache")
     model, tok = assistant.loaded.model, assistant.tokenizer

@@ -23,7 +23,7 @@ import inspect
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Optional
+from typing import Annotated, Any, Callable, Iterable, Mapping, Optional
 
 import typer
 
@@ -94,13 +94,15 @@ def build_config(cls: type[Config], given: dict[str, Any], recipe: Path | None =
     return cls.from_dict(nested, source=str(recipe) if recipe else None)
 
 
-def options_from(cls: type[Config], *, exclude: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def options_from(cls: type[Config], *, exclude: Iterable[str] = (),
+                 fixed: Mapping[str, Any] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a command ``f(config, **extra)`` so typer sees ``cls``'s fields as options.
 
     Values the user did not type are not passed on, so a ``--recipe`` value wins over a
-    field default and an explicit option wins over the recipe.
+    field default and an explicit option wins over the recipe. ``fixed`` holds dotted keys
+    the command itself sets (``{"stage": "stage1"}``); they are not options and win over both.
     """
-    options = config_options(cls, exclude=exclude)
+    options = config_options(cls, exclude=(*exclude, *(fixed or {})))
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         own = inspect.signature(func, eval_str=True)
@@ -130,6 +132,7 @@ def options_from(cls: type[Config], *, exclude: Iterable[str] = ()) -> Callable[
                 value = kwargs.pop(o.param)
                 if _typed(ctx, o.param) or recipe_file is None:
                     given[o.key] = value
+            given.update(fixed or {})
             try:
                 config = build_config(cls, given, recipe_file)
             except ConfigError as exc:

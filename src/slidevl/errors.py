@@ -3,7 +3,8 @@
 Every error slidevl raises on purpose derives from :class:`SlideVLError`, so a caller
 can catch the toolkit's own failures in one ``except`` and let real bugs through. Each
 class also derives from the built-in it replaces (``ValueError``, ``RuntimeError``,
-``LookupError``), so code written against the built-ins keeps working.
+``LookupError``), so code written against the built-ins keeps working. Commands report
+these errors in one line (:mod:`slidevl.cli_errors`).
 
 Exit codes (the same for every command, see ``docs/errors.md``):
 
@@ -48,7 +49,7 @@ class CheckpointError(InputError):
 
 
 class DataError(SlideVLError, RuntimeError):
-    """A file that should hold our data (features, records, a slide) cannot be used."""
+    """Data met while the work runs cannot be used (a slide cannot be read, or holds no tissue)."""
 
 
 class SlideError(DataError):

@@ -5,7 +5,8 @@ work in :func:`resumable`. SIGTERM (what Slurm, Ray and ``kill`` send) is turned
 the same ``KeyboardInterrupt`` as Ctrl-C, so one code path cleans up: the command's own
 ``finally`` blocks mark unfinished work as interrupted and rebuild manifests, then this
 context prints what finished and ``rerun the same command to resume``, and exits with
-the shell's code for the signal (130 for SIGINT, 143 for SIGTERM).
+the shell's code for the signal (130 for SIGINT, 143 for SIGTERM). Under a multi-process
+launch every process stops the same way, and only the main one prints the line.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any, Callable, Iterator
 import typer
 from rich.console import Console
 
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
+from slidevl.errors import EXIT_SIGINT, EXIT_SIGTERM
+from slidevl.ranks import is_main_process
 
 
 class Terminated(KeyboardInterrupt):
@@ -44,9 +45,10 @@ def resumable(done: Callable[[], str], *, console: Console | None = None) -> Ite
         yield
     except KeyboardInterrupt as exc:
         code = EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
-        (console or Console(stderr=True)).print(
-            f"[yellow]interrupted[/]: {done()}; rerun the same command to resume", highlight=False
-        )
+        if is_main_process():
+            (console or Console(stderr=True)).print(
+                f"[yellow]interrupted[/]: {done()}; rerun the same command to resume", highlight=False
+            )
         raise typer.Exit(code) from None
     finally:
         if main:

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from slidevl.atomic import write_json_atomic
+from slidevl.errors import InputError, ServiceError
 
 API_KEY_ENV = "SLIDEVL_LLM_API_KEY"
 URL_FLAG = "--llm-url"
@@ -46,7 +47,7 @@ _MAX_RETRY_AFTER_S = 60.0
 Message = Mapping[str, Any]
 
 
-class LLMError(RuntimeError):
+class LLMError(ServiceError):
     """The endpoint answered with an error, or with something that is not a chat completion."""
 
 
@@ -71,14 +72,14 @@ class LLMClient:
         backoff_s: float = 1.0,
     ) -> None:
         if not isinstance(base_url, str) or urlsplit(base_url).scheme not in ("http", "https"):
-            raise ValueError(
+            raise InputError(
                 f"LLM base URL {base_url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8001/v1; "
                 f"set it with {URL_FLAG})"
             )
         if not model:
-            raise ValueError("an LLM model name is required (the name the server lists under /v1/models)")
+            raise InputError("an LLM model name is required (the name the server lists under /v1/models)")
         if max_concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise ValueError("max_concurrency >= 1, max_retries >= 0 and timeout > 0 are required")
+            raise InputError("max_concurrency >= 1, max_retries >= 0 and timeout > 0 are required")
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self.model = model

@@ -16,25 +16,19 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from slidevl.features.encoders.base import EncoderError
+from slidevl.cli_errors import ReportingCommand, ReportingGroup
+from slidevl.errors import EXIT_FAILED
 from slidevl.features.encoders.presets import default_mpp
 from slidevl.features.config import PreprocessConfig, default_workers, parse_shard, slurm_array_shard
 from slidevl.features.jobs import MANIFEST, UsageError, read_manifest, recorded_slides
 from slidevl.interrupts import resumable
-from slidevl.slide.mpp import MppCsvError, load_mpp_csv
+from slidevl.slide.mpp import load_mpp_csv
 from slidevl.slide.tissue import TissueParams
 from slidevl.tiling.grid import GridSpec
 
-app = typer.Typer(help="Slides to multi-scale features.", no_args_is_help=True, add_completion=False)
-features_app = typer.Typer(help="Feature store utilities (import features made by other tools).", no_args_is_help=True)
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-def _usage_error(console: Console, message: str) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}")
-    return typer.Exit(EXIT_USAGE)
+app = typer.Typer(cls=ReportingGroup, help="Slides to multi-scale features.", no_args_is_help=True, add_completion=False)
+features_app = typer.Typer(cls=ReportingGroup, help="Feature store utilities (import features made by other tools).",
+                           no_args_is_help=True)
 
 
 def preprocess_command(
@@ -100,50 +94,47 @@ def preprocess_command(
     from slidevl.features.pipeline import preprocess
 
     console = Console()
-    try:
-        if mpp is not None and magnification is not None:
-            raise UsageError("give --mpp or --magnification, not both")
-        target_mpp = 10.0 / magnification if magnification else (mpp if mpp is not None else default_mpp(encoder))
-        array_shard = None if shard else slurm_array_shard()
-        if array_shard is not None:
-            console.print(f"Slurm array task: shard {array_shard[0]}/{array_shard[1]} of the batch (from SLURM_ARRAY_TASK_ID)")
-        config = PreprocessConfig(
-            grid=GridSpec(target_mpp=target_mpp, patch_px=patch_px, region_patches=region_patches, pack_size=pack_size),
-            tissue=TissueParams(
-                downsample=seg_downsample,
-                level=seg_level,
-                saturation_threshold=saturation_threshold,
-                min_saturation=min_saturation,
-                closing_radius_um=closing_radius_um,
-                min_object_area_um2=min_object_um2,
-                max_hole_area_um2=max_hole_um2,
-                adipose_radius_um=adipose_radius_um,
-                adipose_um_per_px=adipose_um_per_px,
-                adipose_reach_um=adipose_reach_um,
-            ),
-            min_tissue=min_tissue,
-            encoder=encoder,
-            region_encoder=region_encoder,
-            device=device,
-            precision=precision,
-            mpp_override=mpp_override,
-            mpp_table=load_mpp_csv(mpp_csv) if mpp_csv else None,
-            pack_features=pack_features,
-            global_feature=global_feature,
-            float16=not float32,
-            batch_size=batch_size,
-            workers=default_workers() if workers is None else workers,
-            shard=parse_shard(shard) if shard else array_shard,
-            overwrite=overwrite,
-            progress=progress,
-        )
-        if slides and slides_root is not None:
-            raise UsageError("--slides-root applies when re-running the slides the job records; give SLIDES or --slides-root, not both")
-        runner = make_executor(executor, address)
-        with resumable(lambda: _finished(out), console=console):
-            report = preprocess(slides or recorded_slides(out, slides_root), out, config, console=console, executor=runner)
-    except (UsageError, MppCsvError, EncoderError, ValueError, PermissionError) as exc:
-        raise _usage_error(console, str(exc)) from None
+    if mpp is not None and magnification is not None:
+        raise UsageError("give --mpp or --magnification, not both")
+    target_mpp = 10.0 / magnification if magnification else (mpp if mpp is not None else default_mpp(encoder))
+    array_shard = None if shard else slurm_array_shard()
+    if array_shard is not None:
+        console.print(f"Slurm array task: shard {array_shard[0]}/{array_shard[1]} of the batch (from SLURM_ARRAY_TASK_ID)")
+    config = PreprocessConfig(
+        grid=GridSpec(target_mpp=target_mpp, patch_px=patch_px, region_patches=region_patches, pack_size=pack_size),
+        tissue=TissueParams(
+            downsample=seg_downsample,
+            level=seg_level,
+            saturation_threshold=saturation_threshold,
+            min_saturation=min_saturation,
+            closing_radius_um=closing_radius_um,
+            min_object_area_um2=min_object_um2,
+            max_hole_area_um2=max_hole_um2,
+            adipose_radius_um=adipose_radius_um,
+            adipose_um_per_px=adipose_um_per_px,
+            adipose_reach_um=adipose_reach_um,
+        ),
+        min_tissue=min_tissue,
+        encoder=encoder,
+        region_encoder=region_encoder,
+        device=device,
+        precision=precision,
+        mpp_override=mpp_override,
+        mpp_table=load_mpp_csv(mpp_csv) if mpp_csv else None,
+        pack_features=pack_features,
+        global_feature=global_feature,
+        float16=not float32,
+        batch_size=batch_size,
+        workers=default_workers() if workers is None else workers,
+        shard=parse_shard(shard) if shard else array_shard,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    if slides and slides_root is not None:
+        raise UsageError("--slides-root applies when re-running the slides the job records; give SLIDES or --slides-root, not both")
+    runner = make_executor(executor, address)
+    with resumable(lambda: _finished(out), console=console):
+        report = preprocess(slides or recorded_slides(out, slides_root), out, config, console=console, executor=runner)
     console.print(
         f"[bold]done[/]: {report.n_ok} ok, {report.n_skipped} skipped (already complete), {report.n_failed} failed"
     )
@@ -173,7 +164,7 @@ class ImportFormat(str, Enum):
     trident = "trident"
 
 
-@features_app.command("import")
+@features_app.command("import", cls=ReportingCommand)
 def import_command(
     src: List[Path] = typer.Argument(..., help="CLAM/TRIDENT .h5 files or folders of them."),
     fmt: ImportFormat = typer.Option(..., "--format", help="Which tool wrote the files."),
@@ -193,18 +184,15 @@ def import_command(
     from slidevl.features.importer import import_features
 
     console = Console()
-    try:
-        if mpp is None and mpp_csv is None:
-            raise UsageError("the source files record no mpp; pass --mpp (or --mpp-csv with columns slide_id,mpp)")
-        if mpp is not None and not mpp > 0:
-            raise UsageError(f"--mpp must be > 0, got {mpp}")
-        results = import_features(
-            src, out, fmt.value, mpp=mpp, mpp_table=load_mpp_csv(mpp_csv) if mpp_csv else None,
-            patch_size_level0=patch_size_level0, patch_px=patch_px, encoder=encoder,
-            region_encoder=region_encoder, float16=not float32, overwrite=overwrite,
-        )
-    except (UsageError, MppCsvError, EncoderError, ValueError) as exc:
-        raise _usage_error(console, str(exc)) from None
+    if mpp is None and mpp_csv is None:
+        raise UsageError("the source files record no mpp; pass --mpp (or --mpp-csv with columns slide_id,mpp)")
+    if mpp is not None and not mpp > 0:
+        raise UsageError(f"--mpp must be > 0, got {mpp}")
+    results = import_features(
+        src, out, fmt.value, mpp=mpp, mpp_table=load_mpp_csv(mpp_csv) if mpp_csv else None,
+        patch_size_level0=patch_size_level0, patch_px=patch_px, encoder=encoder,
+        region_encoder=region_encoder, float16=not float32, overwrite=overwrite,
+    )
     failed = 0
     for r in results:
         if r.status == "ok":

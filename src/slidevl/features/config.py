@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping
 
 from slidevl.cpus import available_cpus
+from slidevl.errors import ConfigError
 from slidevl.slide.mpp import load_mpp_csv
 from slidevl.slide.tissue import TissueParams
 from slidevl.tiling.grid import GridSpec
@@ -60,21 +61,21 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_tissue <= 1.0:
-            raise ValueError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
+            raise ConfigError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
         from slidevl.features.encoders.base import PRECISIONS  # imports torch: only when a config is built
 
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.mpp_override is not None and not self.mpp_override > 0:
-            raise ValueError(f"mpp override must be > 0, got {self.mpp_override}")
+            raise ConfigError(f"mpp override must be > 0, got {self.mpp_override}")
         if self.shard is not None:
             i, n = self.shard
             if not (n >= 1 and 0 <= i < n):
-                raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+                raise ConfigError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
 
     def with_mpp_csv(self, path: str | Path) -> "PreprocessConfig":
         """Copy with the per-slide mpp table loaded from a ``slide_id,mpp`` CSV."""
@@ -108,9 +109,9 @@ def parse_shard(text: str) -> tuple[int, int]:
         i_text, n_text = text.split("/")
         i, n = int(i_text), int(n_text)
     except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+        raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard {text}: need 0 <= i < n (shards are numbered from 0)")
+        raise ConfigError(f"--shard {text}: need 0 <= i < n (shards are numbered from 0)")
     return i, n
 
 
@@ -129,11 +130,11 @@ def slurm_array_shard(environ: Mapping[str, str] | None = None) -> tuple[int, in
         i = int(task) - int(env.get("SLURM_ARRAY_TASK_MIN", "0").strip() or 0)
         n = int(count)
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"SLURM_ARRAY_TASK_ID={task!r} / SLURM_ARRAY_TASK_COUNT={count!r} are not integers; pass --shard i/n instead"
         ) from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(
+        raise ConfigError(
             f"Slurm array task {task} is outside 0..{n - 1} after subtracting SLURM_ARRAY_TASK_MIN; "
             "use a contiguous --array range (e.g. --array=0-9) or pass --shard i/n"
         )

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from slidevl import __version__
+from slidevl.errors import InputError
 from slidevl.features.hierarchy import build_hierarchy, encode_regions
 from slidevl.features.jobs import UsageError, normalise, now_iso
 from slidevl.features.store import FeatureStore, FeatureStoreError, SlideFeatures, read_slide_attrs
@@ -29,7 +30,7 @@ from slidevl.tiling.grid import GridSpec, SlideGrid
 FORMATS = ("clam", "trident")
 
 
-class ImportFormatError(ValueError):
+class ImportFormatError(InputError):
     """A source file lacks the datasets or attributes the import needs."""
 
 

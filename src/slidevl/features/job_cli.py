@@ -16,11 +16,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from slidevl.cli_errors import ReportingGroup
+from slidevl.errors import EXIT_FAILED
 from slidevl.features import jobs
 from slidevl.features.jobcheck import CheckReport, Relocation, check_job, fix_job, plan_relocation, relocate_job
 
-job_app = typer.Typer(help="Job folders: check their integrity, record moved slides.", no_args_is_help=True,
-                      add_completion=False)
+job_app = typer.Typer(cls=ReportingGroup, help="Job folders: check their integrity, record moved slides.",
+                      no_args_is_help=True, add_completion=False)
 _out = Console()
 _err = Console(stderr=True)
 
@@ -62,22 +64,18 @@ def check_command(
     slides_root: Optional[Path] = typer.Option(None, "--slides-root", help="Look for the slide files in this folder first."),
 ) -> None:
     """Check every slide's store, fingerprint, slide file and manifest row; print one table."""
-    try:
-        report = _checked(job, slides_root)
-        if fix and not report.ok:
-            done = fix_job(job, report)
-            for line in done:
-                _out.print(f"[yellow]fixed[/] {escape(line)}", soft_wrap=True)
-            if done:
-                report = _checked(job, slides_root)
-    except jobs.UsageError as exc:
-        _err.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+    report = _checked(job, slides_root)
+    if fix and not report.ok:
+        done = fix_job(job, report)
+        for line in done:
+            _out.print(f"[yellow]fixed[/] {escape(line)}", soft_wrap=True)
+        if done:
+            report = _checked(job, slides_root)
     _out.print(_check_table(report))
     bad = sum(not c.ok for c in report.slides)
     if bad:
         _out.print(f"[red]{bad} of {len(report.slides)} slide(s) need attention[/]; see the fix column")
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
     _out.print(f"[green]all {len(report.slides)} slide(s) are fine[/]")
 
 
@@ -96,17 +94,13 @@ def relocate_command(
     slides_root: Path = typer.Option(..., "--slides-root", help="Folder that now holds the job's slide files."),
 ) -> None:
     """Record that the job's slides are now in SLIDES_ROOT, after checking that every one is there and unchanged."""
-    try:
-        plan = plan_relocation(job, slides_root)
-    except jobs.UsageError as exc:
-        _err.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+    plan = plan_relocation(job, slides_root)
     _out.print(_relocation_table(job, plan))
     bad = [r for r in plan if r.problem]
     if bad:
         _out.print(f"[red]{len(bad)} of {len(plan)} slide(s) cannot be relocated; nothing was changed.[/] "
                    "Put the original files in the folder (a changed file is never paired with the old features), "
                    "or re-run `slidevl preprocess` for them.")
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
     manifest = relocate_job(job, plan)
     _out.print(f"[green]relocated {len(plan)} slide(s)[/]; records and {manifest} rewritten")

@@ -309,10 +309,8 @@ class SlideProcessor:
     def _process(self, path: Path, slide_id: str, fp: dict[str, Any], outputs: dict[str, Path],
                  timings: dict[str, float], progress: _Progress) -> tuple[int, int, int]:
         layout = self._layout(path, slide_id, outputs, timings)
-        t = time.perf_counter()
         hier = build_hierarchy(layout.grid, layout.patch_grid)
-        features = self._encode_tiles(path, layout, hier, progress)
-        timings["tiles"] = time.perf_counter() - t
+        features = self._encode_tiles(path, layout, hier, progress, timings)
         t = time.perf_counter()
         region_features = encode_regions(features["patch"], hier, self.config.grid.region_patches, self.encoders.region)
         timings["regions"] = time.perf_counter() - t
@@ -339,7 +337,11 @@ class SlideProcessor:
         return len(hier.region_grid), len(hier.pack_grid), len(layout.patch_grid)
 
     def _layout(self, path: Path, slide_id: str, outputs: dict[str, Path], timings: dict[str, float]) -> _Layout:
-        """Open, resolve the mpp, segment, lay the grid, keep patches; write GeoJSON and QC."""
+        """Open, resolve the mpp, segment, lay the grid, keep patches; write GeoJSON and QC.
+
+        ``timings`` gets ``open``, ``tissue`` (segmentation), ``tiling`` (grid, levels and
+        kept patches) and ``qc`` (the GeoJSON outline and the QC picture).
+        """
         cfg = self.config
         t = time.perf_counter()
         # The main process holds its own handle only for the overview, and closes it
@@ -350,6 +352,8 @@ class SlideProcessor:
             timings["open"] = time.perf_counter() - t
             t = time.perf_counter()
             tissue, overview = segment_slide(slide, mpp.mpp, cfg.tissue)
+            timings["tissue"] = time.perf_counter() - t
+            t = time.perf_counter()
             grid = SlideGrid(cfg.grid, slide.dimensions[0], slide.dimensions[1], mpp.mpp)
             patch_scale = grid.patch_step / cfg.grid.patch_px
             patch_level = slide.best_level(patch_scale)
@@ -362,6 +366,8 @@ class SlideProcessor:
             patch_tissue=fractions[rows, cols].astype(np.float32),
             patch_level=patch_level, pack_level=pack_level, patch_scale=patch_scale,
         )
+        timings["tiling"] = time.perf_counter() - t
+        t = time.perf_counter()
         polygons = mask_polygons(tissue)
         write_json_atomic(outputs["tissue"], polygons_geojson(polygons, slide_id), indent=None)
         qc = render_qc(overview, grid, layout.patch_grid, polygons, max_side=cfg.qc_max_side)
@@ -369,7 +375,7 @@ class SlideProcessor:
             # Fastest zlib level: a QC picture is looked at, not archived, and level 6
             # cost up to half a second per slide here.
             qc.save(tmp, format="PNG", compress_level=1)
-        timings["tissue"] = time.perf_counter() - t
+        timings["qc"] = time.perf_counter() - t
         if len(layout.patch_grid) == 0:
             raise NoTissueError(
                 f"{path}: no tissue found: none of {grid.n_cols * grid.n_rows} patches has >= {cfg.min_tissue:.0%} tissue "
@@ -399,25 +405,43 @@ class SlideProcessor:
         cell_rows[hier.pack_index, grid.pack_slot(hier.patch_grid)] = np.arange(len(hier.patch_grid))
         return mosaic_items(cell_boxes, cell_rows, cfg.grid.patch_px, input_size, layout.patch_level, cfg.batch_size)
 
-    def _encode_tiles(self, path: Path, layout: _Layout, hier: Hierarchy, progress: _Progress) -> dict[str, np.ndarray]:
-        """Patch and pack features streamed from the workers, plus the thumbnail feature."""
+    def _encode_tiles(self, path: Path, layout: _Layout, hier: Hierarchy, progress: _Progress,
+                      timings: dict[str, float]) -> dict[str, np.ndarray]:
+        """Patch and pack features streamed from the workers, plus the thumbnail feature.
+
+        The workers read (and run the encoder's ``worker_transform``) while this process
+        encodes, so ``timings`` gets the two parts of this process's time: ``read``, waiting
+        for the workers' next item (their start included), which is reading that encoding did
+        not hide; ``encode``, everything else (encoding, the thumbnail, progress).
+        """
         enc = self.encoders.tile
+        start = time.perf_counter()
         out = {"patch": np.empty((len(layout.patch_grid), enc.feature_dim), np.float32)}
         if self.config.pack_features:
             out["pack"] = np.empty((len(hier.pack_grid), enc.feature_dim), np.float32)
         progress.tiles_total(len(layout.patch_grid))
         dataset = WorkItemDataset(path, self._work_items(layout, hier), enc.worker_transform)
-        for result in iterate_items(dataset, self.config.workers, pin_memory=self.encoders.on_cuda):
-            if result["error"]:
-                raise SlideReadError(result["error"])
-            for kind in ("patch", "pack"):
-                if result[kind] is not None:
-                    rows, transformed = result[kind]
-                    out[kind][rows] = self._checked(enc.encode(transformed), len(rows))
-            progress.tiles_done(result["n_patches"])
+        waited = 0.0
+        # closing(): a failure stops the workers at once, not when the generator is collected.
+        with closing(iterate_items(dataset, self.config.workers, pin_memory=self.encoders.on_cuda)) as items:
+            while True:
+                t = time.perf_counter()
+                result = next(items, None)
+                waited += time.perf_counter() - t
+                if result is None:
+                    break
+                if result["error"]:
+                    raise SlideReadError(result["error"])
+                for kind in ("patch", "pack"):
+                    if result[kind] is not None:
+                        rows, transformed = result[kind]
+                        out[kind][rows] = self._checked(enc.encode(transformed), len(rows))
+                progress.tiles_done(result["n_patches"])
         if self.config.global_feature:
             thumb = thumbnail_square(layout.overview, enc.input_size)
             out["global"] = self._checked(enc.encode(enc.worker_transform(thumb[None])), 1)[0]
+        timings["read"] = waited
+        timings["encode"] = time.perf_counter() - start - waited
         return out
 
     def _checked(self, encoded: Any, n: int) -> np.ndarray:

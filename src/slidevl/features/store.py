@@ -30,13 +30,14 @@ import h5py
 import numpy as np
 
 from slidevl.atomic import atomic_path
+from slidevl.errors import InputError
 
 SCHEMA_VERSION = 1
 # Rows per chunk: large enough that reading a bag is a handful of I/O calls, never one row each.
 _CHUNK_ROWS = 1024
 
 
-class FeatureStoreError(RuntimeError):
+class FeatureStoreError(InputError):
     """A feature file is missing, unreadable, or does not follow the schema."""
 
 

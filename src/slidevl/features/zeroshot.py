@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from slidevl.atomic import atomic_path, write_json_atomic
+from slidevl.errors import InputError
 from slidevl.features.encoders.base import EncoderError, safe_name
 from slidevl.features.encoders.text import class_embeddings, class_probabilities
 from slidevl.features.store import FeatureStore, FeatureStoreError
@@ -51,7 +52,7 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 HEATMAP_MAX_SIDE = 2048
 
 
-class ZeroShotError(RuntimeError):
+class ZeroShotError(InputError):
     """The prompts, the encoder or the input cannot be used; the message names the file and the fix."""
 
 

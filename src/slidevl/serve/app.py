@@ -24,9 +24,11 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, field_validator
 
 import slidevl
-from slidevl.serve.answerer import Answerer, AnswerError, JobFactsAnswerer
+from slidevl.errors import InputError
+from slidevl.serve.answerer import Answerer, AnswerError
 from slidevl.serve.assets import OSD_MISSING, STATIC_DIR, find_openseadragon
 from slidevl.serve.job import JobError, NotAvailableError, ServeJob, UnknownSlideError
+from slidevl.serve.jobfacts import JobFactsAnswerer
 from slidevl.serve.overlays import (
     GridKind,
     evidence_at,
@@ -80,8 +82,11 @@ class ChatReply(BaseModel):
     bbox: tuple[int, int, int, int] | None
 
 
-class _HTTPError(Exception):
+class _HTTPError(InputError):
+    """A request the API refuses: ``status`` and ``detail`` go back to the client."""
+
     def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
         self.status, self.detail = status, detail
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import typer
 
+from slidevl.cli_errors import ReportingCommand
 from slidevl.errors import InputError
 from slidevl.features.slidepaths import relocate_hint
 from slidevl.serve.assets import OSD_MISSING, find_openseadragon
-from slidevl.serve.job import JobError, ServeJob
+from slidevl.serve.job import ServeJob
 from slidevl.serve.vqa import load_checkpoint_answerer
 from slidevl.slide.formats import is_slide_path
 
@@ -57,17 +58,9 @@ def serve(
 
     from slidevl.serve.app import create_app
 
-    try:
-        check_bind_host(host, allow_remote)
-    except RemoteBindError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    try:
-        serve_job = ServeJob(job, survival_run=survival_run, rois_dir=rois, encoder=encoder, slides_root=slides_root)
-        answerer = load_checkpoint_answerer(vqa_checkpoint, serve_job.job_dir, slides_root=slides_root) if vqa_checkpoint else None
-    except (JobError, AnswererUnavailableError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    check_bind_host(host, allow_remote)
+    serve_job = ServeJob(job, survival_run=survival_run, rois_dir=rois, encoder=encoder, slides_root=slides_root)
+    answerer = load_checkpoint_answerer(vqa_checkpoint, serve_job.job_dir, slides_root=slides_root) if vqa_checkpoint else None
     _warn_unreachable_slides(serve_job)
     if find_openseadragon() is None:
         typer.echo(f"warning: {OSD_MISSING}; the page will load but cannot show slides", err=True)
@@ -87,4 +80,4 @@ def _warn_unreachable_slides(job: ServeJob) -> None:
                    f"If the slides moved, {relocate_hint(job.job_dir)}", err=True)
 
 
-app.command("serve")(serve)
+app.command("serve", cls=ReportingCommand)(serve)

@@ -12,11 +12,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from slidevl.errors import InputError
+
 Ring = np.ndarray  # (K, 2) float64, open (last point != first)
 Polygon = list[Ring]  # outer ring first, then holes
 
 
-class GeoJSONError(ValueError):
+class GeoJSONError(InputError):
     """The GeoJSON does not hold Polygon/MultiPolygon features in level-0 coordinates."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from slidevl.errors import InputError, NotFoundError
 from slidevl.features.slidepaths import SlideRecord, resolve_slide
 from slidevl.features.store import (
     SCHEMA_VERSION,
@@ -30,15 +31,15 @@ MANIFEST = "manifest.json"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]{0,199}$")
 
 
-class JobError(RuntimeError):
+class JobError(InputError):
     """The job folder or its manifest cannot be used; the message names the file and the fix."""
 
 
-class UnknownSlideError(KeyError):
+class UnknownSlideError(NotFoundError, KeyError):
     """A slide id that the job's manifest does not list."""
 
 
-class NotAvailableError(LookupError):
+class NotAvailableError(NotFoundError):
     """The slide is known but the requested output (features, tissue, evidence…) does not exist."""
 
 

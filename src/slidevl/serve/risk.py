@@ -147,7 +147,7 @@ class SurvivalRun:
         elif not paths:
             out = {"curve": None, "curve_note": "the patient's slides have no feature files in this job"}
         else:
-            from slidevl.survival.checkpoint import CheckpointError
+            from slidevl.errors import CheckpointError
             from slidevl.survival.predict import PredictInputError, predict_patient
 
             try:

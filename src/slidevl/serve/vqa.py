@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from slidevl.serve.answerer import AnswerError, BBox, History
+from slidevl.errors import SlideVLError
+from slidevl.serve.answerer import Answerer, AnswerError, AnswererUnavailableError, BBox, History
 
 
 class SlideLLMAnswerer:
@@ -52,3 +53,16 @@ class SlideLLMAnswerer:
                 return chat.ask(question, max_new_tokens=self.max_new_tokens)
             except SlideVLMError as exc:
                 raise AnswerError(str(exc)) from exc
+
+
+def load_checkpoint_answerer(checkpoint: str | Path, job_dir: str | Path, *, device: str | None = None,
+                             slides_root: str | Path | None = None) -> Answerer:
+    """The slide VQA model of a ``slidevl slidellm stage2`` checkpoint, answering over ``job_dir``."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise AnswererUnavailableError(f"{checkpoint}: VQA checkpoint not found; pass the folder `slidevl slidellm stage2` wrote")
+    try:
+        return SlideLLMAnswerer(checkpoint, job_dir, device=device, slides_root=slides_root)
+    # Our own errors, and what torch and transformers raise for a folder they cannot load.
+    except (SlideVLError, OSError, ValueError) as exc:
+        raise AnswererUnavailableError(f"{checkpoint}: cannot load the VQA model ({exc})") from exc

@@ -43,6 +43,9 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 #: a row over the threads.
 MAX_RUN = 8
 
+#: Regions read by one thread task, in row order (neighbouring rows share JPEG tiles).
+READS_PER_TASK = 8
+
 #: Overview rows r0:r1 and columns c0:c1 -> the (r1 - r0, c1 - c0) uint8 maximum saturation under them.
 BlockReader = Callable[[int, int, int, int], np.ndarray]
 
@@ -69,10 +72,12 @@ class MembraneMap:
         """Block grid (bool) of the blocks that hold at least one of ``pixels``."""
         if pixels.shape != self.shape:
             raise ValueError(f"pixel map {pixels.shape} does not match the overview {self.shape}")
-        gh, gw = self.done.shape
-        padded = np.zeros((gh * self.block, gw * self.block), dtype=bool)
-        padded[: self.shape[0], : self.shape[1]] = pixels
-        return padded.reshape(gh, self.block, gw, self.block).any(axis=(1, 3))
+        return block_view(pixels, self.block).any(axis=(1, 3))
+
+    def pixels_of(self, blocks: np.ndarray) -> np.ndarray:
+        """Overview pixel map (bool) of the blocks set in the block grid ``blocks``."""
+        grown = np.repeat(np.repeat(blocks, self.block, axis=0), self.block, axis=1)
+        return grown[: self.shape[0], : self.shape[1]]
 
     def read(self, blocks: np.ndarray) -> int:
         """Read the wanted blocks (bool grid) not read yet; returns how many were read.
@@ -81,21 +86,35 @@ class MembraneMap:
         fewer, larger reads decode each JPEG tile of the slide once.
         """
         todo = blocks & ~self.done
-        boxes = []
-        for r, c0, c1 in _runs(todo, MAX_RUN):
-            boxes.append((r * self.block, min(self.shape[0], (r + 1) * self.block),
-                          c0 * self.block, min(self.shape[1], c1 * self.block)))
-        results = self._pool.map(lambda box: self._read_block(*box), boxes) if self._pool else map(
-            lambda box: self._read_block(*box), boxes)
-        for (r0, r1, c0, c1), values in zip(boxes, results):
-            self.values[r0:r1, c0:c1] = values
+        boxes = [(r * self.block, min(self.shape[0], (r + 1) * self.block), c0 * self.block,
+                  min(self.shape[1], c1 * self.block)) for r, c0, c1 in _runs(todo, MAX_RUN)]
+        # A few reads per task: a task per read cost as much as a tenth of the reading.
+        tasks = [boxes[i : i + READS_PER_TASK] for i in range(0, len(boxes), READS_PER_TASK)]
+        mapped = self._pool.map(self._read_boxes, tasks) if self._pool else map(self._read_boxes, tasks)
+        for task, results in zip(tasks, mapped):
+            for (r0, r1, c0, c1), values in zip(task, results):
+                self.values[r0:r1, c0:c1] = values
         self.done |= todo
         return int(todo.sum())
+
+    def _read_boxes(self, boxes: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
+        return [self._read_block(*box) for box in boxes]
 
     @property
     def read_fraction(self) -> float:
         """Share of the overview's blocks read so far."""
         return float(self.done.mean()) if self.done.size else 0.0
+
+
+def block_view(values: np.ndarray, block: int) -> np.ndarray:
+    """``values`` (h, w), zero-padded to whole blocks, as (rows of blocks, block, columns of blocks, block)."""
+    h, w = values.shape
+    gh, gw = -(-h // block), -(-w // block)
+    if (gh * block, gw * block) != (h, w):
+        padded = np.zeros((gh * block, gw * block), dtype=values.dtype)
+        padded[:h, :w] = values
+        values = padded
+    return values.reshape(gh, block, gw, block)
 
 
 def _runs(grid: np.ndarray, longest: int) -> list[tuple[int, int, int]]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from slidevl.errors import InputError
 from slidevl.slide.reader import Slide
 
 # Anything outside this range is not a microscope scan resolution: typically a TIFF
@@ -21,11 +22,11 @@ MPP_RANGE = (0.01, 100.0)
 _ANISOTROPY_TOL = 0.01
 
 
-class MissingMppError(ValueError):
+class MissingMppError(InputError):
     """The slide carries no usable mpp and no override was given."""
 
 
-class MppCsvError(ValueError):
+class MppCsvError(InputError):
     """The per-slide mpp CSV is malformed."""
 
 

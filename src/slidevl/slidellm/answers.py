@@ -6,7 +6,7 @@ without importing torch.
 
 from __future__ import annotations
 
-from slidevl.vqa.records import OPTION_LETTERS, VQARecord, parse_answer_letters
+from slidevl.qa.records import OPTION_LETTERS, VQARecord, parse_answer_letters
 
 #: How a choice answer is written in the assistant turn.
 #: ``letter``: the stored letters ("B", "A,C"); ``letter_text``: "B. option text", one line

@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 
 from slidevl.features.store import FeatureStore, read_slide_attrs
+from slidevl.qa.records import OPTION_LETTERS, VQARecord
 from slidevl.slidellm.answers import assistant_answer
 from slidevl.slidellm.llm import LLMLoadOptions
 from slidevl.slidellm.model import BBox, SlideVLMError, VisualInput, VisualTokens
@@ -30,7 +31,6 @@ from slidevl.slidellm.tokenizer import IMAGE_TOKEN
 from slidevl.slidellm.tuning.checkpoint import LoadedVLM, load_vlm
 from slidevl.slidellm.tuning.visual import CachedVisuals
 from slidevl.slidellm.vqa_data import ChatCollator, Example, chat_messages, encode_chat, user_prompt
-from slidevl.qa.records import OPTION_LETTERS, VQARecord
 
 #: Where features of slides given as files are kept when no --job is passed.
 DEFAULT_ASK_JOB = Path("~/.cache/slidevl/ask")
@@ -70,6 +70,36 @@ def preprocess_config_from_attrs(attrs: dict[str, Any], *, workers: int | None =
         float16=bool(fp["float16"]),
         progress=False,
     )
+
+
+#: Fingerprint entries that describe the slide file, not the preprocessing settings.
+_PER_SLIDE_ENTRIES = ("mpp", "slide_bytes")
+
+
+def _settings(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fingerprint.items() if k not in _PER_SLIDE_ENTRIES}
+
+
+def _features_made_for(path: Path, job: Path, training_attrs: dict[str, Any]) -> FeatureStore | None:
+    """The store of ``job`` when it holds complete features of ``path`` made with the training settings.
+
+    A second question about a slide file then skips the preprocessing pipeline, whose
+    imports (OpenSlide, the tile encoder and its weights) cost more than the answer. Only
+    a sure match is taken: anything else (a moved or changed file, other settings, a
+    killed run) goes to the pipeline, which decides and records as usual.
+    """
+    from slidevl.features.jobs import complete_status, read_status, slide_id_of
+
+    slide_id = slide_id_of(path)
+    status = read_status(job, slide_id)
+    trained = training_attrs.get("config_fingerprint")
+    if (status is None or status.output is None or not isinstance(status.fingerprint, dict) or not isinstance(trained, dict)
+            or status.slide.path != str(path.resolve()) or _settings(status.fingerprint) != _settings(trained)):
+        return None
+    feature_file = job / status.output
+    if complete_status(job, slide_id, feature_file, status.fingerprint, path) is None:
+        return None
+    return FeatureStore(job, feature_file.parent.name)
 
 
 class SlideAssistant:
@@ -121,9 +151,13 @@ class SlideAssistant:
         return read_slide_attrs(store.path(ids[0]))
 
     def _preprocess(self, path: Path, job: Path, console: Console | None) -> FeatureStore:
+        attrs = self._training_attrs()
+        done = _features_made_for(path, job, attrs)
+        if done is not None:
+            return done
         from slidevl.features.pipeline import preprocess
 
-        config = preprocess_config_from_attrs(self._training_attrs(), workers=self.preprocess_workers)
+        config = preprocess_config_from_attrs(attrs, workers=self.preprocess_workers)
         report = preprocess(path, job, config, console=console or Console(stderr=True, quiet=True))
         failed = [r for r in report.results if r.status == "failed"]
         if failed:

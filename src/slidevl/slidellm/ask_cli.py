@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+
+from slidevl.cli_errors import ReportingCommand
+from slidevl.errors import InputError
 
 if TYPE_CHECKING:  # the model stack is imported only when a command runs, keeping `--help` fast
     from slidevl.slidellm.ask import Conversation
 
 _out = Console()
 _err = Console(stderr=True)
-
-
-def _fail(message: str) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(1)
 
 
 def ask_command(
@@ -47,26 +45,22 @@ def ask_command(
     cache: Annotated[Path, typer.Option("--cache", help="Cache folder: features of slide files given without --job, and encoder outputs.")] = Path("~/.cache/slidevl/ask"),
 ) -> None:
     """Answer a question about a slide, from the slide file (or id) to the answer in one command."""
-    from slidevl.features.store import FeatureStoreError
-    from slidevl.slidellm.ask import SlideAssistant
-    from slidevl.slidellm.llm import LLMError
-    from slidevl.slidellm.model import SlideVLMError, parse_bbox
-    from slidevl.slidellm.tokenizer import TokenizerError
-    from slidevl.slidellm.tuning.state import CheckpointError
-
+    # Checked before the model stack is imported, so a wrong command line is answered at once.
     if question is None and not interactive:
-        _fail("give a QUESTION, or --interactive to read questions from stdin")
-    try:
-        region = parse_bbox(bbox) if bbox else None
-        assistant = SlideAssistant(checkpoint, device=device, cache_root=cache)
-        # Features and encoder outputs are written there; say so, once per command.
-        _err.print(f"cache: {assistant.cache_root} (slide features and encoder outputs; move it with --cache)",
-                   highlight=False, soft_wrap=True)
-        conversation = assistant.conversation(assistant.open_slide(slide, job=job, console=_err, slides_root=slides_root), bbox=region)
-        if question is not None:
-            _out.print(conversation.ask(question, max_new_tokens=max_new_tokens), markup=False, highlight=False)
-    except (ValueError, CheckpointError, FeatureStoreError, LLMError, SlideVLMError, TokenizerError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        raise InputError("give a QUESTION, or --interactive to read questions from stdin")
+    from slidevl.slidellm.ask import SlideAssistant
+    from slidevl.slidellm.model import parse_bbox
+
+    region = parse_bbox(bbox) if bbox else None
+    assistant = SlideAssistant(checkpoint, device=device, cache_root=cache)
+    # Features and encoder outputs are kept there. Said when this command creates it, not on
+    # every call: a second question about the same slide prints its answer alone.
+    if not assistant.cache_root.exists():
+        _err.print(f"cache: {assistant.cache_root} (created; slide features and encoder outputs are kept here, "
+                   "move it with --cache)", highlight=False, soft_wrap=True)
+    conversation = assistant.conversation(assistant.open_slide(slide, job=job, console=_err, slides_root=slides_root), bbox=region)
+    if question is not None:
+        _out.print(conversation.ask(question, max_new_tokens=max_new_tokens), markup=False, highlight=False)
     if interactive:
         _chat(conversation, max_new_tokens)
 
@@ -104,4 +98,4 @@ def _chat(conversation: "Conversation", max_new_tokens: int) -> None:
 
 #: A one-command app, so the command can be run and tested on its own.
 app = typer.Typer(add_completion=False)
-app.command("ask")(ask_command)
+app.command("ask", cls=ReportingCommand)(ask_command)

@@ -8,9 +8,10 @@ from typing import Any, Optional
 
 import typer
 
+from slidevl.cli_errors import ReportingGroup
 from slidevl.slidellm.tuning.cli import app as tuning_app
 
-app = typer.Typer(help="Slide-level vision-language model: encoder pretraining, language warm-up, stage 1 and 2 tuning.", no_args_is_help=True)
+app = typer.Typer(cls=ReportingGroup, help="Slide-level vision-language model: encoder pretraining, language warm-up, stage 1 and 2 tuning.", no_args_is_help=True)
 
 
 @app.callback()
@@ -27,7 +28,9 @@ def pretrain(
     features: Path = typer.Option(..., "--features", help="Feature job folder (holds features/<encoder>/*.h5)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder to create (or resume)."),
     feature_encoder: Optional[str] = typer.Option(None, "--feature-encoder", help="Feature encoder folder under <job>/features; needed when there are several."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out; model settings come from it."),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Continue from the checkpoint in --out; model settings come from it (a stopped run continues without it too)."),
     mae_steps: Optional[int] = typer.Option(None, help="MAE optimiser steps [1000]."),
     moco_steps: Optional[int] = typer.Option(None, help="MoCo optimiser steps after MAE [500]."),
     phase1_fraction: Optional[float] = typer.Option(None, help="Share of MAE steps masking patches within packs; the rest mask whole packs [0.5]."),
@@ -55,9 +58,17 @@ def pretrain(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Pretrain the topo-pack slide encoder on stored features: MAE (patches, then packs), then MoCo."""
-    from slidevl.features.store import FeatureStoreError
+    from slidevl.errors import InputError
+    from slidevl.interrupts import resumable
+    from slidevl.ranks import is_main_process
     from slidevl.slidellm.encoder.config import TopoPackConfig
-    from slidevl.slidellm.pretrain.checkpoint import CONFIG_NAME, PRETRAIN_CONFIG, CheckpointError, has_checkpoint
+    from slidevl.slidellm.pretrain.checkpoint import (
+        CONFIG_NAME,
+        PRETRAIN_CONFIG,
+        checkpoint_steps,
+        describe_checkpoint,
+        has_checkpoint,
+    )
     from slidevl.slidellm.pretrain.config import PretrainConfig
     from slidevl.slidellm.pretrain.data import FeatureStoreSource, encoder_config_for
     from slidevl.slidellm.pretrain.trainer import pretrain as run_pretrain
@@ -88,19 +99,25 @@ def pretrain(
         attention_impl=attention_impl,
         checkpoint_layers=checkpoint_layers,
     )
-    try:
-        source = FeatureStoreSource(features, feature_encoder)
-        if resume and has_checkpoint(out):
-            # Saved settings, with the options given on this command line on top; the
-            # trainer refuses changes that would alter the model or the losses.
-            config = replace(PretrainConfig.load(out / PRETRAIN_CONFIG), **train_options)
-            encoder_config = replace(TopoPackConfig.load(out / CONFIG_NAME), **model_options)
-        else:
-            config = PretrainConfig(**train_options)
-            ids = source.slide_ids()
-            if not ids:
-                raise ValueError(f"{source.store.root}: no feature files; run `slidevl preprocess` first")
-            encoder_config = encoder_config_for(source, **model_options)
+    steps = checkpoint_steps(out)
+    # The command that was stopped (or split with --stop-after), run again, continues.
+    if not resume and steps is not None and steps[0] < steps[1]:
+        resume = True
+        if is_main_process():
+            typer.echo(f"resuming: {describe_checkpoint(out)}", err=True)
+    source = FeatureStoreSource(features, feature_encoder)
+    if resume and has_checkpoint(out):
+        # Saved settings, with the options given on this command line on top; the
+        # trainer refuses changes that would alter the model or the losses.
+        config = replace(PretrainConfig.load(out / PRETRAIN_CONFIG), **train_options)
+        encoder_config = replace(TopoPackConfig.load(out / CONFIG_NAME), **model_options)
+    else:
+        config = PretrainConfig(**train_options)
+        ids = source.slide_ids()
+        if not ids:
+            raise InputError(f"{source.store.root}: no feature files; run `slidevl preprocess` first")
+        encoder_config = encoder_config_for(source, **model_options)
+    with resumable(lambda: describe_checkpoint(out)):
         result = run_pretrain(
             source,
             out,
@@ -111,12 +128,10 @@ def pretrain(
             stop_after=stop_after,
             cpu=True if cpu else None,
         )
-    except (ValueError, FileExistsError, FileNotFoundError, FeatureStoreError, CheckpointError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=1) from exc
-    last = result.log[-1] if result.log else {}
-    loss = f", last loss {last['loss']:.4f}" if "loss" in last else ""
-    typer.echo(f"{result.out_dir}: step {result.step}{loss}; encoder in {result.out_dir / 'encoder.safetensors'}")
+    if is_main_process():
+        last = result.log[-1] if result.log else {}
+        loss = f", last loss {last['loss']:.4f}" if "loss" in last else ""
+        typer.echo(f"{result.out_dir}: step {result.step}{loss}; encoder in {result.out_dir / 'encoder.safetensors'}")
 
 
 # The tuning stages live with their own code; without a name, their commands join this group.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,29 +28,32 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from slidevl.config import Config, setting
+from slidevl.errors import InputError
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class LLMError(ValueError):
-    """A language model cannot be loaded or configured as asked."""
+class LLMLoadError(InputError):
+    """A local language model cannot be loaded or configured as asked (its folder, dtype, LoRA settings)."""
 
 
 @dataclass
-class EmbeddedLMConfig:
+class EmbeddedLMConfig(Config):
     """Size of the embedded default LLM (Llama architecture, tied input/output embeddings)."""
 
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 688
-    max_positions: int = 2048
+    hidden_size: int = setting(256, help="Embedded LM width.", flag="--lm-hidden", min=1)
+    num_layers: int = setting(4, help="Embedded LM layers.", flag="--lm-layers", min=1)
+    num_heads: int = setting(4, help="Embedded LM attention heads.", flag="--lm-heads", min=1)
+    intermediate_size: int = setting(688, help="Embedded LM feed-forward width.", flag="--lm-ffn", min=1)
+    max_positions: int = setting(2048, help="Longest sequence the embedded LM can read.", cli=False)
 
 
 def build_embedded_llm(tokenizer: PreTrainedTokenizerBase, config: EmbeddedLMConfig | None = None) -> LlamaForCausalLM:
     """A randomly initialised small causal LM whose vocabulary is ``tokenizer``'s."""
     config = config or EmbeddedLMConfig()
     if config.hidden_size % config.num_heads:
-        raise LLMError(f"hidden_size={config.hidden_size} is not divisible by num_heads={config.num_heads}")
+        raise LLMLoadError(f"hidden_size={config.hidden_size} is not divisible by num_heads={config.num_heads}")
     hf_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
@@ -68,16 +71,16 @@ def build_embedded_llm(tokenizer: PreTrainedTokenizerBase, config: EmbeddedLMCon
 
 
 @dataclass
-class LLMLoadOptions:
+class LLMLoadOptions(Config):
     """Memory-saving switches for large models; the defaults suit the embedded LLM on CPU."""
 
-    dtype: str = "float32"
-    load_in_4bit: bool = False
-    gradient_checkpointing: bool = False
+    dtype: str = setting("float32", help="Weights dtype of the LLM: float32, bfloat16 or float16.", flag="--llm-dtype")
+    load_in_4bit: bool = setting(False, help="Load the LLM in 4-bit (bitsandbytes, CUDA).")
+    gradient_checkpointing: bool = setting(False, help="Trade compute for LLM activation memory.")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
-            raise LLMError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            raise LLMLoadError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -89,14 +92,14 @@ def load_llm(path: str | Path, options: LLMLoadOptions | None = None) -> PreTrai
     options = options or LLMLoadOptions()
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise LLMError(
+        raise LLMLoadError(
             f"{path}: no config.json; pass the directory of a Hugging Face causal LM (or the output of "
             "`slidevl slidellm warmup` for the embedded default)"
         )
     kwargs: dict[str, Any] = {"dtype": options.torch_dtype, "local_files_only": True}
     if options.load_in_4bit:
         if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-            raise LLMError("4-bit loading needs the bitsandbytes package and a CUDA GPU; drop --load-in-4bit or install bitsandbytes")
+            raise LLMLoadError("4-bit loading needs the bitsandbytes package and a CUDA GPU; drop --load-in-4bit or install bitsandbytes")
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if options.dtype == "float32" else options.torch_dtype
@@ -105,9 +108,10 @@ def load_llm(path: str | Path, options: LLMLoadOptions | None = None) -> PreTrai
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise LLMError(f"{path}: cannot load a causal LM ({exc})") from exc
+        raise LLMLoadError(f"{path}: cannot load a causal LM ({exc})") from exc
     if options.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -120,25 +124,37 @@ def load_llm(path: str | Path, options: LLMLoadOptions | None = None) -> PreTrai
 
 
 @dataclass
-class LoraSettings:
+class LoraSettings(Config):
     """peft LoRA settings; ``target_modules="all-linear"`` adapts every linear layer but the output head."""
 
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
-    target_modules: str | list[str] = field(default="all-linear")
+    r: int = setting(128, help="LoRA rank.", flag="--lora-r", min=1)
+    alpha: int = setting(256, help="LoRA scaling alpha.", flag="--lora-alpha", min=1)
+    dropout: float = setting(0.05, help="Dropout on the LoRA inputs.", flag="--lora-dropout")
+    target_modules: str = setting("all-linear", help="'all-linear' or comma-separated module names.", flag="--lora-targets")
+
+    def __post_init__(self) -> None:
+        # Run configs written before this was one string hold a list of module names.
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = ",".join(self.target_modules)
+
+    @property
+    def modules(self) -> str | list[str]:
+        """``target_modules`` as peft takes it: ``"all-linear"`` or a list of names."""
+        if self.target_modules == "all-linear":
+            return self.target_modules
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
 
 def add_lora(model: PreTrainedModel, settings: LoraSettings | None = None) -> PeftModel:
     """Wrap ``model`` with fresh LoRA adapters; only the adapters require grad afterwards."""
     settings = settings or LoraSettings()
     if settings.r < 1:
-        raise LLMError(f"LoRA rank must be >= 1, got {settings.r}")
+        raise LLMLoadError(f"LoRA rank must be >= 1, got {settings.r}")
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
+        target_modules=settings.modules,
         task_type="CAUSAL_LM",
         bias="none",
     )
@@ -150,9 +166,25 @@ def load_lora(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: boo
     """Attach adapters saved by ``PeftModel.save_pretrained`` (safetensors) to ``model``."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise LLMError(f"{adapter_dir}: no adapter_config.json; this is not a LoRA adapter folder")
+        raise LLMLoadError(f"{adapter_dir}: no adapter_config.json; this is not a LoRA adapter folder")
     with _peft_probe_quiet():
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    # transformers draws a tqdm bar for every model load: it would interleave with our rich
+    # progress, and follow every `slidevl ask` answer on stderr. Scoped, so a caller's own
+    # setting holds outside the load.
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from slidevl.errors import InputError
 from slidevl.features.store import SlideFeatures
-from slidevl.slidellm.connector import ConnectorOutput, MLPConnector, QFormerConnector
+from slidevl.slidellm.connector import ConnectorConfig, ConnectorOutput, MLPConnector, QFormerConnector
 from slidevl.slidellm.encoder import TopoPackBatch, TopoPackEncoder, batch_from_slide_features
 
 IGNORE_INDEX = -100
@@ -33,7 +34,7 @@ IGNORE_INDEX = -100
 BBox = tuple[int, int, int, int]
 
 
-class SlideVLMError(ValueError):
+class SlideVLMError(InputError):
     """Inputs that the slide LLM cannot use (bad box, missing placeholder, ...)."""
 
 
@@ -235,6 +236,27 @@ def pad_visual(tokens: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return out, valid
 
 
+def connector_input(config: ConnectorConfig, visual: VisualTokens, bbox: Sequence[int] | None = None) -> VisualInput:
+    """What a connector with ``config`` reads for a question about ``bbox`` (the whole slide when None)."""
+    tokens = visual.select(bbox, use_global=config.use_global)
+    patches = visual.patches_in(bbox, config.max_patches) if config.reads_patches else None
+    return VisualInput(tokens, patches)
+
+
+def batch_connector_inputs(
+    config: ConnectorConfig, inputs: Sequence[VisualInput]
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Padded ``tokens, valid, patches, patch_valid`` of a batch, as the connector's forward takes them."""
+    padded, valid = pad_visual([x.tokens for x in inputs])
+    if not config.reads_patches:
+        return padded, valid, None, None
+    missing = [i for i, x in enumerate(inputs) if x.patches is None]
+    if missing:
+        raise SlideVLMError(f"the connector reads patch features, but sample(s) {missing} have none")
+    patches, patch_valid = pad_visual([x.patches for x in inputs])  # type: ignore[misc]
+    return padded, valid, patches, patch_valid
+
+
 class SlideVLM(nn.Module):
     """Connector + causal LM (optionally LoRA-wrapped); the slide encoder is kept outside.
 
@@ -259,24 +281,14 @@ class SlideVLM(nn.Module):
 
     def visual_input(self, visual: VisualTokens, bbox: Sequence[int] | None = None) -> VisualInput:
         """What the connector reads for a question about ``bbox`` (the whole slide when None)."""
-        config = self.connector.config
-        tokens = visual.select(bbox, use_global=config.use_global)
-        patches = visual.patches_in(bbox, config.max_patches) if config.reads_patches else None
-        return VisualInput(tokens, patches)
+        return connector_input(self.connector.config, visual, bbox)
 
     def _llm_dtype(self) -> torch.dtype:
         return self.llm.get_input_embeddings().weight.dtype
 
     def visual_embeds(self, inputs: Sequence[VisualInput]) -> list[Tensor]:
         """Connector outputs, one (T'_i, llm width) tensor per sample, padding removed."""
-        padded, valid = pad_visual([x.tokens for x in inputs])
-        patches = patch_valid = None
-        if self.connector.config.reads_patches:
-            missing = [i for i, x in enumerate(inputs) if x.patches is None]
-            if missing:
-                raise SlideVLMError(f"the connector reads patch features, but sample(s) {missing} have none")
-            patches, patch_valid = pad_visual([x.patches for x in inputs])  # type: ignore[misc]
-        out: ConnectorOutput = self.connector(padded, valid, patches, patch_valid)
+        out: ConnectorOutput = self.connector(*batch_connector_inputs(self.connector.config, inputs))
         embeds = out.embeds.to(self._llm_dtype())
         return [embeds[i][out.valid[i]] for i in range(len(inputs))]
 

@@ -20,6 +20,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from slidevl.errors import InputError
+
 #: The placeholder replaced by the connector's visual tokens.
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -42,7 +44,7 @@ CHAT_TEMPLATE = (
 _TEMPLATE_TEXT = ("system\n", "user\n", "assistant\n")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer cannot serve the slide LLM (no chat template, no placeholder, ...)."""
 
 

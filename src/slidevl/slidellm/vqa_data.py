@@ -30,14 +30,16 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from slidevl.errors import InputError
+from slidevl.qa.records import OPTION_LETTERS, VQARecord, parse_answer_letters, render_options
 from slidevl.slidellm.answers import DEFAULT_ANSWER_STYLE, assistant_answer
 from slidevl.slidellm.model import IGNORE_INDEX
 from slidevl.slidellm.tokenizer import IMAGE_TOKEN, TokenizerError
-from slidevl.vqa.records import OPTION_LETTERS, VQARecord, parse_answer_letters, render_options
 
 #: Which record formats each tuning stage learns from.
 STAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "warmup": ("single", "multi", "open", "caption"),
+    "represent": ("caption",),
     "stage1": ("caption",),
     "stage2": ("single", "multi", "open"),
 }
@@ -170,7 +172,7 @@ class ChatDataset(Dataset):
         if supervise not in ("answer", "all"):
             raise ValueError(f"supervise must be 'answer' or 'all', got {supervise!r}")
         if not records:
-            raise ValueError("no records to train on; check the record file and the formats the stage uses")
+            raise InputError("no records to train on; check the record file and the formats the stage uses")
         self.records = list(records)
         self.tokenizer = tokenizer
         self.supervise = supervise

@@ -9,17 +9,16 @@ from typing import Any, List, Optional
 import typer
 from rich.console import Console
 
+from slidevl.cli_errors import ReportingGroup
+from slidevl.ranks import is_main_process
+
 app = typer.Typer(
+    cls=ReportingGroup,
     help="Survival prediction from WSI features: HiLa and MIL baselines with honest cross-validation.",
     no_args_is_help=True,
     add_completion=False,
 )
 _err = Console(stderr=True)
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    _err.print(f"[red]error:[/] {exc}")
-    return typer.Exit(code=1)
 
 
 def _auto_int(value: str, option: str) -> int | None:
@@ -36,12 +35,9 @@ def _auto_int(value: str, option: str) -> int | None:
 
 
 def _columns(id_col: str, patient_col: str, time_col: str, event_col: str, event_is_censoring: bool, time_unit: str):
-    from slidevl.survival.cohort import ClinicalColumns, CohortError
+    from slidevl.survival.cohort import ClinicalColumns
 
-    try:
-        return ClinicalColumns(id_col, patient_col, time_col, event_col, event_is_censoring, time_unit)
-    except CohortError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    return ClinicalColumns(id_col, patient_col, time_col, event_col, event_is_censoring, time_unit)
 
 
 # The clinical table's layout, shared by `cv` and `bins`.
@@ -117,36 +113,31 @@ def cv_command(
     """Cross-validate a model; write summary.json, oof_risks.csv, km.png and fold_k/ checkpoints.
 
     The whole input is checked before any work starts; Ctrl-C stops after saying which
-    folds finished, and the same command continues from there.
+    folds finished, and the same command continues from there. Under `accelerate launch`
+    it trains on several GPUs (docs/cluster.md).
     """
-    from slidevl.features.store import FeatureStoreError
     from slidevl.interrupts import resumable
-    from slidevl.survival.cohort import CohortError
     from slidevl.survival.cv import CVConfig, run_cv
-    from slidevl.survival.hila.prompts import PromptError
     from slidevl.survival.report import print_cv_table
     from slidevl.survival.runfolder import describe_progress
-    from slidevl.survival.train import ConfigError
 
     columns = _columns(id_col, patient_col, time_col, event_col, event_is_censoring, time_unit)
-    try:
-        config = CVConfig(
-            features=features, clinical=clinical, out=out, model=model, splits=splits, k=k, epochs=epochs, seed=seed,
-            lr=lr, weight_decay=weight_decay, grad_accum=_auto_int(grad_accum, "--grad-accum"), alpha=alpha, n_bins=n_bins,
-            bins_mode=bins_mode, variant=variant, prompts=prompts, text_encoder=text_encoder, region_tokens=region_tokens,
-            encoder=encoder, skip_missing=skip_missing, device=device, model_options=_parse_options(option),
-            standardize=standardize, evidence=not no_evidence, columns=columns,
-        )
-        if threads > 0:
-            import torch
+    config = CVConfig(
+        features=features, clinical=clinical, out=out, model=model, splits=splits, k=k, epochs=epochs, seed=seed,
+        lr=lr, weight_decay=weight_decay, grad_accum=_auto_int(grad_accum, "--grad-accum"), alpha=alpha, n_bins=n_bins,
+        bins_mode=bins_mode, variant=variant, prompts=prompts, text_encoder=text_encoder, region_tokens=region_tokens,
+        encoder=encoder, skip_missing=skip_missing, device=device, model_options=_parse_options(option),
+        standardize=standardize, evidence=not no_evidence, columns=columns,
+    )
+    if threads > 0:
+        import torch
 
-            torch.set_num_threads(threads)
-        with resumable(lambda: describe_progress(out), console=_err):
-            summary = run_cv(config, show_progress=not quiet, console=_err, overwrite=overwrite, resume=resume)
-    except (CohortError, FeatureStoreError, PromptError, ConfigError) as exc:
-        raise _fail(exc) from exc
-    print_cv_table(summary)
-    Console().print(f"run folder: {out}")
+        torch.set_num_threads(threads)
+    with resumable(lambda: describe_progress(out), console=_err):
+        summary = run_cv(config, show_progress=not quiet, console=_err, overwrite=overwrite, resume=resume)
+    if is_main_process():
+        print_cv_table(summary)
+        Console().print(f"run folder: {out}")
 
 
 @app.command("bins")
@@ -161,15 +152,11 @@ def bins_command(
     time_unit: str = TIME_UNIT,
 ) -> None:
     """Print the MCAT survival-bin edges (months) and per-bin patient/event counts as JSON."""
-    from slidevl.survival.cohort import CohortError
     from slidevl.survival.labels import bin_summary
     from slidevl.survival.validate import plan_bins
 
     columns = _columns(id_col, patient_col, time_col, event_col, event_is_censoring, time_unit)
-    try:
-        cohort, bins, notices = plan_bins(clinical, columns, n_bins)
-    except CohortError as exc:
-        raise _fail(exc) from exc
+    cohort, bins, notices = plan_bins(clinical, columns, n_bins)
     for notice in notices:
         _err.print(f"[yellow]note:[/] {notice}", highlight=False)
     patients = cohort.patients
@@ -186,14 +173,9 @@ def predict_command(
         None, "--slides-root", help="Where the job's slide files are now, when they moved (for slide ids without features)."),
 ) -> None:
     """Print a patient's risk, hazards and survival curve (bin edges in months) as JSON."""
-    from slidevl.features.store import FeatureStoreError
-    from slidevl.survival.checkpoint import CheckpointError
-    from slidevl.survival.predict import PredictInputError, predict_patient
+    from slidevl.survival.predict import predict_patient
 
-    try:
-        result = predict_patient(checkpoint, inputs, job=job, device=device, slides_root=slides_root)
-    except (CheckpointError, PredictInputError, FeatureStoreError) as exc:
-        raise _fail(exc) from exc
+    result = predict_patient(checkpoint, inputs, job=job, device=device, slides_root=slides_root)
     typer.echo(json.dumps(result, indent=2))
 
 
@@ -208,16 +190,9 @@ def zero_shot_command(
 ) -> None:
     """Risk from prompt alignment alone, no training: the C-index says whether the prompts mean something."""
     from slidevl.atomic import write_json_atomic
-    from slidevl.features.encoders.base import EncoderError
-    from slidevl.features.store import FeatureStoreError
-    from slidevl.survival.cohort import CohortError
-    from slidevl.survival.hila.prompts import PromptError
     from slidevl.survival.zeroshot import zero_shot_prognosis
 
-    try:
-        result = zero_shot_prognosis(features, clinical, text_encoder, prompts, encoder=encoder)
-    except (EncoderError, FeatureStoreError, CohortError, PromptError, ValueError) as exc:
-        raise _fail(exc) from exc
+    result = zero_shot_prognosis(features, clinical, text_encoder, prompts, encoder=encoder)
     if out is not None:
         write_json_atomic(out, result)
     typer.echo(f"zero-shot C-index {result['c_index']:.3f} over {result['n_patients']} patients "

@@ -36,6 +36,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import slidevl
 from slidevl.atomic import atomic_path, write_json_atomic
+from slidevl.errors import ConfigError
+from slidevl.features.encoders.text import normalise_encoder_spec
 from slidevl.features.store import FeatureStoreError
 from slidevl.survival.checkpoint import save_checkpoint
 from slidevl.survival.cohort import ClinicalColumns, Cohort
@@ -47,7 +49,6 @@ from slidevl.survival.hila.prompts import (
     encode_bank,
     is_aligned,
     load_prompt_bank,
-    normalise_encoder_spec,
     text_space_options,
 )
 from slidevl.survival.labels import SurvivalBins, fit_bins
@@ -56,7 +57,7 @@ from slidevl.survival.models.base import SurvivalModel
 from slidevl.survival.registry import SURVIVAL_MODELS, build_model, list_survival_models
 from slidevl.survival.runfolder import RunFolder, file_sha256
 from slidevl.survival.scaling import FeatureScaler
-from slidevl.survival.train import BagDataset, ConfigError, PatientRecord, TrainConfig, make_accelerator, predict_bag, train_model
+from slidevl.survival.train import BagDataset, PatientRecord, TrainConfig, make_accelerator, predict_bag, train_model
 from slidevl.survival.validate import CVPlan, plan_cv
 
 BINS_MODES = ("all", "train")

@@ -57,11 +57,15 @@ def slide_evidence(bag: PatientBag, evidence: dict[str, Any]) -> dict[str, dict[
     return out
 
 
-def write_evidence(directory: str | Path, bag: PatientBag, evidence: dict[str, Any], meta: dict[str, Any]) -> list[Path]:
-    """Write ``<directory>/<slide>.json`` for every slide of the bag; ``meta`` is copied into each."""
+def write_evidence(directory: str | Path, patient_id: str, records: dict[str, dict[str, Any]], meta: dict[str, Any]) -> list[Path]:
+    """Write ``<directory>/<slide>.json`` for every slide's record (:func:`slide_evidence`); ``meta`` is copied into each.
+
+    The records are plain JSON-ready data, so the process that predicted a patient can
+    hand them to the one that writes.
+    """
     paths = []
-    for slide_id, record in slide_evidence(bag, evidence).items():
+    for slide_id, record in records.items():
         path = Path(directory) / f"{slide_id}.json"
-        write_json_atomic(path, {"slide_id": slide_id, "patient_id": bag.patient_id, **meta, **record}, indent=None)
+        write_json_atomic(path, {"slide_id": slide_id, "patient_id": patient_id, **meta, **record}, indent=None)
         paths.append(path)
     return paths

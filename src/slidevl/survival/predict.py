@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from slidevl.errors import InputError
 from slidevl.features.store import FeatureStore
 from slidevl.survival.checkpoint import load_checkpoint
 from slidevl.survival.data import BagCache, FeatureFiles
@@ -21,7 +22,7 @@ from slidevl.survival.train import predict_bag
 FEATURE_SUFFIXES = (".h5", ".hdf5")
 
 
-class PredictInputError(ValueError):
+class PredictInputError(InputError):
     """The inputs of a prediction cannot be turned into a bag."""
 
 

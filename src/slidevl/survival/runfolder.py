@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from slidevl.atomic import write_json_atomic
-from slidevl.survival.train import ConfigError
+from slidevl.errors import ConfigError
 
 STATE_FILE = "run_state.json"
 RESULT_FILE = "result.json"

@@ -4,8 +4,11 @@ One patient per step with gradient accumulation (``TrainConfig`` keeps HiLa's 32
 fits it to the cohort, see :mod:`slidevl.survival.validate`), Adam,
 a fixed number of epochs, no early stopping and no selection on validation data: the
 model of the last epoch is the model. The same code runs on CPU, one GPU or several
-(``accelerate launch``); with several processes each keeps its own HiLa memory queue
-and evaluation is repeated on every process, written once by the main one.
+(``accelerate launch``). With several processes each takes every N-th patient of the
+epoch's shuffled order and DDP averages the gradients, so N processes at ``grad_accum``
+k/N take the same optimiser steps as one process at k (HiLa's memory queue receives
+every process's keys, see :mod:`slidevl.survival.hila.mcl`); the per-epoch losses are
+summed over all processes before they are averaged.
 """
 
 from __future__ import annotations
@@ -18,15 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from slidevl.errors import ConfigError
 from slidevl.survival.data import BagCache, PatientBag
 from slidevl.survival.loss import hazards_and_survival, nll_loss, risk_from_survival
 from slidevl.survival.models.base import SurvivalModel
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A training or cross-validation option is invalid."""
 
 
 @dataclass
@@ -84,8 +84,12 @@ def _single(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return batch[0]
 
 
-def make_accelerator(device: str = "auto", grad_accum: int = 32):
-    """An ``Accelerator`` for ``device`` (``auto`` lets accelerate pick) with gradient accumulation."""
+def make_accelerator(device: str = "auto", grad_accum: int = 32, *, find_unused: bool = True):
+    """An ``Accelerator`` for ``device`` (``auto`` lets accelerate pick) with gradient accumulation.
+
+    ``find_unused`` lets DDP accept parameters without a gradient on a step (HiLa); a model
+    that always uses all of them runs without the extra graph walk.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -94,7 +98,7 @@ def make_accelerator(device: str = "auto", grad_accum: int = 32):
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but no CUDA device is visible; use --device cpu or auto")
     # HiLa's top-r selection and ablations leave some parameters without gradient on a step.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused)
     return Accelerator(cpu=device == "cpu", gradient_accumulation_steps=grad_accum, kwargs_handlers=[ddp])
 
 
@@ -109,7 +113,11 @@ def train_model(
     optimizer = torch.optim.Adam(
         (p for p in model.parameters() if p.requires_grad), lr=config.lr, weight_decay=config.weight_decay
     )
-    loader = DataLoader(dataset, batch_size=1, shuffle=True, collate_fn=_single, num_workers=0)
+    # The order follows the seed set for this model (the fold's) alone: the same with one
+    # process or several. Without a generator accelerate seeds the shuffle from another draw
+    # with several processes than with one, and the two runs would see other batches.
+    order = torch.Generator().manual_seed(torch.initial_seed())
+    loader = DataLoader(dataset, batch_size=1, shuffle=True, collate_fn=_single, num_workers=0, generator=order)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     history = []
     for epoch in range(config.epochs):
@@ -128,12 +136,17 @@ def train_model(
             total += float(loss.detach())
             surv_total += float(surv_loss.detach())
             aux_total += 0.0 if out.aux_loss is None else float(out.aux_loss.detach())
-        n = max(1, len(loader))
+        # Every process saw its own share of the patients: the epoch's loss is over all of them
+        # (with the few patients accelerate repeats to give every process as many steps).
+        sums = accelerator.reduce(
+            torch.tensor([total, surv_total, aux_total, len(loader)], dtype=torch.float64, device=accelerator.device), "sum"
+        ).tolist()
+        n = max(1.0, sums[3])
         stats = {
             "epoch": epoch + 1,
-            "loss": total / n,
-            "nll": surv_total / n,
-            "aux": aux_total / n,
+            "loss": sums[0] / n,
+            "nll": sums[1] / n,
+            "aux": sums[2] / n,
             "seconds": time.perf_counter() - started,
             # Process CPU time: comparable between models on a machine shared with other jobs.
             "cpu_seconds": time.process_time() - cpu_started,

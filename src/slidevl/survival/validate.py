@@ -1,9 +1,9 @@
 """Check a survival run's whole input before any work starts, and fit the defaults to small cohorts.
 
 Every problem found (the table, ids against feature files, folds against events,
-bins against uncensored patients, units) is reported in one :class:`InputError` that
-names the option to change and the values that would work. Nothing is written here:
-a refused run leaves no folder behind.
+bins against uncensored patients, units) is reported in one
+:class:`~slidevl.survival.cohort.CohortError` that names the option to change and the
+values that would work. Nothing is written here: a refused run leaves no folder behind.
 
 Options left unset (``None``: ``--k``, ``--n-bins``, ``--grad-accum auto``) are chosen
 from the cohort, each change from the usual default printed as a notice and recorded
@@ -53,10 +53,6 @@ DEFAULT_N_BINS = 4
 DEFAULT_GRAD_ACCUM = 32  # the paper's patients per optimizer step
 MIN_STEPS_PER_EPOCH = 32
 GRAD_ACCUM_RULE = f"min({DEFAULT_GRAD_ACCUM}, max(1, n_train // {MIN_STEPS_PER_EPOCH})), n_train = smallest training fold"
-
-
-class InputError(CohortError):
-    """The run's input does not fit together; the message lists every problem."""
 
 
 def auto_grad_accum(n_train: int) -> int:
@@ -152,7 +148,7 @@ def _id_hint(store: FeatureStore, clinical: Path, columns: ClinicalColumns) -> s
 
 
 def _cohort(config: Any, problems: list[str], notices: list[str]) -> tuple[FeatureStore | None, Cohort]:
-    """The store and the cohort of slides with features; raises :class:`InputError` when nothing can be checked further."""
+    """The store and the cohort of slides with features; raises :class:`CohortError` when nothing can be checked further."""
     store = None
     try:
         store = FeatureStore(config.features, config.encoder)
@@ -162,9 +158,9 @@ def _cohort(config: Any, problems: list[str], notices: list[str]) -> tuple[Featu
         cohort = load_cohort(config.clinical, None if store is None else store.__contains__, skip_missing=True,
                              columns=config.columns)
     except NoFeaturesError as exc:
-        raise InputError(join_problems("survival cv", [*problems, str(exc) + _id_hint(store, config.clinical, config.columns)])) from None
+        raise CohortError(join_problems("survival cv", [*problems, str(exc) + _id_hint(store, config.clinical, config.columns)])) from None
     except CohortError as exc:
-        raise InputError(join_problems("survival cv", [*problems, str(exc)])) from None
+        raise CohortError(join_problems("survival cv", [*problems, str(exc)])) from None
     if cohort.skipped_slides:
         if config.skip_missing:
             notices.append(f"--skip-missing: {len(cohort.skipped_slides)} slide(s) without features left out "
@@ -177,7 +173,7 @@ def _cohort(config: Any, problems: list[str], notices: list[str]) -> tuple[Featu
 def plan_cv(config: Any) -> CVPlan:
     """Check a :class:`~slidevl.survival.cv.CVConfig`'s input and settle the values in effect.
 
-    Raises :class:`InputError` listing every problem; returns the plan otherwise.
+    Raises :class:`CohortError` listing every problem; returns the plan otherwise.
     Reads the clinical table and the feature folder's file list, writes nothing.
     """
     problems: list[str] = []
@@ -234,7 +230,7 @@ def plan_cv(config: Any) -> CVPlan:
                            "patient's time), so its C-index is undefined and left out of the mean")
 
     if problems:
-        raise InputError(join_problems("survival cv", problems))
+        raise CohortError(join_problems("survival cv", problems))
     assert store is not None and folds is not None  # a missing store or folds is a problem above
     global_bins = None
     if config.bins_mode == "all":
@@ -254,11 +250,11 @@ def plan_bins(clinical: str | Path, columns: ClinicalColumns | None, n_bins: int
     try:
         cohort = load_cohort(clinical, columns=columns)
     except CohortError as exc:
-        raise InputError(str(exc)) from None
+        raise CohortError(str(exc)) from None
     problems: list[str] = []
     notices: list[str] = []
     n_bins = _choose_bins(_bin_sets(cohort, None, "all"), n_bins, problems, notices)
     if problems:
-        raise InputError(join_problems(str(clinical), problems))
+        raise CohortError(join_problems(str(clinical), problems))
     bins = fit_bins(cohort.patients["t"].to_numpy(), cohort.patients["e"].to_numpy(), n_bins, mode="all")
     return cohort, bins, notices

@@ -7,9 +7,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ..cli_errors import ReportingGroup
 from .cohort import make_cohort
 
-app = typer.Typer(help="Synthetic H&E-like cohorts with planted ground truth.", no_args_is_help=True)
+app = typer.Typer(cls=ReportingGroup, help="Synthetic H&E-like cohorts with planted ground truth.", no_args_is_help=True)
 
 
 @app.callback()
@@ -40,24 +41,20 @@ def cohort(
 ) -> None:
     """Render a synthetic cohort of pyramidal TIFF slides with survival labels and truth."""
     console = Console(stderr=True)
-    try:
-        info = make_cohort(
-            out,
-            n_patients=patients,
-            seed=seed,
-            slide_px=slide_px,
-            censor_rate=censor_rate,
-            two_slide_fraction=two_slide_fraction,
-            generic_fraction=generic_fraction,
-            n_folds=folds,
-            texture_px=texture_px,
-            quality=quality,
-            overwrite=overwrite,
-            progress=not quiet,
-        )
-    except (ValueError, FileExistsError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(code=2) from exc
+    info = make_cohort(
+        out,
+        n_patients=patients,
+        seed=seed,
+        slide_px=slide_px,
+        censor_rate=censor_rate,
+        two_slide_fraction=two_slide_fraction,
+        generic_fraction=generic_fraction,
+        n_folds=folds,
+        texture_px=texture_px,
+        quality=quality,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
     c = "n/a" if info.oracle_c_index is None else f"{info.oracle_c_index:.3f}"
     console.print(
         f"wrote {info.n_slides} slides of {info.n_patients} patients to {info.out_dir} "

@@ -6,7 +6,7 @@ Layout of the output folder::
     OUT/labels/<slide_id>.png      class index per 16x16 level-0 px (see truth.json)
     OUT/clinical.csv               pathology_id,patient_id,e,t  (t in months)
     OUT/splits/splits_{0..4}.csv   patient-level, event-stratified folds (TCGA format)
-    OUT/truth.json                 planted morphology, risk, outcome, regions, nodules
+    OUT/truth.json                 planted morphology, risk, outcome, regions, nodules, spatial layout
 
 ``truth.json`` is written last, so its presence marks a complete cohort.
 """
@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import __version__
 from ..atomic import atomic_path, write_json_atomic, write_text_atomic
+from ..errors import InputError
 from ..splits import make_patient_splits, write_splits
 from .classes import CLASS_INDEX, CLASSES, LABEL_DS, MPP, REGION_PX
 from .layout import make_layout
@@ -41,6 +42,7 @@ from .model import (
     sample_patients,
 )
 from .render import SlideRenderer
+from .spatial import measure
 from .stain import sample_stain, stain_lut
 from .tiff import write_slide_tiff
 from .truth import SCHEMA, class_fractions, fractions_dict, region_table
@@ -140,15 +142,15 @@ def make_cohort(
     t_start = time.perf_counter()
     out = Path(out_dir)
     if n_patients < n_folds:
-        raise ValueError(f"n_patients ({n_patients}) must be >= n_folds ({n_folds}) to fill every fold")
+        raise InputError(f"n_patients ({n_patients}) must be >= n_folds ({n_folds}) to fill every fold")
     if slide_px < 512:
-        raise ValueError(f"slide_px must be >= 512, got {slide_px}")
+        raise InputError(f"slide_px must be >= 512, got {slide_px}")
     if not 0.0 <= two_slide_fraction <= 1.0 or not 0.0 <= generic_fraction <= 1.0:
-        raise ValueError("two_slide_fraction and generic_fraction must lie in [0, 1]")
+        raise InputError("two_slide_fraction and generic_fraction must lie in [0, 1]")
     truth_path = out / "truth.json"
     if truth_path.exists():
         if not overwrite:
-            raise FileExistsError(
+            raise InputError(
                 f"{out} already holds a cohort ({truth_path}); pass overwrite=True (--overwrite) or pick another folder"
             )
         _remove_previous(out, truth_path)
@@ -279,6 +281,8 @@ def _render_slide(out: Path, plan: _SlidePlan, seed: int, texture_px: int, quali
         "grade": m.grade,
         "stain": stain.as_dict(),
         "nodules": [n.as_dict() for n in layout.nodules],
+        "arrangement": layout.arrangement.as_dict(),
+        "spatial": measure(labels, [0, 0, plan.width, plan.height], LABEL_DS, MPP).as_dict(),
         "composition": fractions_dict(whole),
         "tissue_composition": fractions_dict(whole / tissue if tissue > 0 else whole),
         "regions": region_table(labels),

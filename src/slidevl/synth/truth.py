@@ -5,12 +5,19 @@ per slide its geometry, layout, nodules and class composition per region (the 40
 cells of the global grid anchored at level-0 (0, 0)). ``labels/<slide>.png`` holds one
 class index per 16x16 level-0 pixels (the table is ``truth.json["classes"]``).
 
+Per slide, ``arrangement`` is how the layout was planned (fragments, tumour at the edge,
+marginal necrosis) and ``spatial`` what the label map shows
+(:mod:`slidevl.synth.spatial`: fragments and nodules with areas, centroids and boxes,
+tumour at the tissue edge, necrosis inside or next to tumour, the largest nodule's part
+of the slide); :meth:`SlideTruth.spatial` measures any box the same way.
+
 Other parts look the truth up through :func:`load_truth` and :func:`class_fractions`::
 
     truth = load_truth("cohort/")
     slide = truth.slides["SYN-0003-01"]
     slide.class_at(12000, 8000)               # 'tumour'
     slide.fractions([0, 0, 4096, 4096])        # {'background': 0.61, 'tumour': 0.2, ...}
+    slide.spatial([0, 0, 4096, 4096]).n_nodules  # 2
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError
 from .classes import BACKGROUND, CLASSES, LABEL_DS, REGION_PX, TISSUE_CLASSES
+from .spatial import Spatial, measure
 
 SCHEMA = "slidevl.synth.truth/1"
 
@@ -158,6 +167,11 @@ class SlideTruth:
         """Class fractions inside a level-0 bbox [x0, y0, x1, y1]."""
         return fractions_dict(class_fractions(self.labels(), bbox_level0, self.label_downsample))
 
+    def spatial(self, bbox_level0: Sequence[float] | None = None) -> Spatial:
+        """Fragments, nodules and how they meet inside a level-0 bbox (default: the whole slide)."""
+        box = (0, 0, self.width, self.height) if bbox_level0 is None else bbox_level0
+        return measure(self.labels(), box, self.label_downsample, self.mpp)
+
     def region_at(self, x: float, y: float) -> RegionTruth:
         """The grid region containing level-0 pixel (x, y)."""
         for r in self.regions:
@@ -205,18 +219,18 @@ def load_truth(cohort_dir: str | os.PathLike[str]) -> CohortTruth:
     root = Path(cohort_dir)
     path = root / "truth.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputError(
             f"{path} not found: {root} is not a synthetic cohort (create one with `slidevl synth cohort {root}`)"
         )
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); regenerate the cohort") from exc
+        raise InputError(f"{path} is not valid JSON ({exc}); regenerate the cohort") from exc
     if raw.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: schema {raw.get('schema')!r} is not {SCHEMA!r}; regenerate the cohort")
+        raise InputError(f"{path}: schema {raw.get('schema')!r} is not {SCHEMA!r}; regenerate the cohort")
     classes = tuple(raw["classes"])
     if classes != CLASSES:
-        raise ValueError(f"{path}: class table {list(classes)} differs from this version's {list(CLASSES)}")
+        raise InputError(f"{path}: class table {list(classes)} differs from this version's {list(CLASSES)}")
     try:
         patients = {
             p["patient_id"]: PatientTruth(
@@ -257,7 +271,7 @@ def load_truth(cohort_dir: str | os.PathLike[str]) -> CohortTruth:
             for s in raw["slides"]
         }
     except (KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: malformed entry ({exc!r}); regenerate the cohort") from exc
+        raise InputError(f"{path}: malformed entry ({exc!r}); regenerate the cohort") from exc
     return CohortTruth(
         root=root,
         classes=classes,

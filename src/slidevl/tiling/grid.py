@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from slidevl.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class GridSpec:
@@ -28,10 +30,10 @@ class GridSpec:
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
-            raise ValueError(f"target_mpp must be > 0, got {self.target_mpp}")
+            raise ConfigError(f"target_mpp must be > 0, got {self.target_mpp}")
         for name in ("patch_px", "region_patches", "pack_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def region_px(self) -> int:

@@ -24,7 +24,7 @@ be asked the slide's binned share questions (``train_slide_scale``): a slide ans
 those once, so the bins of tumour burden, necrosis and lymphocytes are otherwise learned
 from one example per training slide. Outputs in ``out``::
 
-    train.jsonl, test.jsonl     VQA records (slidevl.vqa.records contract)
+    train.jsonl, test.jsonl     VQA records (slidevl.qa.records contract)
     rois/<slide>.json           ROIs in the viewer's format plus geometry, composition, windows
     summary.json                counts per split/level/format/category, letter balance,
                                 blind baselines, ROI/window statistics, LLM statistics
@@ -44,12 +44,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sklearn.model_selection import train_test_split
 
 from slidevl.atomic import write_json_atomic
+from slidevl.errors import InputError
 from slidevl.features.store import FeatureStore, FeatureStoreError
 from slidevl.llmclient import LLMClient
+from slidevl.qa.records import CHOICE_FORMATS, TEXT_FORMATS, VQARecord, write_records
 from slidevl.vqa import build_summary
 from slidevl.vqa.chain import ChainReport, run_chain
 from slidevl.vqa.facts import FactsError, FactsSource, TruthFacts, find_cohort
-from slidevl.vqa.records import CHOICE_FORMATS, TEXT_FORMATS, VQARecord, write_records
 from slidevl.vqa.roi import METHODS, ROI, grow_rois
 from slidevl.vqa.templates import Unit, Writer, patch_records, pct, roi_records, slide_scale_records, wsi_records
 from slidevl.vqa.templates_facts import TISSUE_NAMES, SlideFacts
@@ -58,7 +59,7 @@ from slidevl.vqa.windows import DEFAULT_WINDOWS, Window, WindowSpec, plan_patch_
 MODES: tuple[str, ...] = ("template", "llm")
 
 
-class BuildError(ValueError):
+class BuildError(InputError):
     """The inputs of a QA build are unusable; the message names the file and the fix."""
 
 

@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, NoReturn, Optional
+from typing import List, Optional
 
 import typer
+
+from slidevl.errors import InputError
 
 
 def build_command(
@@ -67,35 +69,27 @@ def build_command(
     """
     from rich.console import Console
 
-    from slidevl.llmclient import LLMClient, LLMError
-    from slidevl.vqa.build import BuildConfig, BuildError, build_qa
-    from slidevl.vqa.windows import DEFAULT_WINDOWS, WindowError, WindowSpec
+    from slidevl.llmclient import LLMClient
+    from slidevl.vqa.build import BuildConfig, build_qa
+    from slidevl.vqa.windows import DEFAULT_WINDOWS, WindowSpec
 
     if mode == "llm" and (llm_url is None or llm_model is None):
-        _fail("--mode llm needs --llm-url and --llm-model")
+        raise InputError("--mode llm needs --llm-url and --llm-model")
     if (llm_url is None) != (llm_model is None) or (llm_cache is not None and llm_url is None):
-        _fail("--llm-url and --llm-model go together (and --llm-cache needs them)")
-    try:
-        windows = tuple(WindowSpec.parse(w) for w in window) if window else DEFAULT_WINDOWS
-        config = BuildConfig(
-            k_rois=k_rois, train_extra_k=_counts(train_extra_rois), train_patch_fields=train_patch_fields,
-            train_slide_scale=train_slide_scale, roi_method=roi_method, windows=windows, min_window_tissue=min_window_tissue,
-            mode=mode, test_fraction=test_fraction, seed=seed, encoder=encoder,
-        )
-    except (BuildError, WindowError) as exc:
-        _fail(str(exc))
+        raise InputError("--llm-url and --llm-model go together (and --llm-cache needs them)")
+    windows = tuple(WindowSpec.parse(w) for w in window) if window else DEFAULT_WINDOWS
+    config = BuildConfig(
+        k_rois=k_rois, train_extra_k=_counts(train_extra_rois), train_patch_fields=train_patch_fields,
+        train_slide_scale=train_slide_scale, roi_method=roi_method, windows=windows, min_window_tissue=min_window_tissue,
+        mode=mode, test_fraction=test_fraction, seed=seed, encoder=encoder,
+    )
     client = None
     if llm_url is not None:
-        try:
-            client = LLMClient(llm_url, llm_model, cache_dir=llm_cache or out / "llm_cache",  # type: ignore[arg-type]
-                               max_concurrency=llm_concurrency)
-        except ValueError as exc:
-            _fail(str(exc))
+        client = LLMClient(llm_url, llm_model, cache_dir=llm_cache or out / "llm_cache",  # type: ignore[arg-type]
+                           max_concurrency=llm_concurrency)
     console = Console()
     try:
         report = build_qa(cohort, job, out, config, client=client, console=console, slides_root=slides_root)
-    except (BuildError, WindowError, LLMError) as exc:
-        _fail(str(exc))
     finally:
         if client is not None:
             client.close()
@@ -122,9 +116,4 @@ def _counts(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        _fail(f"--train-extra-rois {text!r} must be comma-separated integers, e.g. 8,12")
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+        raise InputError(f"--train-extra-rois {text!r} must be comma-separated integers, e.g. 8,12") from None

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
-from slidevl.vqa.records import VQARecord
+from slidevl.qa.records import VQARecord
 
 
 def _template(record: VQARecord) -> str:

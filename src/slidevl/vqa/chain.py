@@ -29,9 +29,10 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
+from slidevl.errors import ServiceError
 from slidevl.llmclient import LLMClient
+from slidevl.qa.records import LEVELS, TEXT_FORMATS, VQARecord
 from slidevl.vqa.judge import JudgeReplyError, parse_json_reply
-from slidevl.vqa.records import LEVELS, TEXT_FORMATS, VQARecord
 from slidevl.vqa.templates import Unit
 from slidevl.vqa.templates_facts import RegionFacts, SlideFacts, WindowFacts
 
@@ -60,7 +61,7 @@ _GRADE = re.compile(r"\bgrade\s*([1-9])\b", re.I)
 _QUOTE = 300
 
 
-class ChainReplyError(ValueError):
+class ChainReplyError(ServiceError):
     """An LLM reply cannot be used for a unit."""
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from typing import AbstractSet, Sequence
 
-from slidevl.vqa.records import CHOICE_FORMATS, MAX_OPTIONS, OPTION_LETTERS
+from slidevl.qa.records import CHOICE_FORMATS, MAX_OPTIONS, OPTION_LETTERS
 
 # Single-letter English words: the article and the pronoun (lower-case "i" is a common typo of "I").
 _AMBIGUOUS = frozenset("aAiI")

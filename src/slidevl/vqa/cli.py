@@ -9,11 +9,13 @@ where the app is mounted, or here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
 
-app = typer.Typer(help="Slide VQA: question data, predictions and evaluation.", no_args_is_help=True)
+from slidevl.cli_errors import ReportingGroup
+
+app = typer.Typer(cls=ReportingGroup, help="Slide VQA: question data, predictions and evaluation.", no_args_is_help=True)
 
 
 @app.callback()
@@ -39,26 +41,18 @@ def eval_command(
     """Score predictions: choice accuracy, METEOR/BLEU/ROUGE-L, and an LLM judge when --llm-url is given."""
     from rich.console import Console
 
-    from slidevl.llmclient import LLMClient, LLMError
+    from slidevl.errors import InputError
+    from slidevl.llmclient import LLMClient
     from slidevl.vqa.evaluate import evaluate, report_table
-    from slidevl.vqa.predictions import PredictionError
-    from slidevl.vqa.records import VQARecordError
-    from slidevl.vqa.textmetrics import MetricsError
 
     if (llm_url is None) != (llm_model is None):
-        _fail("--llm-url and --llm-model go together: give both to run the judge, or neither to skip it")
+        raise InputError("--llm-url and --llm-model go together: give both to run the judge, or neither to skip it")
     if llm_cache is not None and llm_url is None:
-        _fail("--llm-cache needs --llm-url and --llm-model")
-    client = None
-    if llm_url is not None:
-        try:
-            client = LLMClient(llm_url, llm_model, cache_dir=llm_cache, max_concurrency=llm_concurrency)
-        except ValueError as exc:
-            _fail(str(exc))
+        raise InputError("--llm-cache needs --llm-url and --llm-model")
+    client = None if llm_url is None else LLMClient(llm_url, llm_model, cache_dir=llm_cache,  # type: ignore[arg-type]
+                                                    max_concurrency=llm_concurrency)
     try:
         report = evaluate(pred, gold, client, out=out)
-    except (VQARecordError, PredictionError, LLMError, MetricsError) as exc:
-        _fail(str(exc))
     finally:
         if client is not None:
             client.close()
@@ -74,11 +68,6 @@ def eval_command(
     console.print(f"metrics written to {out}", soft_wrap=True)
 
 
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
-
-
 @app.command("predict")
 def predict_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Tuned checkpoint folder (`slidevl slidellm stage2` output)."),
@@ -88,7 +77,9 @@ def predict_command(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Records answered together."),
     rank_single: bool = typer.Option(
-        False, "--rank-single", help="Answer single-choice questions with the option the model finds most likely."),
+        True, "--rank-single/--no-rank-single",
+        help="Answer single-choice questions with the option the model finds most likely (the recipe's; --no-rank-single "
+             "generates them freely)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Answer every record again, replacing finished --out."),
     resume: bool = typer.Option(
         False, "--resume", help="Continue a stopped run (a plain rerun does too); a finished --out is left as it is."),
@@ -100,21 +91,15 @@ def predict_command(
     """
     from rich.console import Console
 
-    from slidevl.features.store import FeatureStoreError
     from slidevl.interrupts import resumable
-    from slidevl.slidellm.predict import predict_records
-    from slidevl.slidellm.tuning.state import CheckpointError
     from slidevl.vqa.partial import count_answered, partial_path
+    from slidevl.vqa.predict import predict_records
 
     console = Console(stderr=True)
-    try:
-        with resumable(lambda: f"{count_answered(out)} record(s) answered, saved in {partial_path(out)}", console=console):
-            run = predict_records(checkpoint, records, out, job=job, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, rank_single=rank_single, overwrite=overwrite, resume=resume,
-                                  console=console)
-    # The record, model, store, tokenizer and prediction-file errors are all ValueErrors.
-    except (ValueError, CheckpointError, FeatureStoreError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    with resumable(lambda: f"{count_answered(out)} record(s) answered, saved in {partial_path(out)}", console=console):
+        run = predict_records(checkpoint, records, out, job=job, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, rank_single=rank_single, overwrite=overwrite, resume=resume,
+                              console=console)
     resumed = f", {run.n_resumed} of them from an earlier run" if run.n_resumed else ""
     typer.echo(f"{run.n_records} answers ({run.seconds_per_answer:.3f} s each{resumed}) written to {run.path}")
 

@@ -22,9 +22,9 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Sequence
 
 from slidevl.atomic import write_json_atomic
+from slidevl.qa.records import FORMATS, LEVELS, TEXT_FORMATS, VQARecord, read_records
 from slidevl.vqa.choices import format_letters, parse_choice, score_choice
 from slidevl.vqa.predictions import match_predictions, read_predictions
-from slidevl.vqa.records import FORMATS, LEVELS, TEXT_FORMATS, VQARecord, read_records
 
 if TYPE_CHECKING:  # keeps `import slidevl.vqa.evaluate` free of httpx and pycocoevalcap
     from slidevl.llmclient import LLMClient

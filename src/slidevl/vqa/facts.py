@@ -8,6 +8,26 @@ writes the same questions from them whatever the source:
 * :class:`slidevl.vqa.facts_llm.LLMFacts`: any job, by showing a vision-language model
   behind an OpenAI-compatible endpoint the slide, each ROI and each field (estimates).
 
+What each source provides:
+
+==========================  ==========================  ==============================
+fact                        TruthFacts                  LLMFacts
+==========================  ==========================  ==============================
+composition (slide, ROI,    label map                   the model's percent estimates
+field)
+tumour grade                planted grade               the model's grade of the slide
+nodule count (slide)        label map pieces            the model's count
+nodule areas, spatial       label map                   not provided (``spatial`` is
+layout (``spatial`` of a    (:mod:`slidevl.synth.       None)
+slide or an ROI)            spatial`)
+==========================  ==========================  ==============================
+
+``spatial`` is optional in :class:`~slidevl.vqa.templates_facts.SlideFacts` and
+:class:`~slidevl.vqa.templates_facts.RegionFacts`: without it the spatial questions
+that need the layout (fragments, tumour at the tissue edge, necrosis inside or next
+to tumour, part and size of the largest nodule, ROI nodule counts) are not asked, and
+only the slide's nodule count is, from the count the source gives.
+
 :func:`find_cohort` finds the synthetic cohort of a job when there is one, so a job made
 from a synthetic cohort gets exact facts without naming the cohort.
 """
@@ -17,6 +37,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from slidevl.errors import InputError
 from slidevl.features.jobs import read_status, read_statuses
 from slidevl.features.store import FeatureStore, SlideFeatures
 from slidevl.vqa.roi import ROI, slide_mpp
@@ -26,7 +47,7 @@ from slidevl.vqa.windows import Window
 TRUTH_FILE = "truth.json"
 
 
-class FactsError(ValueError):
+class FactsError(InputError):
     """The facts of a cohort or job cannot be had; the message names the file and the fix."""
 
 
@@ -82,7 +103,7 @@ class TruthFacts:
         self.cohort = Path(cohort)
         try:
             self.truth = load_truth(self.cohort)
-        except (FileNotFoundError, ValueError) as exc:
+        except InputError as exc:  # no truth.json there, or one of another version
             raise FactsError(str(exc)) from exc
 
     def describe(self) -> dict[str, Any]:

@@ -23,8 +23,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
+from slidevl.errors import ServiceError
 from slidevl.llmclient import LLMClient
-from slidevl.vqa.records import TEXT_FORMATS, VQARecord
+from slidevl.qa.records import TEXT_FORMATS, VQARecord
 
 CLAIM_SCORES: tuple[float, ...] = (1.0, 0.7, 0.3, 0.0)
 
@@ -48,7 +49,7 @@ _THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
 _QUOTE = 200
 
 
-class JudgeReplyError(ValueError):
+class JudgeReplyError(ServiceError):
     """A judge reply holds no usable JSON."""
 
 

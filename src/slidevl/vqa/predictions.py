@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from slidevl.atomic import atomic_path
-from slidevl.vqa.records import VQARecord
+from slidevl.errors import InputError
+from slidevl.qa.records import VQARecord
 
 # How many ids an error message lists before it only counts them.
 _SHOWN_IDS = 5
 
 
-class PredictionError(ValueError):
+class PredictionError(InputError):
     """A prediction file is malformed or does not match its gold records."""
 
 

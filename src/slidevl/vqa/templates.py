@@ -7,10 +7,14 @@ function of what is in the image (the label map and the planted grade):
 level     questions (``meta.template``)
 ========  ===========================================================================
 WSI       diagnosis (open), morphology (open), grade (single), tumour burden, necrosis
-          extent, lymphocytic infiltration, nodule count, dominant tissue (single),
-          tissue types present (multi), caption
+          extent, lymphocytic infiltration, dominant tissue (single), tissue types
+          present (multi), caption; spatial (single): nodule count, fragment count,
+          tumour at the tissue edge, necrosis inside or next to tumour, part of the
+          largest nodule, its size class
 ROI       dominant tissue (single), tissue types present (multi), tumour / necrosis /
-          fat extent (single), description (open), caption
+          fat extent (single), description (open), caption; spatial (single): nodule
+          count, tumour at the tissue edge, necrosis inside or next to tumour, part of
+          the largest tumour focus
 patch     dominant tissue (single), tissue types present (multi), nuclear grade at
           high power (single: grade 1-3 or no tumour), description (open), caption
 ========  ===========================================================================
@@ -23,6 +27,14 @@ Choice questions:
   and the position cannot be learnt; the distractors are shuffled around it.
 * ``multi`` lists all five tissue classes in a shuffled order; it is asked only when at
   least two are present (otherwise it would be a single choice).
+* Spatial questions (category ``spatial``) come from the measured layout
+  (:mod:`slidevl.synth.spatial`); each has several wordings and a closed set of short
+  option texts, so a free-text answer that restates one ("two", "yes", "upper left")
+  is read as that option. Yes/no questions (tumour at the edge, necrosis inside or
+  next to tumour) have two options, balanced on their own deck. A question whose
+  answer the layout leaves ambiguous is not asked. "Part" is a cell of a 3 x 3 grid
+  on the bounding box of the tissue in view (:data:`slidevl.synth.spatial.PART_NAMES`);
+  nodule size classes are :data:`NODULE_SIZE` (mm²).
 
 Captions chain: the ROI caption compares the region with the slide (the WSI facts it
 is given), the patch caption places the field within its region. The LLM mode of
@@ -40,7 +52,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from slidevl.vqa.records import OPTION_LETTERS, VQARecord
+from slidevl.qa.records import OPTION_LETTERS, VQARecord
+from slidevl.synth.spatial import PART_NAMES
 from slidevl.vqa.templates_facts import (
     GRADE_MORPHOLOGY,
     GRADE_NAMES,
@@ -62,6 +75,11 @@ NECROSIS_EXTENT = ((0.01, "none"), (0.05, "focal (1-5%)"), (0.15, "moderate (5-1
 LYMPHOCYTE_EXTENT = ((0.05, "sparse (under 5%)"), (0.10, "mild (5-10%)"), (0.15, "moderate (10-15%)"), (np.inf, "marked (15% or more)"))
 REGION_EXTENT = ((0.01, "absent"), (0.10, "under 10%"), (0.40, "10-40%"), (np.inf, "over 40%"))
 NODULE_COUNTS = ("one", "two", "three", "four or more")
+# Area of the largest nodule, mm². Set on the default cohort (4096 px slides at
+# 0.5 µm/px, about 2 x 2 mm) so that each class holds a fair share of slides.
+NODULE_SIZE = ((0.3, "under 0.3 mm²"), (0.4, "0.3-0.4 mm²"), (0.55, "0.4-0.55 mm²"), (np.inf, "0.55 mm² or more"))
+YES_NO = ("yes", "no")
+NECROSIS_RELATIONS = {"inside": "inside the tumour", "next to": "next to the tumour"}
 
 
 def scale_bin(value: float, scale: Sequence[tuple[float, str]]) -> str:
@@ -73,9 +91,9 @@ def scale_bin(value: float, scale: Sequence[tuple[float, str]]) -> str:
 
 
 def nodule_option(n: int) -> str:
-    """Option text for a count of nodules (at least one)."""
+    """Option text for a count of nodules or fragments (at least one)."""
     if n < 1:
-        raise ValueError("the nodule question is only asked about slides with tumour")
+        raise ValueError("a count question is only asked where there is at least one")
     return NODULE_COUNTS[min(n, len(NODULE_COUNTS)) - 1]
 
 
@@ -127,11 +145,22 @@ class Unit:
 
 
 class Writer:
-    """Builds the records of one slide's units with shared letter balancing."""
+    """Builds the records of one slide's units with shared letter balancing.
+
+    Each number of options has its own deck, so two-option questions are balanced
+    between A and B without unbalancing the four-option ones.
+    """
 
     def __init__(self, seed: int, slide: str) -> None:
         self.seed = seed
-        self.deck = LetterDeck(seed, slide)
+        self.slide = slide
+        self.decks: dict[int, LetterDeck] = {}
+
+    def deck(self, n_options: int) -> LetterDeck:
+        """The slide's deck of correct positions for questions with ``n_options`` options."""
+        if n_options not in self.decks:
+            self.decks[n_options] = LetterDeck(self.seed, f"{self.slide}/{n_options}", n_options)
+        return self.decks[n_options]
 
     def _meta(self, unit: Unit, template: str, truth: Any) -> dict[str, Any]:
         meta: dict[str, Any] = {"template": template, "unit": unit.key, "patient": unit.patient, "generator": "template"}
@@ -163,14 +192,14 @@ class Writer:
         return variants[int(record_rng(self.seed, f"{unit.key}-{template}-q").integers(len(variants)))]
 
     def single(self, unit: Unit, template: str, category: str, question: str, correct: str,
-               distractors: Sequence[str], truth: Any) -> VQARecord:
-        """A 4-option single-choice record with the correct option at a balanced position."""
+               distractors: Sequence[str], truth: Any, n_options: int = N_SINGLE_OPTIONS) -> VQARecord:
+        """An ``n_options`` single-choice record with the correct option at a balanced position."""
         pool = [d for d in dict.fromkeys(distractors) if d != correct]
-        if len(pool) < N_SINGLE_OPTIONS - 1:
-            raise ValueError(f"{unit.key}-{template}: {len(pool)} distractors, need {N_SINGLE_OPTIONS - 1}")
+        if len(pool) < n_options - 1:
+            raise ValueError(f"{unit.key}-{template}: {len(pool)} distractors, need {n_options - 1}")
         rng = record_rng(self.seed, f"{unit.key}-{template}")
-        picked = [pool[i] for i in rng.permutation(len(pool))[: N_SINGLE_OPTIONS - 1]]
-        position = self.deck.draw()
+        picked = [pool[i] for i in rng.permutation(len(pool))[: n_options - 1]]
+        position = self.deck(n_options).draw()
         options = picked[:position] + [correct] + picked[position:]
         return self._record(unit, template, category, "single", question, OPTION_LETTERS[position], truth, options)
 
@@ -344,6 +373,100 @@ def slide_scale_records(wr: Writer, unit: Unit, on: str) -> list[VQARecord]:
             for template, category, tissue, bins, question in SLIDE_SCALE_QUESTIONS]
 
 
+# -- spatial questions -------------------------------------------------------------------
+
+# Wordings per spatial template; {where} is "this slide" or "this region".
+SPATIAL_WORDINGS: dict[str, tuple[str, ...]] = {
+    "nodules": (
+        "How many separate tumour nodules are visible in {where}?",
+        "Count the distinct tumour nodules in {where}.",
+        "Into how many separate foci is the tumour in {where} divided?",
+        "How many discrete tumour nodules does {where} contain?",
+    ),
+    "fragments": (
+        "How many separate pieces of tissue are on {where}?",
+        "Into how many fragments is the tissue section on {where} divided?",
+        "Count the separate tissue fragments on {where}.",
+    ),
+    "tumour_edge": (
+        "Does the tumour reach the edge of the tissue in {where}?",
+        "Does tumour touch the border between tissue and glass in {where}?",
+        "Is the tumour in {where} in contact with the edge of the tissue section?",
+    ),
+    "necrosis_relation": (
+        "Does the necrosis in {where} lie inside the tumour or next to it?",
+        "Where is the necrosis in {where} relative to the tumour?",
+        "Is the necrosis in {where} surrounded by tumour, or does it lie at the tumour's margin, next to it?",
+    ),
+    "tumour_part": (
+        "In which part of the tissue in {where} does the largest tumour focus lie?",
+        "Where in {where} is the largest tumour nodule (upper, middle or lower; left, centre or right of the tissue)?",
+        "Which part of the tissue in {where}, divided into a 3 x 3 grid, holds the largest tumour focus?",
+    ),
+    "nodule_size": (
+        "How large is the largest tumour nodule on {where}?",
+        "What is the area of the largest tumour nodule on {where}?",
+        "Which size class fits the biggest tumour nodule on {where}?",
+    ),
+}
+# A largest-nodule area this close (relative) to a size-class bound is not asked about.
+SIZE_MARGIN = 0.05
+
+
+def _spatial(wr: Writer, unit: Unit, template: str, where: str, correct: str, options: Sequence[str],
+             truth: Any) -> VQARecord:
+    question = wr.phrase(unit, template, [w.format(where=where) for w in SPATIAL_WORDINGS[template]])
+    n_options = min(N_SINGLE_OPTIONS, len(options))
+    return wr.single(unit, template, "spatial", question, correct, options, truth, n_options)
+
+
+def spatial_records(wr: Writer, unit: Unit, where: str) -> list[VQARecord]:
+    """The spatial questions about a slide or an ROI whose answers its facts make clear.
+
+    Without a measured layout (facts from an LLM) only the slide's nodule count is asked.
+    """
+    f = unit.facts
+    assert isinstance(f, (SlideFacts, RegionFacts))
+    sp = f.spatial
+    out = []
+    if isinstance(f, SlideFacts):
+        slide, n, truth = True, f.countable_nodules, {"planted": f.planted_nodules}
+    else:
+        slide, n, truth = False, None if sp is None else sp.n_nodules, {}
+    if n:
+        out.append(_spatial(wr, unit, "nodules", where, nodule_option(n), NODULE_COUNTS, {"n_nodules": n, **truth}))
+    if sp is None:
+        return out
+    if slide and sp.n_fragments:
+        out.append(_spatial(wr, unit, "fragments", where, nodule_option(sp.n_fragments), NODULE_COUNTS,
+                            {"n_fragments": sp.n_fragments,
+                             "fragment_areas_mm2": [round(p.area_mm2, 4) for p in sp.fragments]}))
+    if sp.tumour_at_edge is not None:
+        out.append(_spatial(wr, unit, "tumour_edge", where, YES_NO[0] if sp.tumour_at_edge else YES_NO[1], YES_NO,
+                            {"tumour_at_edge": sp.tumour_at_edge,
+                             "contact_um": round(sp.tumour_edge_contact_um, 1),
+                             "gap_um": _round(sp.tumour_edge_gap_um, 1)}))
+    if sp.necrosis_relation is not None:
+        out.append(_spatial(wr, unit, "necrosis_relation", where, NECROSIS_RELATIONS[sp.necrosis_relation],
+                            list(NECROSIS_RELATIONS.values()),
+                            {"relation": sp.necrosis_relation, "tumour_share_of_border": _round(sp.necrosis_tumour_share, 4),
+                             "necrosis_mm2": round(sp.necrosis_mm2, 4)}))
+    part = sp.largest_nodule_part
+    if part is not None:
+        out.append(_spatial(wr, unit, "tumour_part", where, part, PART_NAMES,
+                            {"part": part, "centroid": [round(v) for v in sp.nodules[0].centroid],
+                             "tissue_bbox": list(sp.tissue_bbox or ())}))
+    size = sp.nodules[0].area_mm2 if sp.nodules else None
+    if slide and size is not None and all(abs(size - b) > SIZE_MARGIN * b for b, _ in NODULE_SIZE[:-1]):
+        out.append(_spatial(wr, unit, "nodule_size", where, scale_bin(size, NODULE_SIZE), [t for _, t in NODULE_SIZE],
+                            {"area_mm2": round(size, 4)}))
+    return out
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def _rounded(c: Composition) -> dict[str, float]:
     return {n: round(v, 4) for n, v in c.tissue.items()}
 
@@ -377,11 +500,8 @@ def wsi_records(wr: Writer, unit: Unit) -> list[VQARecord]:
                   [*GRADE_NAMES.values(), NO_TUMOUR_SLIDE], {"grade": f.grade if f.has_tumour else None}),
         *slide_scale_records(wr, unit, "on this slide"),
         _dominant(wr, unit, c, where),
+        *spatial_records(wr, unit, where),
     ]
-    if f.has_tumour:
-        out.append(wr.single(unit, "nodules", "morphology", "How many separate tumour nodules are visible on this slide?",
-                             nodule_option(f.n_nodules), list(NODULE_COUNTS),
-                             {"n_nodules": f.n_nodules, "planted": f.planted_nodules}))
     present = _present(wr, unit, c, where)
     return out + ([present] if present else [])
 
@@ -408,6 +528,7 @@ def roi_records(wr: Writer, unit: Unit, slide: SlideFacts) -> list[VQARecord]:
                         "How much of the tissue in this region is necrotic?", c.tissue["necrosis"], REGION_EXTENT),
         _scale_question(wr, unit, "fat_extent", "composition",
                         "How much of the tissue in this region is adipose tissue (fat)?", c.tissue["fat"], REGION_EXTENT),
+        *spatial_records(wr, unit, where),
     ]
     present = _present(wr, unit, c, where)
     return out + ([present] if present else [])

@@ -9,9 +9,14 @@ from the features, so an answer is right because of what is in the image:
 * grade: the patient's planted tumour grade, which sets the nuclear morphology of
   every tumour pixel of the patient's slides;
 * tumour nodules: what a viewer can count, i.e. 8-connected pieces of tumour bed
-  (tumour or necrosis) in the label map of at least :data:`MIN_NODULE_MM2`. Planted
+  (tumour or necrosis) in the label map of at least
+  :data:`slidevl.synth.spatial.MIN_NODULE_MM2`. Planted
   nodules that touch merge into one, and slivers cut by the tissue edge do not
-  count; the planted count is kept alongside for reference.
+  count; the planted count is kept alongside for reference;
+* spatial layout of the slide and of each ROI's box (:class:`~slidevl.synth.spatial.Spatial`):
+  fragments, nodules, tumour at the tissue edge, necrosis inside or next to tumour, the
+  largest nodule's part of the box. Optional: a source that cannot see the layout (an
+  LLM) leaves it out and the spatial questions that need it are not asked.
 
 The same facts feed the template questions and, in LLM mode, the prompts.
 """
@@ -22,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import ndimage
 
-from slidevl.synth.classes import BACKGROUND, CLASSES, NECROSIS, TISSUE_CLASSES, TUMOUR
+from slidevl.synth.classes import BACKGROUND, CLASSES, TISSUE_CLASSES
+from slidevl.synth.spatial import Spatial
 from slidevl.synth.truth import SlideTruth, class_fractions
 from slidevl.vqa.roi import ROI
 from slidevl.vqa.windows import Window
@@ -48,8 +53,6 @@ GRADE_MORPHOLOGY: dict[int, str] = {
     2: "enlarged nuclei (about 9 µm) with moderate pleomorphism, nucleoli in some cells and occasional lumens",
     3: "large, markedly pleomorphic nuclei (12-20 µm) with coarse chromatin and prominent nucleoli in solid nests",
 }
-#: Smallest piece of tumour bed counted as a nodule.
-MIN_NODULE_MM2 = 0.01
 #: A class is "present" in a box when it covers at least this fraction of the tissue there.
 PRESENT_FRACTION = 0.05
 #: In a high-power window, tumour at or above this fraction of the tissue shows its grade;
@@ -104,11 +107,19 @@ class SlideFacts:
     nodule_areas_mm2: tuple[float, ...]
     planted_nodules: int
     tissue_area_mm2: float
+    spatial: Spatial | None = None  # None: the source cannot see the layout
 
     @property
     def has_tumour(self) -> bool:
         """Whether any tumour nodule is visible."""
         return self.n_nodules > 0
+
+    @property
+    def countable_nodules(self) -> int | None:
+        """The nodule count to ask about: None where the layout shows it is ambiguous."""
+        if self.spatial is not None and self.spatial.n_nodules is None:
+            return None
+        return self.n_nodules
 
     def as_prompt(self) -> dict[str, Any]:
         """The facts an LLM may use, in plain words and numbers."""
@@ -133,6 +144,7 @@ class RegionFacts:
     area_mm2: float
     composition: Composition
     grade: int  # the patient's grade; applies to any tumour in the region
+    spatial: Spatial | None = None  # None: the source cannot see the layout
 
     def as_prompt(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -191,32 +203,23 @@ def _named_percent(composition: Composition) -> dict[str, int]:
     return {TISSUE_NAMES[name]: value for name, value in composition.percent().items()}
 
 
-def tumour_nodules(labels: np.ndarray, label_um: float, min_mm2: float = MIN_NODULE_MM2) -> list[float]:
-    """Areas (mm², largest first) of the 8-connected tumour-bed pieces of at least ``min_mm2``."""
-    bed = (labels == TUMOUR) | (labels == NECROSIS)
-    pieces, n = ndimage.label(bed, structure=np.ones((3, 3), dtype=bool))
-    if n == 0:
-        return []
-    areas = np.bincount(pieces.ravel())[1:] * (label_um / 1000.0) ** 2
-    return sorted((float(a) for a in areas if a >= min_mm2), reverse=True)
-
-
 def slide_facts(truth: SlideTruth) -> SlideFacts:
     """Facts of a whole slide from its truth entry and label map."""
     labels = truth.labels()
     ds = truth.label_downsample
     composition = Composition.of_box(labels, [0, 0, truth.width, truth.height], ds)
     label_um = ds * truth.mpp
-    nodules = tumour_nodules(labels, label_um)
+    spatial = truth.spatial()
     return SlideFacts(
         slide_id=truth.slide_id,
         patient_id=truth.patient_id,
         grade=truth.grade,
         composition=composition,
-        n_nodules=len(nodules),
-        nodule_areas_mm2=tuple(nodules),
+        n_nodules=len(spatial.nodules),
+        nodule_areas_mm2=tuple(n.area_mm2 for n in spatial.nodules),
         planted_nodules=len(truth.nodules),
         tissue_area_mm2=float((labels != BACKGROUND).sum() * (label_um / 1000.0) ** 2),
+        spatial=spatial,
     )
 
 
@@ -229,6 +232,7 @@ def region_facts(truth: SlideTruth, roi: ROI) -> RegionFacts:
         area_mm2=roi.tissue_area_mm2,
         composition=Composition.of_box(truth.labels(), roi.bbox, truth.label_downsample),
         grade=truth.grade,
+        spatial=truth.spatial(roi.bbox),
     )
 
 

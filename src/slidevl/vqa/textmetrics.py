@@ -32,6 +32,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from slidevl.errors import ServiceError
+
 TOKENIZATION = (
     "whitespace collapsed to single spaces; Stanford PTBTokenizer (CoreNLP 3.4.1 from pycocoevalcap) "
     "with -preserveLines -lowerCase; pycocoevalcap PUNCTUATIONS tokens removed"
@@ -40,7 +42,7 @@ METRIC_NAMES: tuple[str, ...] = ("meteor", "bleu_1", "bleu_2", "bleu_3", "bleu_4
 _JAVA_HINT = "install a Java runtime (8 or newer) and put `java` on PATH"
 
 
-class MetricsError(RuntimeError):
+class MetricsError(ServiceError):
     """A text metric could not be computed (no Java, or a Java tool failed)."""
 
 

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from slidevl.errors import InputError
 from slidevl.features.store import SlideFeatures
 from slidevl.vqa.roi import ROI, patch_boxes, slide_mpp
 
@@ -32,7 +33,7 @@ MAX_CANDIDATES = 32
 _SPEC = re.compile(r"^\s*(?P<scale>[0-9.]+\s*(?:x|X|um|µm)?)\s*:\s*(?P<size>\d+)\s*$")
 
 
-class WindowError(ValueError):
+class WindowError(InputError):
     """A window specification or placement is invalid."""
 
 

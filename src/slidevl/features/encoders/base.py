@@ -23,8 +23,10 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from slidevl.errors import InputError
 
-class EncoderError(RuntimeError):
+
+class EncoderError(InputError):
     """An encoder spec, a model directory or an input batch is invalid."""
 
 

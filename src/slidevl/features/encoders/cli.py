@@ -3,7 +3,7 @@
 The lead registers :data:`app` under the top-level CLI; each command is also a plain
 function of this package (:func:`available_encoders`, :func:`get_encoder`,
 :func:`.user_config.register`). User errors print ``error: ...`` and exit with code 2,
-as the other ``encoders`` and ``vqa`` commands do.
+as every command does (:mod:`slidevl.cli_errors`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -20,8 +20,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from slidevl.cli_errors import ReportingGroup
+from slidevl.errors import InputError
 from slidevl.features.encoders import user_config
-from slidevl.features.encoders.base import EncoderError
 from slidevl.features.encoders.clip_train import ClipTrainConfig, train_clip
 from slidevl.features.encoders.presets import PRESETS, EncoderPreset
 from slidevl.features.encoders.region import available_region_encoders, get_region_encoder
@@ -29,6 +30,7 @@ from slidevl.features.encoders.registry import DEFAULT_ENCODER, available_encode
 from slidevl.features.encoders.zeroshot_cli import zero_shot_command
 
 app = typer.Typer(
+    cls=ReportingGroup,
     help="Tile and region encoders: list them, register downloaded weights, inspect one.", no_args_is_help=True
 )
 app.command("zero-shot")(zero_shot_command)
@@ -50,11 +52,6 @@ MARKDOWN_COLUMNS = (
     "weight files as shipped",
     "notes",
 )
-
-
-def _fail(exc: Exception) -> NoReturn:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(code=2) from exc
 
 
 def _input_text(preset: EncoderPreset) -> str:
@@ -135,14 +132,11 @@ def list_command(
 ) -> None:
     """Show every named encoder (input, mpp, dimension, licence, registered path) and the other spec forms."""
     if as_json and markdown:
-        _fail(ValueError("--json and --markdown are two different outputs; pass one of them"))
+        raise InputError("--json and --markdown are two different outputs; pass one of them")
     if markdown:
         typer.echo(preset_table_markdown())
         return
-    try:
-        paths = user_config.registered_paths()
-    except EncoderError as exc:
-        _fail(exc)
+    paths = user_config.registered_paths()
     if as_json:
         typer.echo(json.dumps(_list_json(paths), indent=2))
         return
@@ -172,10 +166,7 @@ def register_command(
     path: Path = typer.Argument(..., help="the folder downloaded from the hub, an HF cache folder, or the weight file"),
 ) -> None:
     """Record where NAME's weights are, so that `--encoder NAME` alone finds them."""
-    try:
-        stored = user_config.register(name, path)
-    except EncoderError as exc:
-        _fail(exc)
+    stored = user_config.register(name, path)
     name = name.strip().lower()
     typer.echo(f"{name} -> {stored} (in {user_config.config_file()}); use it with --encoder {name}")
 
@@ -183,10 +174,7 @@ def register_command(
 @app.command("unregister")
 def unregister_command(name: str = typer.Argument(..., help="a registered name")) -> None:
     """Forget NAME's registered path."""
-    try:
-        removed = user_config.unregister(name)
-    except EncoderError as exc:
-        _fail(exc)
+    removed = user_config.unregister(name)
     typer.echo(f"removed {name} -> {removed} from {user_config.config_file()}")
 
 
@@ -197,10 +185,7 @@ def info_command(
     region: bool = typer.Option(False, "--region", help="SPEC is a region encoder spec (mean, meanmax, vit:/dir)"),
 ) -> None:
     """Load one encoder and print its provenance as JSON."""
-    try:
-        encoder = get_region_encoder(spec, device=device) if region else get_encoder(spec, device=device)
-    except EncoderError as exc:
-        _fail(exc)
+    encoder = get_region_encoder(spec, device=device) if region else get_encoder(spec, device=device)
     typer.echo(json.dumps(encoder.provenance(), indent=2))
 
 
@@ -222,10 +207,7 @@ def train_clip_command(
     config = dataclasses.replace(
         _CLIP_DEFAULTS, epochs=epochs, tiles_per_class=tiles_per_class, heldout_fraction=heldout_fraction, seed=seed
     )
-    try:
-        report = train_clip(cohort, job, out, config, progress=progress, log=typer.echo)
-    except (EncoderError, FileNotFoundError) as exc:
-        _fail(exc)
+    report = train_clip(cohort, job, out, config, progress=progress, log=typer.echo)
     check = report["zero_shot_heldout"]
     typer.echo(
         f"zero-shot tissue accuracy on {check['n_tiles']} held-out tiles: {check['accuracy']:.3f}; "

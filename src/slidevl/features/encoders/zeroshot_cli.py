@@ -30,26 +30,22 @@ def zero_shot_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Classify every tissue patch by its closest class prompts (CONCH's zero-shot rule) and write a viewer overlay."""
+    from slidevl.errors import InputError
     from slidevl.features.config import PreprocessConfig, default_workers
     from slidevl.features.encoders.presets import default_mpp
-    from slidevl.features.zeroshot import ZeroShotError, is_job, zero_shot
+    from slidevl.features.zeroshot import is_job, zero_shot
     from slidevl.tiling.grid import GridSpec
 
     console = Console(stderr=True)
     if len(inputs) > 1 and any(is_job(p) for p in inputs):
-        console.print("[red]error:[/] pass one job folder, or slides only")
-        raise typer.Exit(code=2)
-    try:
-        config = PreprocessConfig(
-            grid=GridSpec(target_mpp=mpp if mpp is not None else default_mpp(encoder), patch_px=patch_px),
-            min_tissue=min_tissue, device=device, workers=default_workers() if workers is None else workers,
-            progress=not quiet,
-        )
-        report = zero_shot(inputs, encoder, prompts, out, device=device, config=config, console=console,
-                           progress=not quiet)
-    except (ZeroShotError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(code=1) from exc
+        raise InputError("pass one job folder, or slides only")
+    config = PreprocessConfig(
+        grid=GridSpec(target_mpp=mpp if mpp is not None else default_mpp(encoder), patch_px=patch_px),
+        min_tissue=min_tissue, device=device, workers=default_workers() if workers is None else workers,
+        progress=not quiet,
+    )
+    report = zero_shot(inputs, encoder, prompts, out, device=device, config=config, console=console,
+                       progress=not quiet)
     for slide_id, counts in report.slides.items():
         top = max(counts, key=counts.get)
         typer.echo(f"{slide_id}: {sum(counts.values())} patches, most often {top!r} ({counts[top]})")

@@ -22,11 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from slidevl.errors import InputError
+
 if TYPE_CHECKING:  # the store pulls in h5py; only type checkers need it here
     from slidevl.features.store import SlideFeatures
 
 
-class TopoPackBatchError(ValueError):
+class TopoPackBatchError(InputError):
     """Per-slide arrays that cannot be arranged into packs."""
 
 

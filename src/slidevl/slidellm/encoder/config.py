@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-from slidevl.atomic import write_json_atomic
+from slidevl.config import Config
+from slidevl.errors import ConfigError
 
 #: Who may attend to whom. ``topo`` is the paper's mask; the other two are ablations.
 MASK_VARIANTS = ("topo", "patch_sees_summary", "dense")
@@ -17,7 +15,7 @@ ATTENTION_IMPLS = ("auto", "split", "gather", "flex", "dense")
 
 
 @dataclass
-class TopoPackConfig:
+class TopoPackConfig(Config):
     """Hyper-parameters of :class:`~slidevl.slidellm.encoder.model.TopoPackEncoder`.
 
     The defaults follow Hepato-LLaVA: 6 pre-LN layers, width 512, 8 heads, FFN 2048,
@@ -51,35 +49,17 @@ class TopoPackConfig:
 
     def __post_init__(self) -> None:
         if self.mask_variant not in MASK_VARIANTS:
-            raise ValueError(f"mask_variant must be one of {MASK_VARIANTS}, got {self.mask_variant!r}")
+            raise ConfigError(f"mask_variant must be one of {MASK_VARIANTS}, got {self.mask_variant!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+            raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.pos_encoding and self.d_model % 4:
-            raise ValueError(f"2-D sin-cos positions need d_model divisible by 4, got {self.d_model}")
+            raise ConfigError(f"2-D sin-cos positions need d_model divisible by 4, got {self.d_model}")
         if self.pack_size < 1:
-            raise ValueError(f"pack_size must be >= 1, got {self.pack_size}")
+            raise ConfigError(f"pack_size must be >= 1, got {self.pack_size}")
         for name in ("patch_dim", "pack_dim", "global_dim"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
+                raise ConfigError(f"{name} must be >= 0")
         if self.patch_dim == 0:
-            raise ValueError("patch_dim must be > 0: patch features are the encoder's main input")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TopoPackConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TopoPackConfig fields {unknown}; was this config written by a newer slidevl?")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> Path:
-        return write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TopoPackConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+            raise ConfigError("patch_dim must be > 0: patch features are the encoder's main input")

@@ -9,7 +9,7 @@ from slidevl.slidellm.pretrain.augment import (
     random_crop,
     slot_permutation,
 )
-from slidevl.slidellm.pretrain.checkpoint import Checkpoint, CheckpointError, has_checkpoint, load_checkpoint
+from slidevl.slidellm.pretrain.checkpoint import Checkpoint, has_checkpoint, load_checkpoint
 from slidevl.slidellm.pretrain.config import PretrainConfig
 from slidevl.slidellm.pretrain.data import CachedSource, FeatureStoreSource, MemorySource, SlideSource
 from slidevl.slidellm.pretrain.mae import MAEDecoder, MAEMask, mae_loss, mae_mask
@@ -21,7 +21,6 @@ __all__ = [
     "AugmentConfig",
     "CachedSource",
     "Checkpoint",
-    "CheckpointError",
     "FeatureStoreSource",
     "MAEDecoder",
     "MAEMask",

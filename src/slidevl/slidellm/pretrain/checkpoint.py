@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from slidevl import __version__
 from slidevl.atomic import atomic_path, write_json_atomic, write_text_atomic
+from slidevl.errors import CheckpointError
 from slidevl.slidellm.encoder.config import TopoPackConfig
 from slidevl.slidellm.encoder.io import CONFIG_NAME, WEIGHTS_NAME, save_encoder, save_state_dict
 from slidevl.slidellm.pretrain.config import PretrainConfig
@@ -41,10 +42,6 @@ PRETRAIN_CONFIG = "pretrain_config.json"
 LOSS_CSV = "loss_log.csv"
 LOSS_JSON = "loss_log.json"
 FORMAT = "slidevl-topo-pretrain"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that is missing, incomplete or inconsistent."""
 
 
 @dataclass
@@ -61,6 +58,22 @@ class Checkpoint:
 
 def has_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / MANIFEST).is_file()
+
+
+def checkpoint_steps(directory: str | Path) -> tuple[int, int] | None:
+    """(steps done, steps planned) from the manifest alone, or None without a checkpoint."""
+    if not has_checkpoint(directory):
+        return None
+    manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    return int(manifest["step"]), int(manifest["total_steps"])
+
+
+def describe_checkpoint(directory: str | Path) -> str:
+    """Where a stopped pretraining run will continue from, for the interrupt line."""
+    steps = checkpoint_steps(directory)
+    if steps is None:
+        return f"no checkpoint yet in {directory} (one is written every --save-every steps), so the run starts again"
+    return f"step {steps[0]} of {steps[1]} is checkpointed in {directory}"
 
 
 def _clean(value: Any) -> Any:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-from slidevl.atomic import write_json_atomic
+from slidevl.config import Config
+from slidevl.errors import ConfigError
 
 #: Fields that may change when a run is resumed: they extend or re-pace the schedule
 #: without changing what the model or the losses are.
@@ -15,7 +13,7 @@ RESUMABLE_FIELDS = ("mae_steps", "moco_steps", "save_every", "log_every")
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Config):
     """Schedule, losses, augmentation and optimisation of :func:`pretrain`.
 
     Steps are optimiser steps; each is ``grad_accum`` micro-batches of
@@ -65,19 +63,19 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if self.mae_steps < 0 or self.moco_steps < 0 or self.total_steps == 0:
-            raise ValueError("mae_steps and moco_steps must be >= 0 and not both 0")
+            raise ConfigError("mae_steps and moco_steps must be >= 0 and not both 0")
         if not 0.0 <= self.phase1_fraction <= 1.0:
-            raise ValueError(f"phase1_fraction must be in [0, 1], got {self.phase1_fraction}")
+            raise ConfigError(f"phase1_fraction must be in [0, 1], got {self.phase1_fraction}")
         if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+            raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.moco_momentum < 1.0:
-            raise ValueError(f"moco_momentum must be in [0, 1), got {self.moco_momentum}")
+            raise ConfigError(f"moco_momentum must be in [0, 1), got {self.moco_momentum}")
         if self.batch_slides < 1 or self.grad_accum < 1:
-            raise ValueError("batch_slides and grad_accum must be >= 1")
+            raise ConfigError("batch_slides and grad_accum must be >= 1")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+            raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.save_every < 1 or self.log_every < 1:
-            raise ValueError("save_every and log_every must be >= 1")
+            raise ConfigError("save_every and log_every must be >= 1")
 
     @property
     def total_steps(self) -> int:
@@ -88,21 +86,3 @@ class PretrainConfig:
         if step < self.mae_steps:
             return "mae", 1 if step < round(self.phase1_fraction * self.mae_steps) else 2
         return "moco", 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PretrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown PretrainConfig fields {unknown}")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> Path:
-        return write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "PretrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,10 +1,12 @@
 """The pretraining loop: MAE (two phases) then MoCo, through ``accelerate``.
 
 One optimiser step is ``grad_accum`` micro-batches of ``batch_slides`` slides each.
-Runs on CPU or GPU, single or multi-process (``accelerate launch``); MoCo keys are
-gathered across processes before they enter the queue. A run resumes exactly from its
-last checkpoint: weights, optimiser, momentum networks, queue, RNG streams and data
-order are all restored.
+Runs on CPU or GPU, single or multi-process (``accelerate launch``). With N processes
+each draws its own slides and views (its own data stream), DDP averages the gradients,
+and every process's MoCo keys enter the queue (gathered in process order), so the
+queues stay identical across processes; the logged losses are means over all
+processes. A run resumes exactly from its last checkpoint: weights, optimiser,
+momentum networks, queue, RNG streams (one per process) and data order are all restored.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from slidevl.errors import CheckpointError
 from slidevl.slidellm.encoder.batch import TopoPackBatch, collate_batches
 from slidevl.slidellm.encoder.config import TopoPackConfig
 from slidevl.slidellm.encoder.model import TopoPackEncoder
@@ -75,7 +78,7 @@ def _resolve_configs(
     """Configs of a new run, or the saved ones of a resumed run (schedule fields may change)."""
     if has_checkpoint(out_dir):
         if not resume:
-            raise FileExistsError(f"{out_dir} already holds a pretraining checkpoint; pass resume=True (--resume) or pick a new folder")
+            raise CheckpointError(f"{out_dir} already holds a pretraining checkpoint; pass resume=True (--resume) or pick a new folder")
         ckpt = load_checkpoint(out_dir)
         saved = ckpt.config
         if config is not None:
@@ -83,10 +86,10 @@ def _resolve_configs(
                 k for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS and saved.to_dict()[k] != v
             )
             if changed:
-                raise ValueError(f"cannot change {changed} when resuming; only {list(RESUMABLE_FIELDS)} may change")
+                raise CheckpointError(f"cannot change {changed} when resuming; only {list(RESUMABLE_FIELDS)} may change")
             saved = replace(saved, **{k: getattr(config, k) for k in RESUMABLE_FIELDS})
         if encoder_config is not None and encoder_config != ckpt.encoder_config:
-            raise ValueError("the encoder config differs from the checkpoint's; resume with the saved one")
+            raise CheckpointError("the encoder config differs from the checkpoint's; resume with the saved one")
         return saved, ckpt.encoder_config, ckpt
     config = config or PretrainConfig()
     if encoder_config is None:
@@ -324,6 +327,11 @@ def pretrain(
                     optimizer.zero_grad(set_to_none=True)
                 for key, value in {"loss": loss.item(), **stats}.items():
                     totals[key] = totals.get(key, 0.0) + value / config.grad_accum
+            if accelerator.num_processes > 1:
+                # The log is over every process's micro-batches, not the main one's alone.
+                names = sorted(totals)
+                means = accelerator.reduce(torch.tensor([totals[k] for k in names], dtype=torch.float64, device=device), "mean")
+                totals = dict(zip(names, means.tolist()))
             if stage == "moco":
                 momentum.update(unwrapped, config.moco_momentum)
             row = {"step": step + 1, "stage": stage, "phase": phase, "lr": lr, **totals, "seconds": time.perf_counter() - t0}

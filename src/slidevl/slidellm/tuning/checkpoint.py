@@ -9,6 +9,8 @@ Layout (everything safetensors or JSON, nothing pickled)::
         tokenizer/              tokenizer with the <image> placeholder and chat template
         adapter/                LoRA adapters (peft ``save_pretrained``), stage 2 with LoRA
         llm/                    the whole tuned LLM, stage 2 with ``llm_tuning="full"`` only
+        represent_heads.safetensors  the representation stage's own heads (text side, ITC/ITM/LM heads), for
+                                its --resume; no later stage reads them
         trainer/                optimizer, scheduler, RNG and counters for --resume
 
 The base LLM is referenced by path, not copied: a 7B model stays where it is (unless
@@ -28,13 +30,14 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from slidevl.atomic import write_json_atomic
+from slidevl.errors import CheckpointError
 from slidevl.slidellm.answers import DEFAULT_ANSWER_STYLE
 from slidevl.slidellm.connector import ConnectorConfig, build_connector
 from slidevl.slidellm.encoder import TopoPackEncoder, load_encoder, save_encoder
 from slidevl.slidellm.llm import LLMLoadOptions, freeze, load_llm, load_lora
 from slidevl.slidellm.model import SlideVLM
 from slidevl.slidellm.tokenizer import image_token_id, load_tokenizer
-from slidevl.slidellm.tuning.state import CheckpointError, load_tensors, save_tensors
+from slidevl.slidellm.tuning.state import load_tensors, save_tensors, state_part
 
 CHECKPOINT_DIR = "checkpoint"
 INFO_NAME = "slidevlm.json"
@@ -95,24 +98,41 @@ def resolve_llm_dir(path: str | Path) -> Path:
     )
 
 
+def save_connector_checkpoint(
+    directory: Path,
+    info: CheckpointInfo,
+    connector_state: dict[str, torch.Tensor],
+    encoder: TopoPackEncoder,
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """The parts every checkpoint has: info, connector weights, encoder, tokenizer (no LLM weights)."""
+    info.save(directory / INFO_NAME)
+    save_tensors(directory / "connector.safetensors", connector_state, metadata={"format": "pt"})
+    save_encoder(encoder, directory / "encoder")
+    tokenizer.save_pretrained(directory / "tokenizer")
+
+
 def save_vlm(
     directory: Path,
     info: CheckpointInfo,
     model: SlideVLM,
     encoder: TopoPackEncoder,
     tokenizer: PreTrainedTokenizerBase,
+    state: dict[str, torch.Tensor],
 ) -> None:
-    """Write the model parts of a checkpoint into ``directory`` (the caller makes it atomic)."""
-    info.save(directory / INFO_NAME)
-    save_tensors(directory / "connector.safetensors", model.connector.state_dict(), metadata={"format": "pt"})
-    save_encoder(encoder, directory / "encoder")
-    tokenizer.save_pretrained(directory / "tokenizer")
+    """Write the model parts of a checkpoint into ``directory`` (the caller makes it atomic).
+
+    The weights come from ``state``, the trained module's state dict (keys ``vlm.…``):
+    under FSDP only that gathered copy is whole, the live modules hold shards.
+    """
+    save_connector_checkpoint(directory, info, state_part(state, "vlm.connector."), encoder, tokenizer)
+    llm_state = state_part(state, "vlm.llm.")
     if info.has_adapter:
         if not isinstance(model.llm, PeftModel):
             raise CheckpointError("the checkpoint claims LoRA adapters but the LLM has none")
-        model.llm.save_pretrained(directory / "adapter")
+        model.llm.save_pretrained(directory / "adapter", state_dict=llm_state)
     if info.tuned_llm:
-        model.llm.save_pretrained(directory / "llm")
+        model.llm.save_pretrained(directory / "llm", state_dict=llm_state)
 
 
 def checkpoint_llm_dir(directory: Path, info: CheckpointInfo) -> Path:

@@ -5,6 +5,13 @@ skips the micro-batches it already consumed and sees the same batches as an
 uninterrupted one; together with the restored optimizer, scheduler and RNG states the
 resumed run reproduces the uninterrupted one. Checkpoints are written at optimizer-step
 boundaries, every ``save_every`` steps and at the end.
+
+Under ``accelerate launch`` with N processes (DDP, or FSDP for a large LLM) every process
+takes every N-th micro-batch of the same order, so N processes at ``grad_accum`` k/N take
+the optimizer steps of one process at k. The logged loss of a step is the mean over all
+processes; the main process alone writes checkpoints and the summary, with the RNG state
+of every process, so a resumed run (with as many processes) continues each one exactly.
+Under FSDP the checkpoint gathers the sharded weights and optimizer state first.
 """
 
 from __future__ import annotations
@@ -17,22 +24,39 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from slidevl.atomic import write_json_atomic
+from slidevl.errors import CheckpointError
 from slidevl.slidellm.tuning.config import TrainSettings
 from slidevl.slidellm.tuning.state import (
-    CheckpointError,
     atomic_dir,
     load_state,
+    load_state_entry,
     rng_state,
     save_state,
     set_rng_state,
 )
 
 TRAINER_DIR = "trainer"
+SUMMARY_NAME = "summary.json"
+
+
+def unfinished_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint of a run that stopped before its last step (no summary yet)."""
+    return (run_dir / "checkpoint" / TRAINER_DIR).is_dir() and not (run_dir / SUMMARY_NAME).is_file()
+
+
+def describe_checkpoint(run_dir: Path) -> str:
+    """Where an interrupted run will continue from, for the interrupt line."""
+    trainer = run_dir / "checkpoint" / TRAINER_DIR
+    if not trainer.is_dir():
+        return f"no checkpoint yet in {run_dir} (one is written every --save-every steps), so the run starts again"
+    counters = load_state_entry(trainer, "trainer", "counters")
+    return f"step {counters['step']} (epoch {counters['epoch'] + 1}) is checkpointed in {trainer.parent}"
 
 
 class EpochSampler(Sampler[int]):
@@ -91,6 +115,24 @@ def make_accelerator(settings: TrainSettings) -> Accelerator:
     )
 
 
+def _optimizer_state(accelerator: Accelerator, module: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """The optimizer state to save: whole under FSDP (gathered, collective), else the local one, equal on every process."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(accelerator: Accelerator, module: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+    if accelerator.distributed_type != DistributedType.FSDP:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def run_loop(
     *,
     accelerator: Accelerator,
@@ -101,7 +143,7 @@ def run_loop(
     settings: TrainSettings,
     lr: float,
     run_dir: Path,
-    save_model: Callable[[Path], None],
+    save_model: Callable[[Path, dict[str, torch.Tensor]], None],
     resume: bool,
     description: str,
     device_placement: bool = True,
@@ -109,19 +151,15 @@ def run_loop(
     """Train the parameters of ``module`` that require grad; checkpoint into ``run_dir/checkpoint``.
 
     ``loss_fn(prepared_module, batch)`` returns the mean loss of a micro-batch;
-    ``save_model(folder)`` writes the model parts of a checkpoint into ``folder``.
+    ``save_model(folder, state)`` writes the model parts of a checkpoint into ``folder``
+    from ``state``, the prepared module's state dict with the unwrapped module's keys
+    (under FSDP gathered whole on the main process, the only place it is whole).
     ``device_placement=False`` leaves parameters where they are (quantised LLMs).
     """
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if not trainable:
         raise ValueError("nothing to train: no parameter requires grad")
     n = len(dataset)  # type: ignore[arg-type]
-    batches_per_epoch = math.ceil(n / settings.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / settings.grad_accum)
-    total = settings.epochs * steps_per_epoch
-    if settings.max_steps is not None:
-        total = min(total, settings.max_steps)
-
     sampler = EpochSampler(n, settings.seed)
     # The loader's own generator keeps iterator start-up from drawing on the global RNG,
     # whose state (dropout) a resumed run restores exactly.
@@ -132,11 +170,23 @@ def run_loop(
         collate_fn=collate,
         generator=torch.Generator().manual_seed(settings.seed),
     )
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total, settings.warmup_ratio))
     # A 4-bit model is already placed by bitsandbytes and must not be moved again.
     module = accelerator.prepare_model(module, device_placement=device_placement)
-    optimizer, loader = accelerator.prepare(optimizer, loader)
+    # The optimizer takes the parameters of the prepared model: under FSDP those are its shards.
+    params = [p for p in module.parameters() if p.requires_grad]
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    # FSDP's own clipping computes the norm over every shard; it wants all of the model's parameters.
+    clipped = list(module.parameters()) if fsdp else params
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+    loader = accelerator.prepare_data_loader(loader)
+    # Each process iterates its own share of the micro-batches.
+    steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
+    total = settings.epochs * steps_per_epoch
+    if settings.max_steps is not None:
+        total = min(total, settings.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total, settings.warmup_ratio))
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    processes = accelerator.num_processes
 
     counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "seconds": 0.0}
     history: list[list[float]] = []
@@ -146,27 +196,44 @@ def run_loop(
         if not trainer.is_dir():
             raise CheckpointError(f"{trainer}: no trainer state to resume from; start the run without --resume")
         saved = load_state(trainer, "trainer")
-        optimizer.load_state_dict(saved["optimizer"])
+        # Micro-batches are counted per process, so the position in the epoch holds only for
+        # the number of processes the run had; an FSDP optimizer state is keyed by names.
+        layout = (saved.get("processes", 1), saved.get("fsdp", False))
+        if layout != (processes, fsdp):
+            raise CheckpointError(
+                f"{trainer}: the run was checkpointed with {layout[0]} process(es){' under FSDP' if layout[1] else ''}; "
+                f"resume it the same way (accelerate launch --num_processes {layout[0]}"
+                f"{' with the FSDP config' if layout[1] else ''}), not with {processes}{' under FSDP' if fsdp else ''}"
+            )
+        _load_optimizer_state(accelerator, module, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         counters.update(saved["counters"])
         history = [list(h) for h in saved["history"]]
-        set_rng_state(saved["rng"])
+        rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
+        set_rng_state(rngs[accelerator.process_index])
 
     def checkpoint() -> None:
         accelerator.wait_for_everyone()
+        # Collectives first, on every process: the RNG states, then (under FSDP) the gathered
+        # weights and optimizer state; elsewhere these are the module's and optimizer's own.
+        rngs = gather_object([rng_state()])
+        weights = accelerator.get_state_dict(module)
+        optimizer_state = _optimizer_state(accelerator, module, optimizer)
         if accelerator.is_main_process:
             with atomic_dir(ckpt) as tmp:
-                save_model(tmp)
+                save_model(tmp, weights)
                 (tmp / TRAINER_DIR).mkdir()
                 save_state(
                     tmp / TRAINER_DIR,
                     "trainer",
                     {
-                        "optimizer": optimizer.state_dict(),
+                        "optimizer": optimizer_state,
                         "scheduler": scheduler.state_dict(),
                         "counters": dict(counters),
                         "history": history,
-                        "rng": rng_state(),
+                        "rng": rngs,
+                        "processes": processes,
+                        "fsdp": fsdp,
                     },
                 )
         accelerator.wait_for_everyone()
@@ -202,7 +269,7 @@ def run_loop(
                     loss = loss_fn(module, batch)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and settings.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                        accelerator.clip_grad_norm_(clipped, settings.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
                 counters["batch_in_epoch"] += 1
@@ -211,7 +278,8 @@ def run_loop(
                     continue
                 scheduler.step()
                 counters["step"] += 1
-                mean = sum(window) / len(window)
+                # The step's loss over every process's micro-batches, not the main one's alone.
+                mean = float(accelerator.reduce(torch.tensor(sum(window) / len(window), device=accelerator.device), "mean"))
                 window = []
                 history.append([counters["step"], mean, scheduler.get_last_lr()[0]])
                 progress.update(task, advance=1, loss=f"{mean:.4f}")
@@ -231,7 +299,7 @@ def run_loop(
     result = LoopResult(counters["step"], counters["epoch"], counters["seconds"], history)
     if accelerator.is_main_process:
         write_json_atomic(
-            run_dir / "summary.json",
+            run_dir / SUMMARY_NAME,
             {
                 "stage": description,
                 "steps": result.steps,
@@ -240,7 +308,8 @@ def run_loop(
                 "seconds": round(result.seconds, 2),
                 "first_loss": history[0][1] if history else None,
                 "final_loss": result.final_loss,
-                "trainable_parameters": sum(p.numel() for p in params),
+                "trainable_parameters": trainable,
+                "processes": processes,
             },
         )
     return result

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 import torch
 from torch import Tensor, nn
 
+from slidevl.errors import CheckpointError, InputError
 from slidevl.features.store import FeatureStore
+from slidevl.ranks import is_main_process
 from slidevl.slidellm.connector import CONVERTIBLE_OPTIONS, READ_OPTIONS, ConnectorConfig, build_connector
 from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, load_encoder
 from slidevl.slidellm.encoder.io import CONFIG_NAME
@@ -45,12 +47,11 @@ from slidevl.slidellm.tuning.checkpoint import (
     resolve_llm_dir,
     save_vlm,
 )
-from slidevl.slidellm.tuning.config import TuneConfig, config_differences
+from slidevl.qa.records import read_records
+from slidevl.slidellm.tuning.config import TuneConfig
 from slidevl.slidellm.tuning.loop import LoopResult, make_accelerator, run_loop
-from slidevl.slidellm.tuning.state import CheckpointError
 from slidevl.slidellm.tuning.visual import CachedVisuals, LiveVisuals, check_regions
 from slidevl.slidellm.vqa_data import ChatBatch, ChatCollator, ChatDataset, corpus_texts, select_records
-from slidevl.vqa.records import read_records
 
 #: Folder inside a run where frozen-encoder outputs are cached (the feature job is only read).
 CACHE_DIR = "visual_cache"
@@ -86,7 +87,7 @@ class PreparedRun:
     dataset: ChatDataset
     collate: ChatCollator
     loss_fn: Callable[[nn.Module, ChatBatch], Tensor]
-    save_model: Callable[[Path], None]
+    save_model: Callable[[Path, dict[str, Tensor]], None]
     device_placement: bool = True
 
     def run(self) -> LoopResult:
@@ -112,7 +113,7 @@ def _prepare_run_dir(cfg: TuneConfig, resume: bool) -> Path:
     if resume:
         if not run_json.is_file():
             raise CheckpointError(f"{run_dir}: no run.json; there is no run to resume here (drop --resume)")
-        diffs = config_differences(TuneConfig.load(run_json), cfg)
+        diffs = TuneConfig.load(run_json).differences(cfg)
         if diffs:
             raise CheckpointError(
                 f"{run_dir}: --resume needs the options the run started with; differences:\n  " + "\n  ".join(diffs)
@@ -122,7 +123,8 @@ def _prepare_run_dir(cfg: TuneConfig, resume: bool) -> Path:
     elif (run_dir / CHECKPOINT_DIR).exists():
         raise CheckpointError(f"{run_dir}: already holds a checkpoint; pass --resume to continue it, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_json)
+    if is_main_process():  # every process of a launch checks the folder; one writes
+        cfg.save(run_json)
     return run_dir
 
 
@@ -155,8 +157,8 @@ def prepare_warmup(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
                      use_cache=False).loss
 
-    def save_model(folder: Path) -> None:
-        llm.save_pretrained(folder / "llm")
+    def save_model(folder: Path, state: dict[str, Tensor]) -> None:
+        llm.save_pretrained(folder / "llm", state_dict=state)
         tokenizer.save_pretrained(folder / "llm")
 
     return PreparedRun(cfg, run_dir, resume, accelerator, llm, dataset, ChatCollator(tokenizer.pad_token_id), loss_fn, save_model)
@@ -198,36 +200,39 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         raise ValueError(f"run_stage needs stage 'stage1' or 'stage2', got {cfg.stage!r}")
     init = resolve_checkpoint(cfg.init) if cfg.init else None
     init_info = CheckpointInfo.load(init / INFO_NAME) if init is not None else None
-    if init_info is not None and set(cfg.connector) - READ_OPTIONS - CONVERTIBLE_OPTIONS:
-        raise ValueError(
+    if init_info is not None and set(cfg.connector.given()) - READ_OPTIONS - CONVERTIBLE_OPTIONS:
+        raise InputError(
             f"--init {init} fixes the connector; drop the connector options other than "
             f"{', '.join(sorted(READ_OPTIONS | CONVERTIBLE_OPTIONS))} (or start without --init)"
         )
     init_adapter = init / "adapter" if init is not None and init_info is not None and init_info.has_adapter else None
     if init_adapter is not None and not (cfg.stage == "stage2" and cfg.llm_tuning == "lora"):
-        raise ValueError(
+        raise InputError(
             f"--init {init} is a stage-2 checkpoint with LoRA adapters; only a stage-2 run with LoRA tuning can "
             "continue them (start stage 1 or full tuning from a stage-1 checkpoint instead)"
         )
     llm_dir = checkpoint_llm_dir(init, init_info) if init is not None and init_info is not None and cfg.llm is None else None
     if llm_dir is None:
         if cfg.llm is None:
-            raise ValueError("pass --llm (a Hugging Face causal-LM folder or a warm-up run) or --init (a stage-1 run)")
+            raise InputError("pass --llm (a Hugging Face causal-LM folder or a warm-up run) or --init (a stage-1 run)")
         llm_dir = resolve_llm_dir(cfg.llm)
     job = cfg.job or (init_info.job if init_info is not None else None)
     if job is None:
-        raise ValueError("pass --job: the feature job folder holding the slides' features")
+        raise InputError("pass --job: the feature job folder holding the slides' features")
     feature_encoder = cfg.feature_encoder or (init_info.feature_encoder if init_info is not None else None)
     store = FeatureStore(job, feature_encoder)
     records = select_records(read_records(cfg.records), cfg.stage)
     if not records:
         wanted = "caption" if cfg.stage == "stage1" else "single/multi/open"
-        raise ValueError(f"{cfg.records}: no {wanted} records for {cfg.stage}")
+        raise InputError(f"{cfg.records}: no {wanted} records for {cfg.stage}")
 
     run_dir = _prepare_run_dir(cfg, resume)
     resume_dir = run_dir / CHECKPOINT_DIR if resume else None
     set_seed(cfg.train.seed)
     accelerator = make_accelerator(cfg.train)
+    if cfg.train_encoder and accelerator.distributed_type == DistributedType.FSDP:
+        # A trained encoder is saved from its live module, which FSDP would hold in shards.
+        raise InputError("--train-encoder is not supported under FSDP; launch with configs/accelerate/ddp.yaml")
 
     tokenizer = load_tokenizer((init / "tokenizer") if init is not None else llm_dir)
     full_llm = cfg.stage == "stage2" and cfg.llm_tuning == "full"
@@ -238,7 +243,7 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     else:
         freeze(encoder).eval()
     conn_cfg = (
-        ConnectorConfig.from_dict({**init_info.connector, **cfg.connector})
+        ConnectorConfig.from_dict({**init_info.connector, **cfg.connector.given()})
         if init_info is not None
         else cfg.connector_config(encoder.config.d_model, _llm_width(llm), encoder.config.patch_dim)
     )
@@ -265,13 +270,15 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         visuals: CachedVisuals | LiveVisuals = LiveVisuals(encoder, store, device=accelerator.device)
     else:
         visuals = CachedVisuals(encoder, store, run_dir / CACHE_DIR, device=accelerator.device)
-    visuals.precompute(r.slide for r in records)
+    # The main process fills the disk cache; the others then read it instead of encoding too.
+    with accelerator.main_process_first():
+        visuals.precompute(r.slide for r in records)
     check_regions(records, visuals)
     if resume_dir is None and init is None:
         fit_standardizers(connector, visuals, (r.slide for r in records))
     elif connector.config.patch_scaling != conn_cfg.patch_scaling:
         if conn_cfg.patch_scaling != "per_dim":
-            raise ValueError(f"--init {init} scales patch features per dimension; it cannot go back to one shared scale")
+            raise InputError(f"--init {init} scales patch features per dimension; it cannot go back to one shared scale")
         connector.scale_patches_per_dim(training_patches(visuals, (r.slide for r in records)))
 
     info = CheckpointInfo(
@@ -289,8 +296,8 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     dataset = ChatDataset(records, tokenizer, supervise="answer", max_tokens=cfg.train.max_tokens,
                           answer_style=cfg.answer_style, shuffle_options=cfg.shuffle_options, seed=cfg.train.seed)
 
-    def save_model(folder: Path) -> None:
-        save_vlm(folder, info, model, encoder, tokenizer)
+    def save_model(folder: Path, state: dict[str, Tensor]) -> None:
+        save_vlm(folder, info, model, encoder, tokenizer, state)
 
     return PreparedRun(
         cfg, run_dir, resume, accelerator, module, dataset, ChatCollator(tokenizer.pad_token_id), _module_loss, save_model, placed

@@ -20,10 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slidevl.atomic import atomic_path, write_json_atomic
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder is missing, incomplete, or does not match the run."""
+from slidevl.errors import CheckpointError
 
 
 @contextlib.contextmanager
@@ -112,6 +109,25 @@ def load_state(directory: Path, name: str) -> dict[str, Any]:
         raise CheckpointError(f"{skeleton_path}: not found; the checkpoint is incomplete")
     tensors = load_tensors(directory / f"{name}.safetensors")
     return _join_state(json.loads(skeleton_path.read_text()), tensors)
+
+
+def state_part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a module's state dict under ``prefix`` (e.g. ``"vlm.connector."``), without the prefix."""
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def load_state_entry(directory: Path, name: str, key: str) -> Any:
+    """One top-level entry of a :func:`save_state` state that holds no tensor, read without the tensors file.
+
+    Reporting a run's step must not load its optimizer state, gigabytes for a 7B LoRA run.
+    """
+    skeleton_path = directory / f"{name}.json"
+    if not skeleton_path.is_file():
+        raise CheckpointError(f"{skeleton_path}: not found; the checkpoint is incomplete")
+    for entry, value in json.loads(skeleton_path.read_text())["__dict__"]:
+        if entry == key:
+            return _join_state(value, {})
+    raise CheckpointError(f"{skeleton_path}: no {key!r} entry")
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,10 +17,10 @@ from rich.progress import Progress
 from safetensors import safe_open
 
 from slidevl.features.store import FeatureStore, SlideFeatures
+from slidevl.qa.records import VQARecord
 from slidevl.slidellm.encoder import TopoPackEncoder
 from slidevl.slidellm.model import SlideVLMError, VisualTokens, boxes_intersecting, encode_slide, slide_pack_boxes
 from slidevl.slidellm.tuning.state import load_tensors, save_tensors
-from slidevl.vqa.records import VQARecord
 
 
 def encoder_fingerprint(encoder: TopoPackEncoder) -> str:

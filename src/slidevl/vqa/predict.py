@@ -15,9 +15,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from slidevl.errors import InputError
+from slidevl.qa.records import VQARecord, read_records
 from slidevl.slidellm.ask import DEFAULT_ASK_JOB, SlideAssistant
 from slidevl.vqa.partial import PartialPredictions
-from slidevl.vqa.records import VQARecord, read_records
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def predict_records(
     batch_size: int = 16,
     cache_root: str | Path = DEFAULT_ASK_JOB,
     console: Console | None = None,
-    rank_single: bool = False,
+    rank_single: bool = True,
     overwrite: bool = False,
     resume: bool = False,
 ) -> PredictionRun:
@@ -48,8 +49,9 @@ def predict_records(
 
     ``checkpoint`` is a tuned checkpoint folder or an already loaded assistant (whose own
     cache root then applies). ``job`` holds the features of the records' slides; by
-    default the checkpoint's own training job. ``rank_single`` answers single-choice records
-    with the most likely option (:meth:`SlideAssistant.rank_options`).
+    default the checkpoint's own training job. ``rank_single`` (on by default: part of the best
+    measured recipe, ``recipes/vqa.yaml``) answers single-choice records with the most likely
+    option (:meth:`SlideAssistant.rank_options`).
 
     Answers are saved after every batch (:mod:`slidevl.vqa.partial`): a stopped run is
     continued by the same call, and ``out`` appears, atomically, only once every record
@@ -57,11 +59,9 @@ def predict_records(
     ``resume`` (nothing left to do).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     console = console or Console(stderr=True)
-    items = read_records(records)
-    if not items:
-        raise ValueError(f"{records}: no VQA records to answer")
+    items = read_records(records)  # refuses a file without records
     source = checkpoint.loaded.directory if isinstance(checkpoint, SlideAssistant) else checkpoint
     settings = {"checkpoint": str(Path(source).resolve()), "job": str(Path(job).resolve()) if job else None,
                 "max_new_tokens": max_new_tokens, "rank_single": rank_single}

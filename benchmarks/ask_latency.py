@@ -1,0 +1,245 @@
+"""Cold-process latency of a second ``slidevl ask`` on the same slide, answered from the cache.
+
+    python benchmarks/ask_latency.py --work /tmp/slidevl_ask_latency --repeats 5 --before 407a37c
+
+What a user waits for when asking again from the shell: a new process that starts the
+CLI, imports the model stack, loads the checkpoint, finds the slide's features and
+visual tokens in the cache and answers. Measured, in one session so that all numbers
+share the machine's load:
+
+* ``second ask``: wall and CPU seconds of ``slidevl ask SLIDE_FILE QUESTION`` after a
+  first call filled the cache, ``--repeats`` times (``--before REF`` interleaves the same
+  command run on the source of git revision REF, extracted with ``git archive``);
+* the floor any such process pays: Python alone, ``import torch``, and torch +
+  transformers' causal LM + peft (the LoRA adapters) without anything of slidevl;
+* the phases inside one process (imports, checkpoint load, cached slide, answer) and the
+  next answer in the same process, which is what ``--interactive`` and the viewer pay
+  per question;
+* self import time by top-level package (``python -X importtime``) of one second ask.
+
+Without ``--checkpoint`` a demo-shaped checkpoint is built once under ``--work``: a
+3-patient synthetic cohort, the demo's encoder size and the embedded LM at its default
+size, trained a few steps only (latency does not depend on training).
+The result goes to ``benchmarks/results/ask_latency.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+QUESTION = "Describe this whole-slide image."
+FOLLOW_UP = "Which tissue is dominant on this slide?\nA. tumour\nB. fibrous stroma\nC. normal parenchyma\nD. necrosis"
+#: The console script's own two lines (``slidevl = slidevl.cli:app``), so that both source trees start the same way.
+CLI = "import sys; from slidevl.cli import app; sys.exit(app(prog_name='slidevl'))"
+#: Packages shown on their own in the import breakdown; the rest is summed as "other".
+PACKAGES = ("torch", "transformers", "peft", "sympy", "scipy", "torchvision", "triton", "huggingface_hub", "numpy",
+            "sklearn", "pandas", "openslide", "timm", "open_clip", "h5py", "rich", "slidevl")
+#: One process, phase by phase: argv = checkpoint, slide, cache, max_new_tokens.
+PHASES = """
+import sys, time, json
+t = [time.perf_counter()]
+import torch
+t.append(time.perf_counter())
+import slidevl.slidellm.llm
+t.append(time.perf_counter())
+from slidevl.slidellm.ask import SlideAssistant
+t.append(time.perf_counter())
+assistant = SlideAssistant(sys.argv[1], device="cpu", cache_root=sys.argv[3])
+t.append(time.perf_counter())
+chat = assistant.conversation(assistant.open_slide(sys.argv[2]))
+t.append(time.perf_counter())
+chat.ask(%r, max_new_tokens=int(sys.argv[4]))
+t.append(time.perf_counter())
+chat.ask(%r, max_new_tokens=int(sys.argv[4]))
+t.append(time.perf_counter())
+names = ["import torch", "import transformers + peft", "import the rest of ask", "load checkpoint",
+         "cached slide -> visual tokens", "answer", "next answer (warm process)"]
+print(json.dumps(dict(zip(names, [b - a for a, b in zip(t, t[1:])]))))
+""" % (QUESTION, FOLLOW_UP)
+FLOOR = {
+    "python alone": "pass",
+    "import torch": "import torch",
+    "torch + transformers causal LM + peft": "import torch, peft; from transformers import AutoModelForCausalLM, LlamaForCausalLM",
+}
+
+
+def _env(src: Path | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if src is not None:
+        env["PYTHONPATH"] = str(src)  # ahead of the editable install of the working tree
+    return env
+
+
+def _run(argv: list[str], src: Path | None) -> dict[str, Any]:
+    """Wall and CPU seconds of one child process (CPU: its user + system time)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env=_env(src), cwd=REPO)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:4])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "load": load, "stdout": done.stdout, "stderr": done.stderr}
+
+
+def _ask(checkpoint: Path, slide: Path, cache: Path, max_new_tokens: int, src: Path | None, *extra: str) -> dict[str, Any]:
+    argv = [sys.executable, *extra, "-c", CLI, "ask", str(slide), QUESTION, "--checkpoint", str(checkpoint),
+            "--cache", str(cache), "--max-new-tokens", str(max_new_tokens), "--device", "cpu"]
+    return _run(argv, src)
+
+
+def _imports_by_package(stderr: str) -> dict[str, float]:
+    """Self import seconds summed by top-level package, from ``-X importtime`` output."""
+    totals: collections.Counter[str] = collections.Counter()
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        self_us, _, name = line.split(":", 1)[1].split("|")
+        package = name.strip().split(".")[0]
+        totals[package if package in PACKAGES else "other"] += int(self_us) / 1e6
+    return dict(totals)
+
+
+def source_tree(ref: str, folder: Path) -> Path:
+    """The ``src`` folder of git revision ``ref``, extracted once into ``folder``."""
+    src = folder / "src"
+    if not src.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", ref, "src"], cwd=REPO, capture_output=True, check=True).stdout
+        with tempfile.TemporaryFile() as fh:
+            fh.write(archive)
+            fh.seek(0)
+            with tarfile.open(fileobj=fh) as tar:
+                tar.extractall(folder, filter="data")
+    return src
+
+
+def build_checkpoint(work: Path) -> tuple[Path, Path]:
+    """A demo-shaped stage-2 checkpoint and one of its slides, made once under ``work``."""
+    from slidevl.demo import DEMO_ENCODER
+    from slidevl.features.config import PreprocessConfig
+    from slidevl.features.pipeline import preprocess
+    from slidevl.slidellm.recipe import RecipeSizes, train_vqa
+    from slidevl.synth.cohort import make_cohort
+    from slidevl.vqa.build import build_qa
+
+    cohort, job, qa = work / "cohort", work / "job", work / "qa"
+    if not (cohort / "truth.json").is_file():
+        make_cohort(cohort, n_patients=3, seed=0, slide_px=8192, n_folds=3, overwrite=cohort.exists())
+    if preprocess(cohort / "slides", job, PreprocessConfig()).exit_code:
+        raise SystemExit(f"preprocessing {cohort / 'slides'} failed; see {job / 'summary.md'}")
+    if not (qa / "test.jsonl").is_file():
+        build_qa(cohort, job, qa)
+    sizes = RecipeSizes(mae_steps=2, moco_steps=2, warmup_epochs=1, stage1_epochs=1, stage2_epochs=1, encoder=DEMO_ENCODER)
+    trained = train_vqa(job, qa, work / "runs", sizes)
+    return trained.stage2, sorted((cohort / "slides").iterdir())[0]
+
+
+def _stats(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="folder for the built checkpoint, the caches and source trees")
+    parser.add_argument("--checkpoint", type=Path, help="a stage-2 run folder (default: build a demo-shaped one in --work)")
+    parser.add_argument("--slide", type=Path, help="a slide file the checkpoint can read (with --checkpoint)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--before", metavar="REF", help="also time the git revision REF, interleaved with the working tree")
+    parser.add_argument("--name", default="ask_latency")
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) != (args.slide is None):
+        parser.error("give both --checkpoint and --slide, or neither (a checkpoint is then built in --work)")
+    work = args.work.resolve()
+    checkpoint, slide = (args.checkpoint, args.slide) if args.checkpoint else build_checkpoint(work)
+    trees: dict[str, Path | None] = {"working tree": None}
+    if args.before:
+        trees = {f"before ({args.before})": source_tree(args.before, work / f"src-{args.before}"), **trees}
+
+    first: dict[str, dict[str, Any]] = {}
+    for name, src in trees.items():
+        cache = work / f"cache-{'before' if src else 'after'}"
+        shutil.rmtree(cache, ignore_errors=True)
+        first[name] = _ask(checkpoint, slide, cache, args.max_new_tokens, src)
+    second: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    floor: dict[str, list[dict[str, Any]]] = {name: [] for name in FLOOR}
+    phases: list[dict[str, float]] = []
+    cache_after = work / "cache-after"
+    for _ in range(args.repeats):
+        for name, src in trees.items():
+            second[name].append(_ask(checkpoint, slide, work / f"cache-{'before' if src else 'after'}",
+                                     args.max_new_tokens, src))
+        for name, code in FLOOR.items():
+            floor[name].append(_run([sys.executable, "-c", code], None))
+        out = _run([sys.executable, "-c", PHASES, str(checkpoint), str(slide), str(cache_after), str(args.max_new_tokens)], None)
+        phases.append(json.loads(out["stdout"].strip().splitlines()[-1]))
+    imports = {name: _imports_by_package(_ask(checkpoint, slide, work / f"cache-{'before' if src else 'after'}",
+                                              args.max_new_tokens, src, "-X", "importtime")["stderr"])
+               for name, src in trees.items()}
+
+    lines = [
+        "# `slidevl ask`: a second question about the same slide, from a new process",
+        "",
+        f"Checkpoint `{checkpoint}` (embedded LM, LoRA adapters, Q-Former connector), slide `{slide.name}`; "
+        f"device cpu, {platform.machine()}, {os.cpu_count()} CPUs, torch's default threads; greedy decoding, at most "
+        f"{args.max_new_tokens} new tokens; {args.repeats} repeats, median (min–max). The machine is shared: the "
+        "1-minute load average during the runs was "
+        f"{_stats([r['load'] for runs in second.values() for r in runs])}.",
+        "",
+        "| command | wall s | CPU s (user + sys) |",
+        "|---|---|---|",
+    ]
+    for name in trees:
+        lines.append(f"| first ask, {name} (preprocess + encode the slide) | {first[name]['wall_s']:.2f} | "
+                     f"{first[name]['cpu_s']:.2f} |")
+    for name, runs in second.items():
+        lines.append(f"| **second ask, {name}** | **{_stats([r['wall_s'] for r in runs])}** | "
+                     f"{_stats([r['cpu_s'] for r in runs])} |")
+    for name, runs in floor.items():
+        lines.append(f"| floor: {name} | {_stats([r['wall_s'] for r in runs])} | {_stats([r['cpu_s'] for r in runs])} |")
+    quiet = [r for r in second["working tree"] if not r["stderr"].strip()]
+    lines += ["", f"Second asks of the working tree that printed nothing but the answer: {len(quiet)} of "
+              f"{len(second['working tree'])} (the cache location is said once, when the cache is created).", "",
+              "Inside one process of the working tree (wall s, median (min–max)):", "",
+              "| phase | s |", "|---|---|"]
+    for phase in phases[0]:
+        lines.append(f"| {phase} | {_stats([p[phase] for p in phases])} |")
+    columns = list(trees)
+    lines += ["", "Self import time by package in one second ask (`-X importtime`, which itself slows imports; s):", "",
+              "| package | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    packages = sorted({p for table in imports.values() for p in table}, key=lambda p: -max(t.get(p, 0.0) for t in imports.values()))
+    for package in packages:
+        lines.append(f"| {package} | " + " | ".join(f"{imports[c].get(package, 0.0):.2f}" for c in columns) + " |")
+    lines.append("| total | " + " | ".join(f"{sum(imports[c].values()):.2f}" for c in columns) + " |")
+    lines += ["", "A new process cannot answer below the floor of torch + transformers + peft; `slidevl ask --interactive` "
+              "and the viewer's chat (`slidevl serve --vqa-checkpoint`) load once and pay only the next-answer time per "
+              "question.", ""]
+    RESULTS.mkdir(exist_ok=True)
+    from slidevl.atomic import write_text_atomic
+
+    write_text_atomic(RESULTS / f"{args.name}.md", "\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
