@@ -68,7 +68,24 @@ def _field_default(cls: type[Config], key: str) -> Any:
 
 def test_the_tuning_commands_are_built_from_their_config() -> None:
     names = {" ".join(p) for p, _ in CONFIG_COMMANDS}
-    assert {"slidellm warmup", "slidellm represent", "slidellm stage1", "slidellm stage2"} <= names
+    assert {"slidellm warmup", "slidellm represent", "slidellm stage1", "slidellm stage2", "preprocess"} <= names
+
+
+def test_preprocess_options_default_to_the_preprocess_config() -> None:
+    # preprocess generates its tissue options; the rest stand for PreprocessConfig / GridSpec fields by name.
+    from slidevl.features.config import PreprocessConfig
+    from slidevl.tiling.grid import GridSpec
+
+    command = dict((" ".join(p), c) for p, c in COMMANDS)["preprocess"]
+    assert _config_of(command)[0].__name__ == "TissueParams"
+    fields = {**{f.name: (GridSpec, f) for f in dataclasses.fields(GridSpec)},
+              **{f.name: (PreprocessConfig, f) for f in dataclasses.fields(PreprocessConfig)}}
+    shared = [p for p in command.params if p.name in fields]
+    assert len(shared) >= 12, [p.name for p in shared]
+    for param in shared:
+        cls, _ = fields[param.name]
+        expected = _field_default(cls, param.name)
+        assert param.default == expected, f"preprocess --{param.name}: CLI {param.default!r} != {cls.__name__} {expected!r}"
 
 
 @pytest.mark.parametrize("path,command", CONFIG_COMMANDS, ids=[" ".join(p) for p, _ in CONFIG_COMMANDS])

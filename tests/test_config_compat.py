@@ -49,3 +49,20 @@ def test_unknown_keys_name_the_file(tmp_path: Path) -> None:
     bad.write_text((OLD / "run.json").read_text().replace('"vocab_size"', '"vocab_sise"'))
     with pytest.raises(ConfigError, match=r"run\.json.*vocab_sise"):
         TuneConfig.load(bad)
+
+
+def test_preprocess_manifest_settings_keep_their_keys() -> None:
+    # Jobs read the manifest's "config" (and ask reads the fingerprint's grid/tissue): the keys stay as written before.
+    from slidevl.features.config import PreprocessConfig
+    from slidevl.slide.tissue import TissueParams
+    from slidevl.tiling.grid import GridSpec
+
+    config = PreprocessConfig(mpp_table={"a": 0.5, "b": 0.25}, shard=(1, 4), workers=3)
+    saved = config.manifest_dict()
+    assert list(saved) == ["grid", "tissue", "min_tissue", "encoder", "region_encoder", "device", "precision",
+                           "mpp_override", "mpp_csv_slides", "pack_features", "global_feature", "float16",
+                           "batch_size", "workers", "shard", "overwrite"]
+    assert saved["mpp_csv_slides"] == 2 and saved["shard"] == [1, 4] and saved["workers"] == 3
+    assert GridSpec.from_dict(saved["grid"]) == config.grid
+    assert TissueParams.from_dict(saved["tissue"]) == config.tissue
+    assert PreprocessConfig.from_dict(config.to_dict()) == config

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from slide_fixtures import write_aperio_slide
 from slidevl.features.cli import app
+from slidevl.features.jobs import read_manifest
 from slidevl.features.store import FeatureStore, read_slide_attrs
 
 runner = CliRunner()
@@ -35,15 +36,21 @@ def test_failures_give_exit_code_1_and_overrides_fix_them(slides, tmp_path):
     assert read_slide_attrs(FeatureStore(job).path("nompp"))["mpp_source"] == "csv"
 
 
-def test_magnification_alias_and_grid_options(slides, tmp_path):
-    result = runner.invoke(app, ["preprocess", str(slides / "good.svs"), "--out", str(tmp_path), "--magnification", "10",
-                                 "--patch-px", "128", "--no-pack-features", "--no-global-feature",
+def test_magnification_alias_grid_options_and_tissue_recipe(slides, tmp_path):
+    # Tissue settings come from a recipe file; the tissue options typed on the command line win over it.
+    recipe = tmp_path / "tissue.yaml"
+    recipe.write_text("median_size: 5\nclosing_radius_um: 8\nadipose_radius_um: 10\n")
+    job = tmp_path / "job"
+    result = runner.invoke(app, ["preprocess", str(slides / "good.svs"), "--out", str(job), "--magnification", "10",
+                                 "--patch-px", "128", "--no-pack-features", "--no-global-feature", "--recipe", str(recipe),
                                  "--adipose-radius-um", "40", "--adipose-um-per-px", "2", "--adipose-reach-um", "500", *FAST])
     assert result.exit_code == 0, result.output
-    sf = FeatureStore(tmp_path).load("good")
+    sf = FeatureStore(job).load("good")
     assert sf.attrs["target_mpp"] == 1.0 and sf.attrs["patch_size_level0"] == 256.0
     tissue = sf.attrs["config_fingerprint"]["tissue"]
     assert (tissue["adipose_radius_um"], tissue["adipose_um_per_px"], tissue["adipose_reach_um"]) == (40.0, 2.0, 500.0)
+    assert (tissue["median_size"], tissue["closing_radius_um"]) == (5, 8.0)
+    assert read_manifest(job)["config"]["tissue"] == tissue
     assert sf.pack_features is None and sf.global_feature is None and sf.pack_grid is not None
 
 

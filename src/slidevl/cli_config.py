@@ -94,13 +94,15 @@ def build_config(cls: type[Config], given: dict[str, Any], recipe: Path | None =
     return cls.from_dict(nested, source=str(recipe) if recipe else None)
 
 
-def options_from(cls: type[Config], *, exclude: Iterable[str] = (),
-                 fixed: Mapping[str, Any] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def options_from(cls: type[Config], *, exclude: Iterable[str] = (), fixed: Mapping[str, Any] | None = None,
+                 recipe_help: str = "YAML/JSON file of settings (e.g. recipes/*.yaml); options given here override it.",
+                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a command ``f(config, **extra)`` so typer sees ``cls``'s fields as options.
 
     Values the user did not type are not passed on, so a ``--recipe`` value wins over a
     field default and an explicit option wins over the recipe. ``fixed`` holds dotted keys
     the command itself sets (``{"stage": "stage1"}``); they are not options and win over both.
+    ``recipe_help`` says what the ``--recipe`` file holds when the config is part of a command's settings.
     """
     options = config_options(cls, exclude=(*exclude, *(fixed or {})))
 
@@ -110,8 +112,7 @@ def options_from(cls: type[Config], *, exclude: Iterable[str] = (),
         recipe = inspect.Parameter(
             RECIPE_PARAM, inspect.Parameter.KEYWORD_ONLY, default=None,
             annotation=Annotated[Optional[Path], typer.Option(
-                "--recipe", help="YAML/JSON file of settings (e.g. recipes/*.yaml); options given here override it.",
-                exists=True, dir_okay=False)],
+                "--recipe", help=recipe_help, exists=True, dir_okay=False)],
         )
         generated = [
             inspect.Parameter(o.param, inspect.Parameter.KEYWORD_ONLY,
@@ -147,6 +148,18 @@ def options_from(cls: type[Config], *, exclude: Iterable[str] = (),
         return command
 
     return decorate
+
+
+def field_option(cls: type[Config], name: str, *flags: str, **extra: Any) -> Any:
+    """A typer option for a hand-written parameter that stands for ``cls``'s field ``name``.
+
+    For commands whose parameters are not all config fields one to one: the option's
+    default, help and constraints are the field's, so they are not restated.
+    """
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]  # type: ignore[arg-type]
+    default, required = _default(f)
+    return typer.Option(... if required else default, *flags, help=f.metadata.get("help") or "",
+                        **{**f.metadata.get("constraints", {}), **extra})
 
 
 def _typed(ctx: typer.Context, param: str) -> bool:

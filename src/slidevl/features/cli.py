@@ -16,10 +16,11 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from slidevl.cli_config import field_option, options_from
 from slidevl.cli_errors import ReportingCommand, ReportingGroup
 from slidevl.errors import EXIT_FAILED
 from slidevl.features.encoders.presets import default_mpp
-from slidevl.features.config import PreprocessConfig, default_workers, parse_shard, slurm_array_shard
+from slidevl.features.config import PreprocessConfig, parse_shard, slurm_array_shard
 from slidevl.features.jobs import MANIFEST, UsageError, read_manifest, recorded_slides
 from slidevl.interrupts import resumable
 from slidevl.slide.mpp import load_mpp_csv
@@ -31,58 +32,42 @@ features_app = typer.Typer(cls=ReportingGroup, help="Feature store utilities (im
                            no_args_is_help=True)
 
 
+@options_from(TissueParams, recipe_help="YAML/JSON file of tissue settings (TissueParams fields); the tissue "
+                                       "options given here override it.")
 def preprocess_command(
+    tissue: TissueParams,
     slides: Optional[List[Path]] = typer.Argument(
         None, help="Slide files, DICOM series folders and/or folders of slides (docs/slides.md); omitted: the slides the job --out already records."),
     out: Path = typer.Option(..., "--out", "-o", help="Job folder (created if needed; shards may share it)."),
     slides_root: Optional[Path] = typer.Option(
         None, "--slides-root", help="Re-running a job's recorded slides: the folder that now holds them."),
-    encoder: str = typer.Option("handcrafted", help="Tile encoder spec (see slidevl.features.encoders)."),
-    region_encoder: str = typer.Option("mean", help="Region encoder over the 16x16 patch grid: mean, meanmax, vit:/dir."),
-    device: str = typer.Option("cpu", help="Device for the encoders (cpu, cuda, cuda:1, ...)."),
-    precision: str = typer.Option(
-        PreprocessConfig.precision,
-        help="Forward pass of network encoders: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16.",
-    ),
+    encoder: str = field_option(PreprocessConfig, "encoder"),
+    region_encoder: str = field_option(PreprocessConfig, "region_encoder"),
+    device: str = field_option(PreprocessConfig, "device"),
+    precision: str = field_option(PreprocessConfig, "precision"),
     mpp: Optional[float] = typer.Option(None, "--mpp", help="Target microns per pixel of patches (default: the encoder preset's training mpp, else 0.5 = 20x)."),
     magnification: Optional[float] = typer.Option(None, help="Alias for --mpp: 20 means 0.5 µm/px (mpp = 10 / mag)."),
-    patch_px: int = typer.Option(256, help="Patch edge in pixels at the target mpp."),
-    region_patches: int = typer.Option(16, help="Patches per region edge (16 x 256 px = 4096 px regions)."),
-    pack_size: int = typer.Option(3, help="Patches per pack edge (3 = 3x3 packs)."),
-    min_tissue: float = typer.Option(0.25, help="Keep patches with at least this tissue fraction."),
-    mpp_override: Optional[float] = typer.Option(None, help="Use this slide mpp for every slide, ignoring the files."),
+    patch_px: int = field_option(GridSpec, "patch_px"),
+    region_patches: int = field_option(GridSpec, "region_patches"),
+    pack_size: int = field_option(GridSpec, "pack_size"),
+    min_tissue: float = field_option(PreprocessConfig, "min_tissue"),
+    mpp_override: Optional[float] = field_option(PreprocessConfig, "mpp_override"),
     mpp_csv: Optional[Path] = typer.Option(None, help="CSV with columns slide_id,mpp: per-slide mpp (wins over the rest)."),
-    seg_downsample: float = typer.Option(16.0, help="Tissue segmentation resolution: level-0 size / this."),
-    seg_level: Optional[int] = typer.Option(None, help="Segment on this pyramid level instead of --seg-downsample."),
-    saturation_threshold: Optional[float] = typer.Option(None, help="Fixed HSV saturation threshold 0-255 (default: Otsu)."),
-    min_saturation: float = typer.Option(20.0, help="Floor under the Otsu threshold (keeps blank glass empty)."),
-    closing_radius_um: float = typer.Option(16.0, help="Morphological closing radius in µm."),
-    min_object_um2: float = typer.Option(20000.0, help="Drop tissue pieces smaller than this (µm²)."),
-    max_hole_um2: float = typer.Option(50000.0, help="Fill holes up to this area (µm²); 0 keeps all holes."),
-    adipose_radius_um: float = typer.Option(
-        50.0, help="Recover adipose tissue: close networks of stained membranes up to this radius (µm); 0 = off."),
-    adipose_um_per_px: float = typer.Option(
-        1.0, help="Finest resolution (µm/px) at which membranes are read for adipose recovery (a level up to 4x "
-                  "coarser is searched first; the fine one is read only where that is in doubt)."),
-    adipose_reach_um: float = typer.Option(
-        2000.0, help="Read membranes (and recover fat) up to this far from the saturated tissue (µm)."),
-    pack_features: bool = typer.Option(True, help="Encode the stitched 3x3 pack images."),
-    global_feature: bool = typer.Option(True, help="Encode the whole-slide thumbnail."),
+    pack_features: bool = field_option(PreprocessConfig, "pack_features"),
+    global_feature: bool = field_option(PreprocessConfig, "global_feature"),
     float32: bool = typer.Option(False, "--float32", help="Store features as float32 (default float16)."),
-    batch_size: int = typer.Option(64, help="Tiles per batch."),
-    workers: Optional[int] = typer.Option(
-        None, help="Tile-reading worker processes (default: usable CPUs - 1, at most 8, at least min(2, CPUs))."
-    ),
+    batch_size: int = field_option(PreprocessConfig, "batch_size"),
+    workers: int = field_option(PreprocessConfig, "workers"),
     shard: Optional[str] = typer.Option(
         None, help="Process shard i of n (0-based), e.g. 0/4: every n-th slide by sorted id. Inside a Slurm array "
                    "job the shard comes from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when this is not given."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Recompute slides that are already complete."),
+    overwrite: bool = field_option(PreprocessConfig, "overwrite", "--overwrite"),
     executor: str = typer.Option(
         "local", help="local: slides one after another on this machine. ray: each slide a Ray task (one GPU each "
                       "with --device cuda), on the cluster at --address or on a local Ray cluster; see docs/cluster.md."),
     address: Optional[str] = typer.Option(
         None, help="Ray cluster to run on with --executor ray (head:6379, ray://head:10001 or auto); default: a local one."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    progress: bool = field_option(PreprocessConfig, "progress"),
 ) -> None:
     """Segment tissue, tile on the global grid and encode patches, regions, packs and thumbnail.
 
@@ -102,18 +87,7 @@ def preprocess_command(
         console.print(f"Slurm array task: shard {array_shard[0]}/{array_shard[1]} of the batch (from SLURM_ARRAY_TASK_ID)")
     config = PreprocessConfig(
         grid=GridSpec(target_mpp=target_mpp, patch_px=patch_px, region_patches=region_patches, pack_size=pack_size),
-        tissue=TissueParams(
-            downsample=seg_downsample,
-            level=seg_level,
-            saturation_threshold=saturation_threshold,
-            min_saturation=min_saturation,
-            closing_radius_um=closing_radius_um,
-            min_object_area_um2=min_object_um2,
-            max_hole_area_um2=max_hole_um2,
-            adipose_radius_um=adipose_radius_um,
-            adipose_um_per_px=adipose_um_per_px,
-            adipose_reach_um=adipose_reach_um,
-        ),
+        tissue=tissue,
         min_tissue=min_tissue,
         encoder=encoder,
         region_encoder=region_encoder,
@@ -125,7 +99,7 @@ def preprocess_command(
         global_feature=global_feature,
         float16=not float32,
         batch_size=batch_size,
-        workers=default_workers() if workers is None else workers,
+        workers=workers,
         shard=parse_shard(shard) if shard else array_shard,
         overwrite=overwrite,
         progress=progress,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
+from slidevl.config import Config, setting
 from slidevl.cpus import available_cpus
 from slidevl.errors import ConfigError
 from slidevl.slide.mpp import load_mpp_csv
@@ -17,6 +18,9 @@ from slidevl.tiling.grid import GridSpec
 # More readers than this rarely help one encoder and each holds a slide handle, a few
 # hundred MiB of memory and its prefetched batches.
 MAX_DEFAULT_WORKERS = 8
+
+#: PreprocessConfig fields that the job manifest does not record (see ``manifest_dict``).
+MANIFEST_LEAVES_OUT = ("qc_max_side", "progress")
 
 
 def default_workers() -> int:
@@ -32,32 +36,36 @@ def default_workers() -> int:
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(Config):
     """Everything that decides what `preprocess` writes (and a few knobs that do not).
 
     Fields that change the outputs enter the completeness fingerprint (see
     :mod:`slidevl.features.jobs`), so changing them re-runs slides on the next call.
+    ``slidevl preprocess`` declares its options with these defaults (see
+    :mod:`slidevl.features.cli`).
     """
 
-    grid: GridSpec = field(default_factory=GridSpec)
-    tissue: TissueParams = field(default_factory=TissueParams)
-    min_tissue: float = 0.25  # keep patches with at least this tissue fraction
-    encoder: str = "handcrafted"
-    region_encoder: str = "mean"
-    device: str = "cpu"
-    precision: str = "auto"  # forward pass of network encoders: auto | fp32 | bf16 (see encoders.base)
-    mpp_override: float | None = None
-    mpp_table: Mapping[str, float] | None = None  # slide_id -> mpp (from --mpp-csv)
-    pack_features: bool = True  # summary features of the stitched 3x3 pack images
-    global_feature: bool = True  # thumbnail feature for the topo-pack encoder
-    float16: bool = True  # feature dtype on disk
+    grid: GridSpec = setting(default_factory=GridSpec, help="Patch / region / pack lattice.")
+    tissue: TissueParams = setting(default_factory=TissueParams, help="Tissue segmentation parameters.")
+    min_tissue: float = setting(0.25, help="Keep patches with at least this tissue fraction.")
+    encoder: str = setting("handcrafted", help="Tile encoder spec (see slidevl.features.encoders).")
+    region_encoder: str = setting("mean", help="Region encoder over the 16x16 patch grid: mean, meanmax, vit:/dir.")
+    device: str = setting("cpu", help="Device for the encoders (cpu, cuda, cuda:1, ...).")
+    precision: str = setting(
+        "auto", help="Forward pass of network encoders: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16.")
+    mpp_override: float | None = setting(None, help="Use this slide mpp for every slide, ignoring the files.")
+    mpp_table: Mapping[str, float] | None = setting(None, help="slide_id -> mpp (from --mpp-csv).")
+    pack_features: bool = setting(True, help="Encode the stitched 3x3 pack images.")
+    global_feature: bool = setting(True, help="Encode the whole-slide thumbnail.")
+    float16: bool = setting(True, help="Store features as float16 (else float32).")
     # Execution knobs: they do not change the results.
-    batch_size: int = 64
-    workers: int = field(default_factory=default_workers)
-    shard: tuple[int, int] | None = None  # (i, n): the i-th (0-based) of n shards
-    overwrite: bool = False
-    qc_max_side: int = 2048
-    progress: bool = True
+    batch_size: int = setting(64, help="Tiles per batch.")
+    workers: int = setting(default_factory=default_workers,
+                           help="Tile-reading worker processes (default: usable CPUs - 1, at most 8, at least min(2, CPUs)).")
+    shard: tuple[int, int] | None = setting(None, help="(i, n): the i-th (0-based) of n shards.")
+    overwrite: bool = setting(False, help="Recompute slides that are already complete.")
+    qc_max_side: int = setting(2048, help="Longest side of the QC images in pixels.")
+    progress: bool = setting(True, help="Show progress bars.")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_tissue <= 1.0:
@@ -81,27 +89,17 @@ class PreprocessConfig:
         """Copy with the per-slide mpp table loaded from a ``slide_id,mpp`` CSV."""
         return replace(self, mpp_table=load_mpp_csv(path))
 
-    def public_dict(self) -> dict[str, object]:
-        """JSON-able summary for the manifest."""
-        return {
-            "grid": self.grid.as_dict(),
-            "tissue": self.tissue.as_dict(),
-            "min_tissue": self.min_tissue,
-            "encoder": self.encoder,
-            "region_encoder": self.region_encoder,
-            "device": self.device,
-            "precision": self.precision,
-            "mpp_override": self.mpp_override,
-            "mpp_csv_slides": len(self.mpp_table) if self.mpp_table else 0,
-            "pack_features": self.pack_features,
-            "global_feature": self.global_feature,
-            "float16": self.float16,
-            "batch_size": self.batch_size,
-            "workers": self.workers,
-            "shard": list(self.shard) if self.shard else None,
-            "overwrite": self.overwrite,
-        }
-
+    def manifest_dict(self) -> dict[str, object]:
+        """The settings recorded in the job manifest: :meth:`to_dict` with the per-slide mpp
+        table summarised as its size (``mpp_csv_slides``; the table can hold thousands of
+        slides) and without ``qc_max_side`` and ``progress``, which change no output."""
+        out: dict[str, object] = {}
+        for key, value in self.to_dict().items():
+            if key == "mpp_table":
+                out["mpp_csv_slides"] = len(value) if value else 0
+            elif key not in MANIFEST_LEAVES_OUT:
+                out[key] = value
+        return out
 
 def parse_shard(text: str) -> tuple[int, int]:
     """Parse ``"i/n"`` (0-based i) into a tuple, with a clear error."""

@@ -197,7 +197,7 @@ def import_file(path: Path, out: Path, fmt: str, *, mpp: float, mpp_source: str,
             "pack_size_level0": float(grid.pack_step),
             "pack_size": pack_size,
             "region_patches": region_patches,
-            "grid_spec": spec.as_dict(),
+            "grid_spec": spec.to_dict(),
             "grid_max_offset_px": int(offset),
             "slide_extent_from_coords": [width, height],
         }

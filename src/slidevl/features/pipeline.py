@@ -160,8 +160,8 @@ def fingerprint(config: PreprocessConfig, encoders: Encoders, slide_id: str, sli
         {
             "schema_version": SCHEMA_VERSION,
             **encoders.describe(),
-            "grid": config.grid.as_dict(),
-            "tissue": config.tissue.as_dict(),
+            "grid": config.grid.to_dict(),
+            "tissue": config.tissue.to_dict(),
             "min_tissue": config.min_tissue,
             "mpp": mpp_request(slide_id, config.mpp_override, config.mpp_table),
             "pack_features": config.pack_features,
@@ -494,7 +494,7 @@ class SlideProcessor:
             "pack_size": cfg.grid.pack_size,
             "region_patches": cfg.grid.region_patches,
             "pack_image_px": int(enc.input_size),
-            "grid_spec": cfg.grid.as_dict(),
+            "grid_spec": cfg.grid.to_dict(),
             "grid_shape": [grid.n_cols, grid.n_rows],
             "min_tissue": cfg.min_tissue,
             "segmentation": layout.tissue.attrs(),
@@ -579,7 +579,7 @@ def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, confi
                     progress.slide_done()
         finally:
             # Also after an interrupt or a crash: the manifest always reflects every status file.
-            report.manifest, report.summary = jobs.rebuild_manifest(job, config.public_dict(), not_slides)
+            report.manifest, report.summary = jobs.rebuild_manifest(job, config.manifest_dict(), not_slides)
     finally:
         executor.close()
     return report

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from slidevl.config import Config, setting
 from slidevl.cpus import available_cpus
 from slidevl.errors import ConfigError
 from slidevl.slide.adipose import MAX_SEARCH_RATIO, closed, recover_adipose
@@ -28,20 +29,29 @@ from slidevl.tiling.grid import SlideGrid
 
 
 @dataclass(frozen=True)
-class TissueParams:
-    """Segmentation parameters; all of them are recorded in the feature store."""
+class TissueParams(Config):
+    """Segmentation parameters; all of them are recorded in the feature store.
 
-    downsample: float = 16.0  # overview resolution relative to level 0 (ignored when level is set)
-    level: int | None = None  # read this pyramid level as-is instead
-    saturation_threshold: float | None = None  # fixed threshold (0-255); None = Otsu
-    min_saturation: float = 20.0  # floor under Otsu: glass alone never becomes tissue
-    median_size: int = 7  # median filter width in overview pixels
-    closing_radius_um: float = 16.0
-    min_object_area_um2: float = 20_000.0
-    max_hole_area_um2: float = 50_000.0  # holes up to this area are filled; 0 keeps every hole
-    adipose_radius_um: float = 50.0  # close stained-line networks up to this radius (adipocytes); 0 = off
-    adipose_um_per_px: float = 1.0  # finest resolution at which membranes are read (coarser levels search first)
-    adipose_reach_um: float = 2000.0  # membranes are read (and fat recovered) up to this far from tissue
+    ``slidevl preprocess`` takes its tissue options from these fields (the ``flag`` names
+    are the options' historical spellings).
+    """
+
+    downsample: float = setting(16.0, flag="--seg-downsample",
+                                help="Tissue segmentation resolution: level-0 size / this (ignored with --seg-level).")
+    level: int | None = setting(None, flag="--seg-level", help="Segment on this pyramid level instead of --seg-downsample.")
+    saturation_threshold: float | None = setting(None, help="Fixed HSV saturation threshold 0-255 (default: Otsu).")
+    min_saturation: float = setting(20.0, help="Floor under the Otsu threshold (keeps blank glass empty).")
+    median_size: int = setting(7, help="Median filter width in overview pixels before thresholding.")
+    closing_radius_um: float = setting(16.0, help="Morphological closing radius in µm.")
+    min_object_area_um2: float = setting(20_000.0, flag="--min-object-um2", help="Drop tissue pieces smaller than this (µm²).")
+    max_hole_area_um2: float = setting(50_000.0, flag="--max-hole-um2", help="Fill holes up to this area (µm²); 0 keeps all holes.")
+    adipose_radius_um: float = setting(
+        50.0, help="Recover adipose tissue: close networks of stained membranes up to this radius (µm); 0 = off.")
+    adipose_um_per_px: float = setting(
+        1.0, help="Finest resolution (µm/px) at which membranes are read for adipose recovery (a level up to 4x "
+                  "coarser is searched first; the fine one is read only where that is in doubt).")
+    adipose_reach_um: float = setting(
+        2000.0, help="Read membranes (and recover fat) up to this far from the saturated tissue (µm).")
 
     def __post_init__(self) -> None:
         if not self.downsample >= 1:
@@ -56,9 +66,6 @@ class TissueParams:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.adipose_um_per_px > 0:
             raise ConfigError(f"adipose_um_per_px must be > 0, got {self.adipose_um_per_px}")
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 @dataclass
@@ -81,7 +88,7 @@ class TissueMask:
 
     def attrs(self) -> dict[str, object]:
         return {
-            **self.params.as_dict(),
+            **self.params.to_dict(),
             "threshold_used": self.threshold,
             "adipose_threshold_used": self.line_threshold,
             "adipose_levels_read": list(self.adipose_levels),

@@ -12,21 +12,22 @@ patches share an edge, and a patch's extent lies inside its region's extent exac
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
+from slidevl.config import Config, setting
 from slidevl.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class GridSpec:
+class GridSpec(Config):
     """Physical definition of the patch / region / pack lattice."""
 
-    target_mpp: float = 0.5
-    patch_px: int = 256
-    region_patches: int = 16
-    pack_size: int = 3
+    target_mpp: float = setting(0.5, help="Target microns per pixel of patches (0.5 = 20x).")
+    patch_px: int = setting(256, help="Patch edge in pixels at the target mpp.")
+    region_patches: int = setting(16, help="Patches per region edge (16 x 256 px = 4096 px regions).")
+    pack_size: int = setting(3, help="Patches per pack edge (3 = 3x3 packs).")
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
@@ -39,9 +40,6 @@ class GridSpec:
     def region_px(self) -> int:
         """Region edge in pixels at the target mpp (4096 by default)."""
         return self.patch_px * self.region_patches
-
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
