@@ -1,6 +1,7 @@
 """Cold-process latency of a second ``slidevl ask`` on the same slide, answered from the cache.
 
-    python benchmarks/ask_latency.py --work /tmp/slidevl_ask_latency --repeats 5 --before 407a37c
+    python benchmarks/ask_latency.py --checkpoint /tmp/asklat/ck/runs/stage2 \\
+        --slide /tmp/asklat/ck/cohort/slides/SYN-0000-01.tiff --work /tmp/slidevl_ask_latency --repeats 5 --before 407a37c
 
 What a user waits for when asking again from the shell: a new process that starts the
 CLI, imports the model stack, loads the checkpoint, finds the slide's features and
@@ -17,10 +18,11 @@ share the machine's load:
   per question;
 * self import time by top-level package (``python -X importtime``) of one second ask.
 
-Without ``--checkpoint`` a demo-shaped checkpoint is built once under ``--work``: a
-3-patient synthetic cohort, the demo's encoder size and the embedded LM at its default
-size, trained a few steps only (latency does not depend on training).
-The result goes to ``benchmarks/results/ask_latency.md``.
+Any stage-2 run and one of its slide files will do; the demo's (``slidevl demo``:
+``demo/runs/vqa/stage2`` and ``demo/cohort/slides``) is the shape measured here. The run in
+the command above is that shape (embedded LM at its default size, the demo's encoder and
+connector) on a 5-patient cohort, trained a few steps only: latency does not depend on
+training. The result goes to ``benchmarks/results/ask_latency.md``.
 """
 
 from __future__ import annotations
@@ -132,45 +134,21 @@ def source_tree(ref: str, folder: Path) -> Path:
     return src
 
 
-def build_checkpoint(work: Path) -> tuple[Path, Path]:
-    """A demo-shaped stage-2 checkpoint and one of its slides, made once under ``work``."""
-    from slidevl.demo import DEMO_ENCODER
-    from slidevl.features.config import PreprocessConfig
-    from slidevl.features.pipeline import preprocess
-    from slidevl.slidellm.recipe import RecipeSizes, train_vqa
-    from slidevl.synth.cohort import make_cohort
-    from slidevl.vqa.build import build_qa
-
-    cohort, job, qa = work / "cohort", work / "job", work / "qa"
-    if not (cohort / "truth.json").is_file():
-        make_cohort(cohort, n_patients=3, seed=0, slide_px=8192, n_folds=3, overwrite=cohort.exists())
-    if preprocess(cohort / "slides", job, PreprocessConfig()).exit_code:
-        raise SystemExit(f"preprocessing {cohort / 'slides'} failed; see {job / 'summary.md'}")
-    if not (qa / "test.jsonl").is_file():
-        build_qa(cohort, job, qa)
-    sizes = RecipeSizes(mae_steps=2, moco_steps=2, warmup_epochs=1, stage1_epochs=1, stage2_epochs=1, encoder=DEMO_ENCODER)
-    trained = train_vqa(job, qa, work / "runs", sizes)
-    return trained.stage2, sorted((cohort / "slides").iterdir())[0]
-
-
 def _stats(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True, help="folder for the built checkpoint, the caches and source trees")
-    parser.add_argument("--checkpoint", type=Path, help="a stage-2 run folder (default: build a demo-shaped one in --work)")
-    parser.add_argument("--slide", type=Path, help="a slide file the checkpoint can read (with --checkpoint)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a stage-2 run folder")
+    parser.add_argument("--slide", type=Path, required=True, help="a slide file the checkpoint can read")
+    parser.add_argument("--work", type=Path, required=True, help="folder for the caches and the --before source tree")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--before", metavar="REF", help="also time the git revision REF, interleaved with the working tree")
     parser.add_argument("--name", default="ask_latency")
     args = parser.parse_args(argv)
-    if (args.checkpoint is None) != (args.slide is None):
-        parser.error("give both --checkpoint and --slide, or neither (a checkpoint is then built in --work)")
-    work = args.work.resolve()
-    checkpoint, slide = (args.checkpoint, args.slide) if args.checkpoint else build_checkpoint(work)
+    work, checkpoint, slide = args.work.resolve(), args.checkpoint.resolve(), args.slide.resolve()
     trees: dict[str, Path | None] = {"working tree": None}
     if args.before:
         trees = {f"before ({args.before})": source_tree(args.before, work / f"src-{args.before}"), **trees}

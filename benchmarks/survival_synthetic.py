@@ -83,7 +83,7 @@ def _run(name: str, job: Path, clinical: Path, splits: Path, runs: Path, args: a
     done = out / "summary.json"
     if done.is_file() and not args.rerun:
         summary = json.loads(done.read_text())
-        if summary.get("config") == config.as_dict():
+        if summary.get("config") == config.to_dict():
             return summary
     return run_cv(config, overwrite=True)  # a stale or --rerun run folder is replaced, not mixed
 

@@ -68,37 +68,37 @@ def _field_default(cls: type[Config], key: str) -> Any:
 
 def test_the_tuning_commands_are_built_from_their_config() -> None:
     names = {" ".join(p) for p, _ in CONFIG_COMMANDS}
-    assert {"slidellm warmup", "slidellm represent", "slidellm stage1", "slidellm stage2", "preprocess"} <= names
+    assert {"slidellm warmup", "slidellm represent", "slidellm stage1", "slidellm stage2", "preprocess", "survival cv",
+            "encoders train-clip"} <= names
 
 
-def test_preprocess_options_default_to_the_preprocess_config() -> None:
-    # preprocess generates its tissue options; the rest stand for PreprocessConfig / GridSpec fields by name.
+#: Commands that declare part of their options by hand, each for the config field of the same name.
+def _field_mirrors() -> dict[str, tuple[type[Config], ...]]:
     from slidevl.features.config import PreprocessConfig
+    from slidevl.survival.cohort import ClinicalColumns
     from slidevl.tiling.grid import GridSpec
+    from slidevl.vqa.build import BuildConfig
 
+    return {"preprocess": (PreprocessConfig, GridSpec), "vqa build": (BuildConfig,), "survival bins": (ClinicalColumns,)}
+
+
+@pytest.mark.parametrize("name", sorted(_field_mirrors()))
+def test_hand_written_options_default_to_their_config_fields(name: str) -> None:
+    command = dict((" ".join(p), c) for p, c in COMMANDS)[name]
+    fields = {f.name: cls for cls in reversed(_field_mirrors()[name]) for f in dataclasses.fields(cls)}
+    shared = [p for p in command.params if p.name in fields]
+    assert len(shared) >= 6, [p.name for p in shared]
+    for param in shared:
+        cls = fields[param.name]
+        expected = _field_default(cls, param.name)
+        assert param.default == expected, f"{name} --{param.name}: CLI {param.default!r} != {cls.__name__} {expected!r}"
+
+
+def test_preprocess_generates_its_tissue_options() -> None:
     command = dict((" ".join(p), c) for p, c in COMMANDS)["preprocess"]
     assert _config_of(command)[0].__name__ == "TissueParams"
-    fields = {**{f.name: (GridSpec, f) for f in dataclasses.fields(GridSpec)},
-              **{f.name: (PreprocessConfig, f) for f in dataclasses.fields(PreprocessConfig)}}
-    shared = [p for p in command.params if p.name in fields]
-    assert len(shared) >= 12, [p.name for p in shared]
-    for param in shared:
-        cls, _ = fields[param.name]
-        expected = _field_default(cls, param.name)
-        assert param.default == expected, f"preprocess --{param.name}: CLI {param.default!r} != {cls.__name__} {expected!r}"
-
-
-@pytest.mark.parametrize("path,command", CONFIG_COMMANDS, ids=[" ".join(p) for p, _ in CONFIG_COMMANDS])
-def test_generated_option_defaults_are_the_config_defaults(path: tuple[str, ...], command: Any) -> None:
-    cls, options = _config_of(command)
-    params = {p.name: p for p in command.params}
-    for option in options:
-        param = params[option.param]
-        if option.required:
-            assert param.required, f"{' '.join(path)} {option.flag}: the field has no default, the option must be required"
-            continue
-        expected = _field_default(cls, option.key)
-        assert param.default == expected, f"{' '.join(path)} {option.flag}: CLI {param.default!r} != Python {expected!r}"
+    flags = {opt for p in command.params for opt in p.opts}
+    assert {"--seg-downsample", "--seg-level", "--min-object-um2", "--max-hole-um2", "--adipose-radius-um"} <= flags
 
 
 #: Hand-written commands whose options mirror a Python function's parameters of the same name.

@@ -116,3 +116,16 @@ def test_a_bad_recipe_is_a_usage_error_naming_the_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(_app(), ["go", "--out", "o", "--recipe", str(recipe)], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert "bad.yaml" in result.output and "knd" in result.output
+
+
+def test_a_tuple_of_configs_comes_back_as_configs(tmp_path: Path) -> None:
+    from slidevl.vqa.build import BuildConfig
+    from slidevl.vqa.windows import WindowSpec
+
+    config = BuildConfig(train_extra_k=(8, 12), windows=(WindowSpec.parse("5x:256"), WindowSpec.parse("0.25um:128")))
+    config.save(tmp_path / "build.yaml")
+    back = BuildConfig.load(tmp_path / "build.yaml")
+    assert back == config and isinstance(back.windows[1], WindowSpec)
+    with pytest.raises(ConfigError, match=r"build\.json.*WindowSpec.*size"):
+        (tmp_path / "build.json").write_text('{"windows": [{"name": "5x", "mpp": 2.0, "size": 256}]}')
+        BuildConfig.load(tmp_path / "build.json")

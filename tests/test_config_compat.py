@@ -66,3 +66,30 @@ def test_preprocess_manifest_settings_keep_their_keys() -> None:
     assert GridSpec.from_dict(saved["grid"]) == config.grid
     assert TissueParams.from_dict(saved["tissue"]) == config.tissue
     assert PreprocessConfig.from_dict(config.to_dict()) == config
+
+
+def test_survival_run_identity_is_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run folder resumes only when the saved identity equals the new one: these are the identities
+    # that CVConfig recorded before it derived from Config, for the same settings.
+    from slidevl.survival.cohort import ClinicalColumns
+    from slidevl.survival.cv import CVConfig
+
+    monkeypatch.chdir(tmp_path)
+    columns = {"id_col": "pathology_id", "patient_col": "patient_id", "time_col": "t", "event_col": "e",
+               "event_is_censoring": False, "time_unit": "months"}
+    common = {"seed": 0, "lr": 0.0002, "weight_decay": 1e-05, "alpha": 0.0, "n_bins": None, "bins_mode": "all",
+              "variant": "full", "prompts": "synthetic", "text_encoder": "minilm", "region_tokens": "auto",
+              "encoder": None, "skip_missing": False, "standardize": True, "evidence": True}
+    tuned = CVConfig(features="feat", clinical="clin.csv", out="run", model="abmil", k=3, epochs=2, grad_accum=4,
+                     model_options={"dim": 64}, columns=ClinicalColumns(id_col="slide", time_unit="days"),
+                     max_cache_bytes=10, device="cpu")
+    assert tuned.identity() == {
+        "features": str(tmp_path / "feat"), "clinical": str(tmp_path / "clin.csv"), "model": "abmil", "splits": None,
+        "k": 3, "epochs": 2, "grad_accum": 4, "model_options": {"dim": 64}, **common,
+        "columns": {**columns, "id_col": "slide", "time_unit": "days"}}
+    plain = CVConfig(features="feat", clinical="clin.csv", out="elsewhere", splits="sp")
+    assert plain.identity() == {
+        "features": str(tmp_path / "feat"), "clinical": str(tmp_path / "clin.csv"), "model": "hila",
+        "splits": str(tmp_path / "sp"), "k": None, "epochs": 20, "grad_accum": None, "model_options": {}, **common,
+        "columns": columns}
+    assert CVConfig.from_dict(tuned.to_dict()) == tuned

@@ -182,7 +182,7 @@ def test_slides_moved_without_the_job(site: Path, tmp_path: Path, elsewhere: Pat
         assert client.get("/api/slides/A/image.dzi").status_code == 200
     # A rerun needs the slides: refused with the same explanation, then done with --slides-root.
     refused = _preprocess(elsewhere, "--out", str(job))
-    assert refused.returncode == 2 and "file not found" in refused.stdout and "--slides-root" in refused.stdout
+    assert refused.returncode == 2 and "file not found" in refused.stderr and "--slides-root" in refused.stderr
     rerun = _preprocess(elsewhere, "--out", str(job), "--slides-root", str(new))
     assert rerun.returncode == 0 and "0 ok, 3 skipped" in rerun.stdout, rerun.stdout + rerun.stderr
     # A rerun records where the slides are now.

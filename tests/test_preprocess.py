@@ -104,7 +104,7 @@ def test_feature_file_contents_and_provenance(batch):
     assert a["encoder_spec"] == "handcrafted" and a["region_encoder_spec"] == "mean"
     assert a["encoder_provenance"]["name"] == "handcrafted" and a["input_size"] == encoder.input_size
     assert a["segmentation"]["downsample"] == 16.0 and "threshold_used" in a["segmentation"]
-    assert a["grid_spec"] == GridSpec().as_dict() and a["slide_vendor"] == "aperio"
+    assert a["grid_spec"] == GridSpec().to_dict() and a["slide_vendor"] == "aperio"
     assert a["slide_width"] == 2048 and a["slidevl_version"] and a["created"]
     assert a["config_fingerprint"]["tissue"]["downsample"] == 16.0
     n, d = sf.patch_features.shape

@@ -42,7 +42,7 @@ def _features(n_cols: int = 20, n_rows: int = 18, dim: int = 8, seed: int = 0) -
         pack_coords=grid.cell_boxes(packs, 3)[:, :2],
         pack_grid=packs,
         global_feature=rng.normal(size=dim).astype(np.float32),
-        attrs={"encoder": "test", "pack_size": 3, "grid": GridSpec().as_dict(), "mpp_read": 0.5, "note": None},
+        attrs={"encoder": "test", "pack_size": 3, "grid": GridSpec().to_dict(), "mpp_read": 0.5, "note": None},
     )
 
 
@@ -54,7 +54,7 @@ def test_round_trip_keeps_arrays_and_attributes(tmp_path: Path) -> None:
                  "pack_features", "pack_grid", "global_feature"):
         np.testing.assert_array_equal(getattr(back, name), getattr(sf, name), err_msg=name)
     assert back.attrs["schema_version"] == SCHEMA_VERSION
-    assert back.attrs["grid"] == GridSpec().as_dict()
+    assert back.attrs["grid"] == GridSpec().to_dict()
     assert back.attrs["note"] is None
     assert read_slide_attrs(path)["encoder"] == "test"
     with h5py.File(path) as f:

@@ -142,3 +142,20 @@ def test_each_fold_gets_its_own_seed() -> None:
     seeds = [fold_seed(0, k) for k in range(5)]
     assert len(set(seeds)) == 5 and seeds == [fold_seed(0, k) for k in range(5)]
     assert fold_seed(1, 0) not in seeds
+
+
+def test_a_recipe_sets_the_run_and_typed_options_win(toy, tmp_path: Path) -> None:
+    recipe = tmp_path / "cv.yaml"
+    recipe.write_text("model: meanpool\nepochs: 3\nk: 2\nmodel_options: {dropout: 0.1}\nevidence: false\n")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["cv", "--features", str(toy.job), "--clinical", str(toy.clinical), "--out", str(run),
+                                      "--recipe", str(recipe), "--epochs", "1", "--grad-accum", "auto", "--device", "cpu",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "summary.json").read_text())["config"]
+    assert (config["model"], config["k"], config["epochs"], config["grad_accum"]) == ("meanpool", 2, 1, None)
+    assert config["model_options"] == {"dropout": 0.1} and config["evidence"] is False
+    assert not (run / "evidence").exists()
+    bad = CliRunner().invoke(app, ["cv", "--features", str(toy.job), "--clinical", str(toy.clinical), "--out", str(run),
+                                   "--grad-accum", "0"])
+    assert bad.exit_code == 2 and "positive integer or auto" in bad.output

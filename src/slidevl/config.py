@@ -219,6 +219,10 @@ def _coerce(kind: Any, value: Any, source: str | None) -> Any:
         return Path(value)
     origin = typing.get_origin(inner)
     if (inner is tuple or origin is tuple) and isinstance(value, (list, tuple)):
+        args = typing.get_args(inner)
+        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if is_config_class(item):  # a variable-length tuple of configs, e.g. tuple[WindowSpec, ...]
+            return tuple(v if isinstance(v, item) else item.from_dict(v, source=source) for v in value)
         return tuple(value)
     if inner is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
+from slidevl.config import Config, setting
 from slidevl.errors import InputError
 from slidevl.slide.formats import SLIDE_EXTENSIONS
 
@@ -40,15 +41,16 @@ class NoFeaturesError(CohortError):
 
 
 @dataclass(frozen=True)
-class ClinicalColumns:
+class ClinicalColumns(Config):
     """Where the table keeps each field, and in which unit (the CLI's ``--id-col`` … ``--time-unit``)."""
 
-    id_col: str = "pathology_id"
-    patient_col: str = "patient_id"
-    time_col: str = "t"
-    event_col: str = "e"
-    event_is_censoring: bool = False  # the column holds 1 = censored (alive), 0 = event
-    time_unit: str = "months"
+    id_col: str = setting("pathology_id", help="Column of slide ids: the slide file name, with or without extension.")
+    patient_col: str = setting("patient_id", help="Column of patient ids (a patient's slides form one bag).")
+    time_col: str = setting("t", help="Column of survival or follow-up times.")
+    event_col: str = setting("e", help="Column of the event indicator: 1 = event (death), 0 = censored.")
+    event_is_censoring: bool = setting(
+        False, help="The event column holds a censoring indicator instead: 1 = censored, 0 = event.")
+    time_unit: str = setting("months", help="Unit of the time column: days, months or years (converted to months).")
 
     def __post_init__(self) -> None:
         if self.time_unit not in TIME_UNITS:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import slidevl
 from slidevl.atomic import atomic_path, write_json_atomic
+from slidevl.config import Config, setting
 from slidevl.errors import ConfigError
 from slidevl.features.encoders.text import normalise_encoder_spec
 from slidevl.features.store import FeatureStoreError
@@ -63,40 +64,60 @@ from slidevl.survival.validate import CVPlan, plan_cv
 BINS_MODES = ("all", "train")
 
 
+def auto_int(text: str) -> int | None:
+    """``auto`` → None (fitted to the cohort), else a positive integer: how ``--grad-accum`` is read."""
+    if text == "auto":
+        return None
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"expects a positive integer or auto, got {text!r}")
+    return number
+
+
 @dataclass
-class CVConfig:
+class CVConfig(Config):
     """Everything that defines a cross-validation run (recorded in ``summary.json``).
 
     ``k``, ``n_bins`` and ``grad_accum`` left at ``None`` are fitted to the cohort
     (:mod:`slidevl.survival.validate`); the values used are in the summary's ``settings``.
     """
 
-    features: Path
-    clinical: Path
-    out: Path
-    model: str = "hila"
-    splits: Path | None = None
-    k: int | None = None
-    epochs: int = 20
-    seed: int = 0
-    lr: float = 2e-4
-    weight_decay: float = 1e-5
-    grad_accum: int | None = None
-    alpha: float = 0.0
-    n_bins: int | None = None
-    bins_mode: str = "all"
-    variant: str = "full"
-    prompts: str = "synthetic"
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    region_tokens: str = "auto"
-    encoder: str | None = None
-    skip_missing: bool = False
-    device: str = "auto"
-    model_options: dict[str, Any] = field(default_factory=dict)
-    standardize: bool = True
-    evidence: bool = True
-    max_cache_bytes: int | None = None
-    columns: ClinicalColumns = field(default_factory=ClinicalColumns)
+    features: Path = setting(help="Job folder with features/<encoder>/<slide>.h5.")
+    clinical: Path = setting(help="CSV with one row per slide: slide id, patient id, event, time.")
+    out: Path = setting(help="Run folder to write (new or empty; see --overwrite and --resume).")
+    model: str = setting("hila", help="meanpool, abmil, transmil or hila.")
+    splits: Path | None = setting(None, help="Folder of splits_{k}.csv; omitted: make event-stratified folds.")
+    k: int | None = setting(None, help="Number of folds when making splits (default: 5, fewer when the cohort has fewer events).")
+    epochs: int = setting(20, help="Training epochs per fold.")
+    seed: int = setting(0, help="Seed of the folds, the model's initialisation and the patient order.")
+    lr: float = setting(2e-4, help="AdamW learning rate.")
+    weight_decay: float = setting(1e-5, help="AdamW weight decay.")
+    grad_accum: int | None = setting(
+        None, parser=auto_int, metavar="INT|auto",
+        help="Patients per optimiser step, or auto (the default): min(32, max(1, n_train // 32)), i.e. at least 32 steps per epoch.")
+    alpha: float = setting(0.0, help="NLL weight of the uncensored term.")
+    n_bins: int | None = setting(
+        None, help="Survival bins (default: 4, fewer when the uncensored times allow fewer distinct edges).")
+    bins_mode: str = setting("all", help="all: MCAT bins on the whole cohort; train: on each training fold.")
+    variant: str = setting("full", help="HiLa: full, A (single prompt), B (no CLP), C (no MCL), D (patch only).")
+    prompts: str = setting("synthetic", help="Prompt bank: synthetic, brca, luad, ucec or a JSON path.")
+    text_encoder: str = setting(
+        DEFAULT_TEXT_ENCODER,
+        help="minilm (embedded), clip:/path/to/text_tower, or the text tower of the features' own model: conch:/path/to/CONCH "
+             "or openclip:DIR|ARCH@CKPT (prompts then share the features' space: no learned bridge, no standardising).")
+    region_tokens: str = setting("auto", help="auto, store (region/features) or pooled (mean of patches).")
+    encoder: str | None = setting(None, help="Feature encoder folder when the job has several.")
+    skip_missing: bool = setting(False, help="Leave out slides without features instead of failing.")
+    device: str = setting("auto", help="auto, cpu or cuda.")
+    # Typed as repeated --option key=value on the command line (see slidevl.survival.cli).
+    model_options: dict[str, Any] = setting(default_factory=dict, cli=False, help="Model hyper-parameters, e.g. {dim: 128}.")
+    standardize: bool = setting(True, help="Standardise features on each training fold.")
+    evidence: bool = setting(True, help="Write evidence/<slide>.json.")
+    max_cache_bytes: int | None = setting(None, cli=False, help="Memory for cached feature bags (default: sized to the machine).")
+    columns: ClinicalColumns = setting(default_factory=ClinicalColumns, help="The clinical table's layout.")
 
     def __post_init__(self) -> None:
         self.features, self.clinical, self.out = Path(self.features), Path(self.clinical), Path(self.out)
@@ -133,12 +154,9 @@ class CVConfig:
     def train_config(self, grad_accum: int) -> TrainConfig:
         return TrainConfig(self.epochs, self.lr, self.weight_decay, grad_accum, self.alpha, self.seed)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the run it continues (not where or on what it runs)."""
-        same = {k: v for k, v in self.as_dict().items() if k not in ("out", "device", "max_cache_bytes")}
+        same = {k: v for k, v in self.to_dict().items() if k not in ("out", "device", "max_cache_bytes")}
         for key in ("features", "clinical", "splits"):
             if same[key] is not None:
                 same[key] = str(Path(same[key]).resolve())
@@ -362,7 +380,7 @@ def _run_folds(config: CVConfig, plan: CVPlan, folder: RunFolder, split_info: di
                     "region_tokens": cache.region_tokens,
                     "feature_encoder": store.encoder,
                     "scaler": None if scaler is None else scaler.to_dict(),
-                    "train": train_config.as_dict(),
+                    "train": train_config.to_dict(),
                     "slidevl_version": slidevl.__version__,
                 }
                 if bank is not None:
@@ -398,8 +416,8 @@ def _run_folds(config: CVConfig, plan: CVPlan, folder: RunFolder, split_info: di
         "splits": split_info,
         "features": {"job": str(config.features), "encoder": store.encoder, "in_dim": in_dim, "region_dim": region_dim, **cache.stats()},
         "folds": fold_rows,
-        "config": config.as_dict(),
-        "train": train_config.as_dict(),
+        "config": config.to_dict(),
+        "train": train_config.to_dict(),
         "timing": {
             "mean_epoch_seconds": float(np.mean([h["seconds"] for row in fold_rows for h in row["history"]])),
             "mean_epoch_cpu_seconds": float(np.mean([h["cpu_seconds"] for row in fold_rows for h in row["history"]])),

@@ -14,13 +14,14 @@ summed over all processes before they are averaged.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from slidevl.config import Config
 from slidevl.errors import ConfigError
 from slidevl.survival.data import BagCache, PatientBag
 from slidevl.survival.loss import hazards_and_survival, nll_loss, risk_from_survival
@@ -30,16 +31,15 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
+    """One fold's training schedule (cross-validation fills it from :class:`~slidevl.survival.cv.CVConfig`)."""
+
     epochs: int = 20
     lr: float = 2e-4
     weight_decay: float = 1e-5
     grad_accum: int = 32
     alpha: float = 0.0  # NLL weight of the uncensored term, as MCAT's alpha_surv
     seed: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

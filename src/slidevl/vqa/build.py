@@ -34,7 +34,7 @@ from one example per training slide. Outputs in ``out``::
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,6 +44,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sklearn.model_selection import train_test_split
 
 from slidevl.atomic import write_json_atomic
+from slidevl.config import Config, setting
 from slidevl.errors import InputError
 from slidevl.features.store import FeatureStore, FeatureStoreError
 from slidevl.llmclient import LLMClient
@@ -64,20 +65,31 @@ class BuildError(InputError):
 
 
 @dataclass(frozen=True)
-class BuildConfig:
+class BuildConfig(Config):
     """Everything that decides what :func:`build_qa` writes."""
 
-    k_rois: int = 4
-    train_extra_k: tuple[int, ...] = ()
-    train_patch_fields: int = 0
-    train_slide_scale: bool = False
-    roi_method: str = "prim"
-    windows: tuple[WindowSpec, ...] = DEFAULT_WINDOWS
-    min_window_tissue: float = 0.5
-    mode: str = "template"
-    test_fraction: float = 0.25
-    seed: int = 0
-    encoder: str | None = None
+    k_rois: int = setting(4, min=1, help="ROIs grown per slide (at least one per tissue piece).")
+    train_extra_k: tuple[int, ...] = setting(
+        (),
+        help="More ROI counts for training slides only, e.g. 8,12: each partitions the slide again and adds those "
+             "region questions to train.jsonl; test.jsonl is unchanged.")
+    train_patch_fields: int = setting(
+        0, min=0,
+        help="Fields of one feature patch each, drawn per training slide, asked their choice questions only "
+             "(dominant tissue, tissues present, grade): per-patch supervision; test.jsonl is unchanged.")
+    train_slide_scale: bool = setting(
+        False,
+        help="Also ask every training ROI the slide's binned share questions (tumour burden, necrosis, lymphocytes), "
+             "so their bins are learned from many boxes, not one answer per slide; test.jsonl is unchanged.")
+    roi_method: str = setting("prim", help="ROI growth: prim (cosine to ROI mean) or mst.")
+    windows: tuple[WindowSpec, ...] = setting(
+        DEFAULT_WINDOWS,
+        help="Patch-level field of view as SCALE:PIXELS, repeatable (default: 10x:512 and 20x:512).")
+    min_window_tissue: float = setting(0.5, help="Least tissue fraction of a window.")
+    mode: str = setting("template", help="template (texts from the facts' templates) or llm (texts rewritten by --llm-model).")
+    test_fraction: float = setting(0.25, help="Share of patients held out as the test benchmark.")
+    seed: int = setting(0, help="Seed of ROI seeds, the split and question shuffling.")
+    encoder: str | None = setting(None, help="Feature encoder folder in the job (if several).")
 
     def __post_init__(self) -> None:
         if self.k_rois < 1:
@@ -103,10 +115,6 @@ class BuildConfig:
         if len({w.name for w in self.windows}) != len(self.windows):
             raise BuildError(f"window names repeat: {[w.name for w in self.windows]}")
 
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["windows"] = [w.as_dict() for w in self.windows]
-        return d
 
 
 @dataclass
@@ -385,7 +393,7 @@ def _summary(facts: FactsSource, config: BuildConfig, store: FeatureStore, build
         "facts": described,
         "job": str(job),
         "encoder": store.encoder,
-        "config": config.as_dict(),
+        "config": config.to_dict(),
         "n_slides": len(builds),
         "n_patients": len(set(slides.values())),
         "splits": {

@@ -17,7 +17,14 @@ from typing import List, Optional
 
 import typer
 
+from slidevl.cli_config import field_option
 from slidevl.errors import InputError
+from slidevl.vqa.build import BuildConfig
+
+
+def _help(name: str) -> str:
+    """The help text of BuildConfig's field ``name``, for options typed in another form than the field's."""
+    return BuildConfig.__dataclass_fields__[name].metadata["help"]
 
 
 def build_command(
@@ -28,37 +35,23 @@ def build_command(
     ),
     job: Path = typer.Option(..., "--job", help="Preprocessing job folder holding the cohort's feature files."),
     out: Path = typer.Option(..., "--out", help="Output folder: train.jsonl, test.jsonl, rois/, summary.json."),
-    k_rois: int = typer.Option(4, "--k-rois", min=1, help="ROIs grown per slide (at least one per tissue piece)."),
-    train_extra_rois: str = typer.Option(
-        "", "--train-extra-rois",
-        help="More ROI counts for training slides only, e.g. 8,12: each partitions the slide again and adds those "
-             "region questions to train.jsonl; test.jsonl is unchanged.",
-    ),
-    train_patch_fields: int = typer.Option(
-        0, "--train-patch-fields", min=0,
-        help="Fields of one feature patch each, drawn per training slide, asked their choice questions only "
-             "(dominant tissue, tissues present, grade): per-patch supervision; test.jsonl is unchanged.",
-    ),
-    train_slide_scale: bool = typer.Option(
-        False, "--train-slide-scale",
-        help="Also ask every training ROI the slide's binned share questions (tumour burden, necrosis, lymphocytes), "
-             "so their bins are learned from many boxes, not one answer per slide; test.jsonl is unchanged.",
-    ),
-    roi_method: str = typer.Option("prim", "--roi-method", help="ROI growth: prim (cosine to ROI mean) or mst."),
-    window: Optional[List[str]] = typer.Option(
-        None, "--window", help="Patch-level field of view as SCALE:PIXELS, repeatable (default: 10x:512 and 20x:512)."
-    ),
-    min_window_tissue: float = typer.Option(0.5, "--min-window-tissue", help="Least tissue fraction of a window."),
-    mode: str = typer.Option(
-        "template", "--mode", help="template (texts from the facts' templates) or llm (texts rewritten by --llm-model)."),
+    k_rois: int = field_option(BuildConfig, "k_rois", "--k-rois"),
+    # Typed as text ("8,12") and a list of SCALE:PIXELS; the config holds the parsed values.
+    train_extra_rois: str = typer.Option("", "--train-extra-rois", help=_help("train_extra_k")),
+    train_patch_fields: int = field_option(BuildConfig, "train_patch_fields", "--train-patch-fields"),
+    train_slide_scale: bool = field_option(BuildConfig, "train_slide_scale", "--train-slide-scale"),
+    roi_method: str = field_option(BuildConfig, "roi_method", "--roi-method"),
+    window: Optional[List[str]] = typer.Option(None, "--window", help=_help("windows")),
+    min_window_tissue: float = field_option(BuildConfig, "min_window_tissue", "--min-window-tissue"),
+    mode: str = field_option(BuildConfig, "mode", "--mode"),
     llm_url: Optional[str] = typer.Option(
         None, "--llm-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1 (--mode llm, or facts of slides without truth.json)."),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model name as the server knows it."),
     llm_cache: Optional[Path] = typer.Option(None, "--llm-cache", help="Reply cache folder (default: OUT/llm_cache)."),
     llm_concurrency: int = typer.Option(4, "--llm-concurrency", min=1, help="LLM requests in flight at once."),
-    test_fraction: float = typer.Option(0.25, "--test-fraction", help="Share of patients held out as the test benchmark."),
-    seed: int = typer.Option(0, "--seed", help="Seed of ROI seeds, the split and question shuffling."),
-    encoder: Optional[str] = typer.Option(None, "--encoder", help="Feature encoder folder in the job (if several)."),
+    test_fraction: float = field_option(BuildConfig, "test_fraction", "--test-fraction"),
+    seed: int = field_option(BuildConfig, "seed", "--seed"),
+    encoder: Optional[str] = field_option(BuildConfig, "encoder", "--encoder"),
     slides_root: Optional[Path] = typer.Option(
         None, "--slides-root", help="Where the job's slide files are now, when they moved (the LLM facts read images from them)."),
 ) -> None:
@@ -70,7 +63,7 @@ def build_command(
     from rich.console import Console
 
     from slidevl.llmclient import LLMClient
-    from slidevl.vqa.build import BuildConfig, build_qa
+    from slidevl.vqa.build import build_qa
     from slidevl.vqa.windows import DEFAULT_WINDOWS, WindowSpec
 
     if mode == "llm" and (llm_url is None or llm_model is None):

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from slidevl.config import Config
 from slidevl.errors import InputError
 from slidevl.features.store import SlideFeatures
 from slidevl.vqa.roi import ROI, patch_boxes, slide_mpp
@@ -38,7 +39,7 @@ class WindowError(InputError):
 
 
 @dataclass(frozen=True)
-class WindowSpec:
+class WindowSpec(Config):
     """A field of view: ``size_px`` pixels per side at ``mpp`` µm per pixel."""
 
     name: str
@@ -79,9 +80,6 @@ class WindowSpec:
             return cls(scale, MAGNIFICATION_MPP[scale], size)
         value = float(scale.removesuffix("um"))
         return cls(f"{value:g}um", value, size)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "mpp": self.mpp, "size_px": self.size_px, "size_um": self.size_um}
 
 
 DEFAULT_WINDOWS: tuple[WindowSpec, ...] = (WindowSpec("10x", 1.0, 512), WindowSpec("20x", 0.5, 512))
@@ -132,7 +130,8 @@ class Window:
         return {
             "id": self.id,
             "roi": self.roi,
-            **self.spec.as_dict(),
+            **self.spec.to_dict(),
+            "size_um": self.spec.size_um,
             "bbox": list(self.bbox),
             "tissue_fraction": round(self.tissue_fraction, 4),
         }

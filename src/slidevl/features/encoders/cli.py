@@ -8,7 +8,6 @@ as every command does (:mod:`slidevl.cli_errors`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from slidevl.cli_config import options_from
 from slidevl.cli_errors import ReportingGroup
 from slidevl.errors import InputError
 from slidevl.features.encoders import user_config
@@ -189,24 +189,16 @@ def info_command(
     typer.echo(json.dumps(encoder.provenance(), indent=2))
 
 
-_CLIP_DEFAULTS = ClipTrainConfig()
-
-
 @app.command("train-clip")
+@options_from(ClipTrainConfig, recipe_help="YAML/JSON file of ClipTrainConfig settings; options given here override it.")
 def train_clip_command(
+    config: ClipTrainConfig,
     cohort: Path = typer.Option(..., "--cohort", help="Synthetic cohort folder (with truth.json) the captions come from."),
     job: Path = typer.Option(..., "--job", help="Job folder of that cohort's slides (`slidevl preprocess`): its patch boxes."),
     out: Path = typer.Option(..., "--out", help="Folder for the open_clip model (load it as openclip:OUT) and report.json."),
-    epochs: int = typer.Option(_CLIP_DEFAULTS.epochs, help="Passes over the training tiles."),
-    tiles_per_class: int = typer.Option(_CLIP_DEFAULTS.tiles_per_class, help="Training tiles per tissue class, at most."),
-    heldout_fraction: float = typer.Option(_CLIP_DEFAULTS.heldout_fraction, help="Share of patients held out for the zero-shot check."),
-    seed: int = typer.Option(_CLIP_DEFAULTS.seed, help="Seed of the patient split, tile draw, captions and weights."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train a small CLIP on the cohort's training patients, captions written from the planted truth."""
-    config = dataclasses.replace(
-        _CLIP_DEFAULTS, epochs=epochs, tiles_per_class=tiles_per_class, heldout_fraction=heldout_fraction, seed=seed
-    )
     report = train_clip(cohort, job, out, config, progress=progress, log=typer.echo)
     check = report["zero_shot_heldout"]
     typer.echo(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +29,7 @@ import torch
 from rich.progress import Progress
 
 from slidevl.atomic import atomic_path, write_json_atomic
+from slidevl.config import Config, setting
 from slidevl.features.encoders.base import EncoderError
 from slidevl.features.encoders.captions import TISSUES, TileFacts, caption, class_prompts
 from slidevl.features.encoders.openclip import OPENCLIP_CONFIG, import_open_clip
@@ -41,7 +42,7 @@ STD = (0.25, 0.25, 0.25)
 
 
 @dataclass(frozen=True)
-class ClipTrainConfig:
+class ClipTrainConfig(Config):
     """Model size, data and optimisation of :func:`train_clip`.
 
     The defaults are the measured recipe: on a 12-patient cohort (2,066 training tiles
@@ -49,22 +50,23 @@ class ClipTrainConfig:
     patients' 1,445 tiles, where 8 epochs reached 0.877.
     """
 
-    image_size: int = 64
-    patch_size: int = 8
-    vision_width: int = 128
-    vision_layers: int = 3
-    text_width: int = 128
-    text_layers: int = 2
-    context_length: int = 32
-    embed_dim: int = 128
-    tiles_per_class: int = 600
-    min_purity: float = 0.5
-    heldout_fraction: float = 0.25
-    epochs: int = 16
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    seed: int = 0
+    image_size: int = setting(64, help="Tile size (px) the vision tower sees.", min=8)
+    patch_size: int = setting(8, help="ViT patch size (px) of the vision tower.", min=1)
+    vision_width: int = setting(128, help="Width of the vision transformer.", min=1)
+    vision_layers: int = setting(3, help="Layers of the vision transformer.", min=1)
+    text_width: int = setting(128, help="Width of the text transformer.", min=1)
+    text_layers: int = setting(2, help="Layers of the text transformer.", min=1)
+    context_length: int = setting(32, help="Caption length in tokens.", min=1)
+    embed_dim: int = setting(128, help="Size of the shared image-text embedding.", min=1)
+    tiles_per_class: int = setting(600, help="Training tiles per tissue class, at most.", min=1)
+    min_purity: float = setting(0.5, help="Keep training tiles whose dominant tissue class covers at least this fraction of the tile.",
+                                min=0.0, max=1.0)
+    heldout_fraction: float = setting(0.25, help="Share of patients held out for the zero-shot check.", min=0.0, max=1.0)
+    epochs: int = setting(16, help="Passes over the training tiles.", min=1)
+    batch_size: int = setting(128, help="Tiles per contrastive batch.", min=2)
+    lr: float = setting(1e-3, help="AdamW learning rate.")
+    weight_decay: float = setting(0.1, help="AdamW weight decay.")
+    seed: int = setting(0, help="Seed of the patient split, tile draw, captions and weights.")
 
     def model_cfg(self) -> dict[str, Any]:
         """open_clip's ``model_cfg`` for this size (the default BPE tokenizer, shipped with open_clip)."""
@@ -273,7 +275,7 @@ def train_clip(cohort: str | Path, job: str | Path, out: str | Path, config: Cli
     history = fit(model, train, config, progress=progress, log=log)
     save_model(model, out, config)
     report = {
-        "config": asdict(config),
+        "config": config.to_dict(),
         "train_patients": train_patients,
         "heldout_patients": heldout_patients,
         "n_train_tiles": len(train.facts),

@@ -26,11 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from slidevl.config import Config
 from slidevl.features.encoders.base import EncoderError, TileEncoder, check_features, check_tiles
 from slidevl.features.encoders.downsample import block_sum
 from slidevl.features.encoders.masked import masked_corr, masked_moments, masked_percentiles
@@ -52,7 +53,7 @@ _ANGLES = (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)
 
 
 @dataclass(frozen=True)
-class HandcraftedConfig:
+class HandcraftedConfig(Config):
     """Parameters of the hand-made features; all of them enter the revision hash."""
 
     analysis_size: int = 64
@@ -86,7 +87,7 @@ class HandcraftedEncoder(TileEncoder):
     def __init__(self, config: HandcraftedConfig | None = None) -> None:
         self.config = config or HandcraftedConfig()
         self.name = "handcrafted"
-        digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
         self.revision = f"v{ALGORITHM_VERSION}-{digest}"
         self.input_size = 256
         probe = self._features(np.full((1, self.config.analysis_size, self.config.analysis_size, 3), 200, np.uint8))
@@ -110,7 +111,7 @@ class HandcraftedEncoder(TileEncoder):
             "input_size": self.input_size,
             "feature_dim": self.feature_dim,
             "source": "slidevl.features.encoders.handcrafted",
-            "config": asdict(self.config),
+            "config": self.config.to_dict(),
             "feature_names": self.feature_names,
         }
 

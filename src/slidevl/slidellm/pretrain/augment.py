@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from slidevl.config import Config
 from slidevl.slidellm.encoder.batch import TopoPackBatch
 
 N_DIHEDRAL = 8
@@ -159,7 +160,7 @@ def add_feature_noise(batch: TopoPackBatch, generator: torch.Generator, std: flo
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Config):
     """Which augmentations a view gets."""
 
     crop_min: float = 0.5
