@@ -22,7 +22,7 @@ Any stage-2 run and one of its slide files will do; the demo's (``slidevl demo``
 ``demo/runs/vqa/stage2`` and ``demo/cohort/slides``) is the shape measured here. The run in
 the command above is that shape (embedded LM at its default size, the demo's encoder and
 connector) on a 5-patient cohort, trained a few steps only: latency does not depend on
-training. The result goes to ``benchmarks/results/ask_latency.md``.
+training. The result goes to ``benchmarks/results/ask_latency.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -108,6 +108,11 @@ def _ask(checkpoint: Path, slide: Path, cache: Path, max_new_tokens: int, src: P
     return _run(argv, src)
 
 
+def _cache(work: Path, src: Path | None) -> Path:
+    """Each source tree keeps its own cache, so neither reads what the other wrote."""
+    return work / ("cache-before" if src is not None else "cache-after")
+
+
 def _imports_by_package(stderr: str) -> dict[str, float]:
     """Self import seconds summed by top-level package, from ``-X importtime`` output."""
     totals: collections.Counter[str] = collections.Counter()
@@ -134,6 +139,17 @@ def source_tree(ref: str, folder: Path) -> Path:
     return src
 
 
+def describe(checkpoint: Path) -> str:
+    """What decides the load and answer time: the LLM, the adapters, the connector."""
+    from slidevl.slidellm.tuning.checkpoint import INFO_NAME, CheckpointInfo, checkpoint_llm_dir, resolve_checkpoint
+
+    directory = resolve_checkpoint(checkpoint)
+    info = CheckpointInfo.load(directory / INFO_NAME)
+    llm = json.loads((checkpoint_llm_dir(directory, info) / "config.json").read_text())
+    return (f"{llm.get('model_type')} LLM, {llm.get('num_hidden_layers')} layers x {llm.get('hidden_size')}, "
+            f"{'LoRA adapters' if info.has_adapter else 'no adapters'}, {info.connector.get('kind')} connector")
+
+
 def _stats(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
@@ -155,29 +171,26 @@ def main(argv: list[str] | None = None) -> int:
 
     first: dict[str, dict[str, Any]] = {}
     for name, src in trees.items():
-        cache = work / f"cache-{'before' if src else 'after'}"
-        shutil.rmtree(cache, ignore_errors=True)
-        first[name] = _ask(checkpoint, slide, cache, args.max_new_tokens, src)
+        shutil.rmtree(_cache(work, src), ignore_errors=True)
+        first[name] = _ask(checkpoint, slide, _cache(work, src), args.max_new_tokens, src)
     second: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     floor: dict[str, list[dict[str, Any]]] = {name: [] for name in FLOOR}
     phases: list[dict[str, float]] = []
-    cache_after = work / "cache-after"
     for _ in range(args.repeats):
         for name, src in trees.items():
-            second[name].append(_ask(checkpoint, slide, work / f"cache-{'before' if src else 'after'}",
-                                     args.max_new_tokens, src))
+            second[name].append(_ask(checkpoint, slide, _cache(work, src), args.max_new_tokens, src))
         for name, code in FLOOR.items():
             floor[name].append(_run([sys.executable, "-c", code], None))
-        out = _run([sys.executable, "-c", PHASES, str(checkpoint), str(slide), str(cache_after), str(args.max_new_tokens)], None)
+        out = _run([sys.executable, "-c", PHASES, str(checkpoint), str(slide), str(_cache(work, None)), str(args.max_new_tokens)], None)
         phases.append(json.loads(out["stdout"].strip().splitlines()[-1]))
-    imports = {name: _imports_by_package(_ask(checkpoint, slide, work / f"cache-{'before' if src else 'after'}",
-                                              args.max_new_tokens, src, "-X", "importtime")["stderr"])
+    imports = {name: _imports_by_package(_ask(checkpoint, slide, _cache(work, src), args.max_new_tokens, src,
+                                              "-X", "importtime")["stderr"])
                for name, src in trees.items()}
 
     lines = [
         "# `slidevl ask`: a second question about the same slide, from a new process",
         "",
-        f"Checkpoint `{checkpoint}` (embedded LM, LoRA adapters, Q-Former connector), slide `{slide.name}`; "
+        f"Checkpoint `{checkpoint}` ({describe(checkpoint)}), slide `{slide.name}`; "
         f"device cpu, {platform.machine()}, {os.cpu_count()} CPUs, torch's default threads; greedy decoding, at most "
         f"{args.max_new_tokens} new tokens; {args.repeats} repeats, median (min–max). The machine is shared: the "
         "1-minute load average during the runs was "
@@ -212,8 +225,17 @@ def main(argv: list[str] | None = None) -> int:
               "and the viewer's chat (`slidevl serve --vqa-checkpoint`) load once and pay only the next-answer time per "
               "question.", ""]
     RESULTS.mkdir(exist_ok=True)
-    from slidevl.atomic import write_text_atomic
+    from slidevl.atomic import write_json_atomic, write_text_atomic
 
+    keep = ("wall_s", "cpu_s", "load")
+    write_json_atomic(RESULTS / f"{args.name}.json", {
+        "benchmark": "ask_latency", "checkpoint": str(checkpoint), "slide": str(slide), "repeats": args.repeats,
+        "max_new_tokens": args.max_new_tokens, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "first_ask": {name: {k: r[k] for k in keep} for name, r in first.items()},
+        "second_ask": {name: [{k: r[k] for k in keep} for r in runs] for name, runs in second.items()},
+        "floor": {name: [{k: r[k] for k in keep} for r in runs] for name, runs in floor.items()},
+        "phases": phases, "imports_by_package": imports,
+    })
     write_text_atomic(RESULTS / f"{args.name}.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
