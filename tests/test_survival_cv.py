@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,37 @@ def test_a_recipe_sets_the_run_and_typed_options_win(toy, tmp_path: Path) -> Non
     bad = CliRunner().invoke(app, ["cv", "--features", str(toy.job), "--clinical", str(toy.clinical), "--out", str(run),
                                    "--grad-accum", "0"])
     assert bad.exit_code == 2 and "positive integer or auto" in bad.output
+
+
+def test_compare_pairs_folds_and_refuses_other_splits(toy, tmp_path: Path) -> None:
+    from slidevl.survival.compare import paired_comparison
+
+    runs = {}
+    for model, seed in (("abmil", 0), ("meanpool", 0), ("abmil", 1)):
+        runs[model, seed] = tmp_path / f"{model}{seed}"
+        args = ["cv", "--features", str(toy.job), "--clinical", str(toy.clinical), "--out", str(runs[model, seed]),
+                "--model", model, *FAST, "--seed", str(seed)]
+        assert CliRunner().invoke(app, args).exit_code == 0
+    out = tmp_path / "cmp.json"
+    result = CliRunner().invoke(app, ["compare", "--a", str(runs["abmil", 0]), "--b", str(runs["meanpool", 0]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    cmp = json.loads(out.read_text())
+    a = json.loads((runs["abmil", 0] / "summary.json").read_text())["c_index"]["folds"]
+    b = json.loads((runs["meanpool", 0] / "summary.json").read_text())["c_index"]["folds"]
+    assert cmp["n_pairs"] == 3 and cmp["effect"] == pytest.approx(np.mean(np.subtract(a, b)))
+    assert cmp["ci95"][0] <= cmp["effect"] <= cmp["ci95"][1] and 0 < cmp["p"] <= 1
+    assert "Wilcoxon p" in result.output
+    # runs of other seeds share no (seed, fold); runs whose folds hold other patients do not pair
+    bad = CliRunner().invoke(app, ["compare", "--a", str(runs["abmil", 1]), "--b", str(runs["meanpool", 0])])
+    assert bad.exit_code == 2 and "no (seed, fold) is shared" in bad.output
+    moved = tmp_path / "moved"
+    shutil.copytree(runs["meanpool", 0], moved)
+    oof = pd.read_csv(moved / "oof_risks.csv")
+    oof["fold"] = (oof["fold"] + 1) % 3
+    oof.to_csv(moved / "oof_risks.csv", index=False)
+    bad = CliRunner().invoke(app, ["compare", "--a", str(runs["abmil", 0]), "--b", str(moved)])
+    assert bad.exit_code == 2 and "scores other patients" in bad.output
+    # a clear effect is detected, no effect is not
+    strong = paired_comparison([0.7 + 0.01 * i for i in range(15)], [0.6 + 0.01 * i for i in range(15)])
+    assert strong["effect"] == pytest.approx(0.1) and strong["p"] < 0.001 and strong["ci95"] == pytest.approx([0.1, 0.1])
+    assert paired_comparison([0.7, 0.6, None], [0.7, 0.6, 0.5])["p"] == 1.0

@@ -136,3 +136,22 @@ def zero_shot_command(
         write_json_atomic(out, result)
     typer.echo(f"zero-shot C-index {result['c_index']:.3f} over {result['n_patients']} patients "
                f"({result['n_events']} events), text space {result['text_space']}")
+
+
+@app.command("compare")
+def compare_command(
+    a: List[Path] = typer.Option(..., "--a", help="Run folder(s) of the first model, one per seed."),
+    b: List[Path] = typer.Option(..., "--b", help="Run folder(s) of the second model, the same seeds and splits."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the comparison here (JSON)."),
+) -> None:
+    """Paired, fold-wise comparison of two models: mean C-index difference (a - b), 95% bootstrap CI, Wilcoxon p."""
+    from slidevl.atomic import write_json_atomic
+    from slidevl.survival.compare import compare_runs
+
+    result = compare_runs(a, b)
+    if out is not None:
+        write_json_atomic(out, result)
+    low, high = result["ci95"]
+    typer.echo(f"a - b = {result['effect']:+.3f} C-index (95% CI {low:+.3f} to {high:+.3f}), Wilcoxon p = {result['p']:.3g}, "
+               f"a ahead in {result['wins']} of {result['n_pairs']} paired folds"
+               + (f", {result['n_dropped']} fold(s) undefined and left out" if result["n_dropped"] else ""))
