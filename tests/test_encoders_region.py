@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from slidevl.features.encoders import EncoderError, available_region_encoders, get_region_encoder
+from slidevl.features.encoders.region import REGION_ENCODERS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -116,3 +117,19 @@ def test_region_specs_and_inputs_are_validated(tmp_path: Path, grid: tuple[np.nd
     with pytest.raises(EncoderError, match=r"\(R, G, G, D\)"):
         get_region_encoder("mean").encode(feats[0], present[0])
     assert available_region_encoders()[:2] == ["mean", "meanmax"]
+
+
+@pytest.mark.parametrize("kind", REGION_ENCODERS.names())
+def test_every_registered_region_kind_keeps_the_contract(kind: str, vit_dir: Path, grid: tuple[np.ndarray, np.ndarray]) -> None:
+    """A new region kind fails here until it gets a spec below: shape, dtype, absent patches ignored, deterministic."""
+    specs = {"mean": "mean", "meanmax": "meanmax", "vit": f"vit:{vit_dir}"}
+    assert kind in specs, f"add a spec for the region encoder kind {kind!r} to this test"
+    feats, present = grid
+    encoder = get_region_encoder(specs[kind])
+    out = encoder.encode(feats, present)
+    assert out.shape == (len(feats), encoder.output_dim(D)) and out.dtype == np.float32 and np.isfinite(out).all()
+    scrambled = np.where(present[..., None], feats, 99.0).astype(np.float32)
+    np.testing.assert_allclose(encoder.encode(scrambled, present), out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(get_region_encoder(specs[kind]).encode(feats, present), out)
+    assert not np.allclose(out[0], out[1]), "region features depend on the region's patches"
+    assert encoder.provenance()["name"] == encoder.name

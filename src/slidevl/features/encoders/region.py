@@ -35,6 +35,8 @@ from slidevl.features.encoders.base import (
     source_path,
 )
 from slidevl.features.encoders.hf import check_model_dir, load_pretrained, weight_files
+from slidevl.features.encoders.registry import EncoderKind, encoder_kind, parse_spec, spec_forms
+from slidevl.registry import Registry
 
 VALID_REGION_VIT = (
     "a folder written by `ViTModel.save_pretrained` with patch_size=1, image_size=16 (the region grid) and "
@@ -179,18 +181,34 @@ class ViTRegionEncoder(RegionEncoder):
         }
 
 
+#: Region encoder kinds, chosen by the spec's part before the colon (as tile encoders are).
+REGION_ENCODERS: Registry[EncoderKind] = Registry("region encoder kind")
+
+
+@encoder_kind("mean", registry=REGION_ENCODERS)
+def _mean(path: str, device: str) -> RegionEncoder:
+    return MeanRegionEncoder()
+
+
+@encoder_kind("meanmax", registry=REGION_ENCODERS)
+def _meanmax(path: str, device: str) -> RegionEncoder:
+    return MeanMaxRegionEncoder()
+
+
+@encoder_kind("vit", path="/path/to/region_vit_dir", registry=REGION_ENCODERS)
+def _vit(path: str, device: str) -> RegionEncoder:
+    return ViTRegionEncoder(path, device=device)
+
+
 def get_region_encoder(spec: str = "mean", *, device: str = "cpu") -> RegionEncoder:
-    """Build a region encoder from ``mean``, ``meanmax`` or ``vit:/local/dir``."""
-    spec = spec.strip()
-    if spec == "mean":
-        return MeanRegionEncoder()
-    if spec == "meanmax":
-        return MeanMaxRegionEncoder()
-    if spec.startswith("vit:"):
-        return ViTRegionEncoder(spec[len("vit:") :], device=device)
-    raise EncoderError(f"unknown region encoder {spec!r}; choose one of {available_region_encoders()}")
+    """Build the region encoder a spec names: ``mean``, ``meanmax`` or ``vit:/local/dir``."""
+    parsed = parse_spec(REGION_ENCODERS, spec)
+    if parsed is None:
+        raise EncoderError(f"unknown region encoder {spec!r}; choose one of {available_region_encoders()}")
+    kind, path = parsed
+    return kind.build(path, device)
 
 
 def available_region_encoders() -> list[str]:
     """The region encoder spec forms :func:`get_region_encoder` understands."""
-    return ["mean", "meanmax", "vit:/path/to/region_vit_dir"]
+    return spec_forms(REGION_ENCODERS)

@@ -56,14 +56,31 @@ ENCODERS: Registry[EncoderKind] = Registry("tile encoder kind")
 PRESET_LIBRARIES: Registry[PresetBuilder] = Registry("preset library")
 
 
-def encoder_kind(name: str, *, path: str | None = None) -> Callable[[EncoderBuilder], EncoderBuilder]:
+def encoder_kind(name: str, *, path: str | None = None,
+                 registry: Registry[EncoderKind] = ENCODERS) -> Callable[[EncoderBuilder], EncoderBuilder]:
     """Decorator registering ``build(path, device)`` as spec kind ``name`` (``NAME:PATH`` when ``path`` hints one)."""
 
     def add(build: EncoderBuilder) -> EncoderBuilder:
-        ENCODERS.register(name)(EncoderKind(build, path))
+        registry.register(name)(EncoderKind(build, path))
         return build
 
     return add
+
+
+def parse_spec(kinds: Registry[EncoderKind], spec: str) -> tuple[EncoderKind, str] | None:
+    """The registered kind a ``KIND`` or ``KIND:PATH`` spec names and its path; None when no kind matches."""
+    kind_name, sep, rest = spec.strip().partition(":")
+    kind = kinds.get(kind_name) if kind_name in kinds else None
+    if kind is None or kind.takes_path != bool(sep):
+        return None
+    if kind.takes_path and not rest.strip():
+        raise EncoderError(f"encoder spec {spec!r} names no path; e.g. {kind_name}:/models/my-model")
+    return kind, rest.strip()
+
+
+def spec_forms(kinds: Registry[EncoderKind]) -> list[str]:
+    """The spec forms of every kind of ``kinds`` (paths as placeholders)."""
+    return [name if kind.path_hint is None else f"{name}:{kind.path_hint}" for name, kind in kinds.items()]
 
 
 @encoder_kind("handcrafted")
@@ -123,24 +140,21 @@ def preset_path(name: str, rest: str) -> Path:
 def get_encoder(spec: str = DEFAULT_ENCODER, *, device: str = "cpu") -> TileEncoder:
     """The tile encoder named by ``spec``, with its model (if any) on ``device``."""
     spec = spec.strip()
-    kind_name, sep, rest = spec.partition(":")
     preset = preset_for_spec(spec)
     if preset is not None:
-        return PRESET_LIBRARIES.get(preset.library)(preset, preset_path(preset.name, rest), device)
-    kind = ENCODERS.get(kind_name) if kind_name in ENCODERS else None
-    if kind is None or kind.takes_path != bool(sep):
+        return PRESET_LIBRARIES.get(preset.library)(preset, preset_path(preset.name, spec.partition(":")[2]), device)
+    parsed = parse_spec(ENCODERS, spec)
+    if parsed is None:
         raise EncoderError(
             f"unknown encoder spec {spec!r}; valid forms are {', '.join(available_encoders())}; presets: {', '.join(PRESETS)}"
         )
-    if kind.takes_path and not rest.strip():
-        raise EncoderError(f"encoder spec {spec!r} names no path; e.g. {kind_name}:/models/my-model")
-    return kind.build(rest.strip(), device)
+    kind, path = parsed
+    return kind.build(path, device)
 
 
 def available_encoders() -> list[str]:
     """The spec forms :func:`get_encoder` understands (paths are placeholders), kinds first, then presets."""
-    forms = [name if kind.path_hint is None else f"{name}:{kind.path_hint}" for name, kind in ENCODERS.items()]
-    return [*forms, PRESET_FORM]
+    return [*spec_forms(ENCODERS), PRESET_FORM]
 
 
 def list_encoders() -> list[str]:
