@@ -126,20 +126,19 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]
     ratios = [float(r) for r in args.ratios.split(",") if r]
-    per_space: list[tuple[str, dict[str, Any]]] = []
-    for model in [m for m in ("abmil", "hila") if m in models]:
-        per_space.append((model, {"model": model}))
+    # Tiers, most informative first: HiLa against ABMIL, the ablations, meanpool, the ratios, TransMIL (slowest).
+    tiers: list[list[tuple[str, dict[str, Any]]]] = [[(m, {"model": m}) for m in ("abmil", "hila") if m in models]]
     if "hila" in models:
-        per_space += [(f"hila-{v}", {"model": "hila", "variant": v}) for v in variants]
-    per_space += [(m, {"model": m}) for m in models if m not in ("abmil", "hila", "transmil")]
+        tiers.append([(f"hila-{v}", {"model": "hila", "variant": v}) for v in variants])
+    tiers.append([(m, {"model": m}) for m in models if m not in ("abmil", "hila", "transmil")])
     if "hila" in models:
-        per_space += [(f"hila-r{r:g}", {"model": "hila", "model_options": {"ratio": r}}) for r in ratios if r != DEFAULT_RATIO]
-    per_space += [(m, {"model": m}) for m in models if m == "transmil"]
+        tiers.append([(f"hila-r{r:g}", {"model": "hila", "model_options": {"ratio": r}}) for r in ratios if r != DEFAULT_RATIO])
+    tiers.append([(m, {"model": m}) for m in models if m == "transmil"])
     spaces = [s for s in args.spaces.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    # Aligned space first: it is the space the paper's claims are about.
+    # Within a tier the aligned space first: it is the space the paper's claims are about.
     return [(space, f"{name}@s{seed}", {**fields, "seed": seed})
-            for space in sorted(spaces, key=lambda s: s != "aligned") for name, fields in per_space for seed in seeds]
+            for tier in tiers for space in sorted(spaces, key=lambda s: s != "aligned") for name, fields in tier for seed in seeds]
 
 
 def _config(space: str, name: str, fields: dict[str, Any], ctx: dict[str, Any], args: argparse.Namespace) -> Any:
