@@ -63,11 +63,7 @@ def single_choice_by_template(report: dict[str, Any], keys: dict[str, str]) -> d
 
 def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, data: Path | None,
                  probe: bool, reading: dict[str, Any]) -> dict[str, Any]:
-    from slidevl.slidellm.tuning.checkpoint import (
-        INFO_NAME,
-        CheckpointInfo,
-        resolve_checkpoint,
-    )
+    from slidevl.slidellm.checkpoint_layout import open_checkpoint
     from slidevl.qa.records import read_records
     from slidevl.vqa.evaluate import evaluate
 
@@ -81,9 +77,9 @@ def continue_run(source: Path, folder: Path, epochs: int, lr: float, seed: int, 
         "init": str(source), "connector": reading, "train": _train(seed, base["train"]["batch_size"], epochs, lr=lr)})
     test = records.with_name("test.jsonl")
     templates = {r.id: template_key(r) for r in read_records(test) if r.format == "single"}
-    connector = CheckpointInfo.load(resolve_checkpoint(folder / "stage2") / INFO_NAME).connector
-    scores: dict[str, Any] = {"connector": connector["kind"], "pooled_tokens": connector.get("pooled_tokens", False),
-                              "patch_scaling": connector.get("patch_scaling", "shared"),
+    connector = open_checkpoint(folder / "stage2").config.connector
+    scores: dict[str, Any] = {"connector": connector.kind, "pooled_tokens": connector.pooled_tokens,
+                              "patch_scaling": connector.patch_scaling,
                               "previous_epochs": epochs_so_far(source), "epochs": epochs, "lr": lr, "source": str(source),
                               "data": str(data or job.parent), "training": summary}
     for stem, shuffle, rank in (("predictions", False, False), ("predictions_ranked", False, True),

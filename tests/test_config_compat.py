@@ -30,9 +30,33 @@ def test_old_run_json_loads_with_its_settings() -> None:
     assert cfg.differences(again) == []
 
 
+def test_untagged_run_json_keeps_the_connector_it_meant(tmp_path: Path) -> None:
+    # Before run.json carried its class tag, an unnamed connector was the Q-Former and the MLP pooled nothing.
+    import json
+
+    old = json.loads((OLD / "run.json").read_text())
+    for given, meant in (({"kind": "mlp"}, {"kind": "mlp", "pooled_tokens": False}),
+                         ({}, {"kind": "qformer", "pooled_tokens": False}),
+                         ({"kind": "mlp", "pooled_tokens": True}, {"kind": "mlp", "pooled_tokens": True})):
+        (tmp_path / "run.json").write_text(json.dumps({**old, "connector": given}))
+        assert TuneConfig.load(tmp_path / "run.json").connector.given() == meant
+    # With --init the checkpoint's connector applied: nothing is filled in.
+    (tmp_path / "run.json").write_text(json.dumps({**old, "stage": "stage2", "init": "runs/stage1", "connector": {}}))
+    assert TuneConfig.load(tmp_path / "run.json").connector.given() == {}
+    # A run.json written now is tagged and reads back as written: an unnamed MLP pools.
+    fresh = TuneConfig.from_dict({**old, "connector": {"kind": "mlp"}})
+    fresh.save(tmp_path / "new.json")
+    again = TuneConfig.load(tmp_path / "new.json")
+    assert again.connector.given() == {"kind": "mlp"} and again.differences(fresh) == []
+    assert again.connector_config(1, 1, 0).pooled_tokens is True
+
+
 def test_old_connector_json_keeps_its_shared_patch_scale() -> None:
     cfg = ConnectorConfig.load(OLD / "connector.json")
     assert cfg.kind == "qformer" and cfg.patch_scaling == "shared" and cfg.pooled_tokens is False
+    # Written before pooled_tokens existed, an MLP connector reads as it was trained: not pooled.
+    mlp = {k: v for k, v in cfg.to_dict().items() if k not in ("kind", "pooled_tokens")}
+    assert ConnectorConfig.from_dict({**mlp, "kind": "mlp"}).pooled_tokens is False
 
 
 def test_old_encoder_and_pretrain_configs_load(tmp_path: Path) -> None:

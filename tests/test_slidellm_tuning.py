@@ -94,10 +94,11 @@ def test_checkpoint_round_trip(world: dict[str, Path], tmp_path: Path) -> None:
     assert lora and all(torch.equal(p, loaded_lora[n]) for n, p in lora.items())
     # The frozen encoder is stored bit-identical to the one the run started from.
     original = load_file(str(world["encoder"] / "encoder.safetensors"))
-    stored = load_file(str(tmp_path / "s2" / "checkpoint" / "encoder" / "encoder.safetensors"))
+    stored = load_file(str(tmp_path / "s2" / "checkpoint" / "encoder.safetensors"))
     assert original.keys() == stored.keys() and all(torch.equal(original[k], stored[k]) for k in original)
-    info = json.loads((tmp_path / "s2" / "checkpoint" / "slidevlm.json").read_text())
-    assert info["has_adapter"] and info["feature_encoder"] == FEATURE_ENCODER
+    config = json.loads((tmp_path / "s2" / "checkpoint" / "config.json").read_text())
+    assert config["config_class"] == "SlideVLMConfig" and config["llm"]["tuning"] == "lora"
+    assert config["llm"]["lora"]["r"] == 4 and config["feature_encoder"] == FEATURE_ENCODER
     # Nothing in the checkpoint is a pickle.
     files = [p for p in (tmp_path / "s2").rglob("*") if p.is_file()]
     assert files and all(p.suffix in {".json", ".safetensors", ".jinja", ".md"} for p in files), sorted(map(str, files))
@@ -308,7 +309,7 @@ def test_full_llm_tuning_trains_every_llm_weight_and_round_trips(world: dict[str
     folder = tmp_path / "s2" / "checkpoint"
     assert (folder / "llm" / "config.json").is_file() and not (folder / "adapter").exists()
     loaded = load_vlm(tmp_path / "s2")
-    assert loaded.info.tuned_llm and not loaded.info.has_adapter
+    assert loaded.config.llm.tuning == "full" and loaded.config.llm.lora is None
     tuned = dict(prepared.module.vlm.llm.named_parameters())
     assert all(torch.equal(tuned[n], p) for n, p in loaded.model.llm.named_parameters())
     base = load_vlm(tmp_path / "s1").model.llm

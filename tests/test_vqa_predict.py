@@ -71,7 +71,7 @@ def test_ranked_single_choice_answers_pick_the_most_likely_option(world: dict[st
         totals = []
         for i in range(len(record.options)):
             option = replace(record, answer=OPTION_LETTERS[i])
-            ids, labels = encode_chat(tok, chat_messages(option, assistant.loaded.info.answer_style))
+            ids, labels = encode_chat(tok, chat_messages(option, assistant.loaded.config.answer_style))
             batch = ChatCollator(tok.pad_token_id)([Example(option, ids, labels)])
             loss = model(batch.input_ids, batch.attention_mask, batch.labels, [image])
             n_answer = sum(1 for x in labels[1:] if x != -100)

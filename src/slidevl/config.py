@@ -32,7 +32,7 @@ from slidevl.errors import ConfigError
 C = TypeVar("C", bound="Config")
 
 CONFIG_NAME = "config.json"
-_CLASS_KEY = "config_class"
+CLASS_KEY = "config_class"
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
@@ -69,7 +69,7 @@ class Config:
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"{_where(source)}{cls.__name__} settings must be a mapping, got {type(data).__name__}")
-        data = {k: v for k, v in data.items() if k != _CLASS_KEY}
+        data = {k: v for k, v in data.items() if k != CLASS_KEY}
         known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(known))
         if unknown:
@@ -78,7 +78,7 @@ class Config:
         values = {}
         for name, value in data.items():
             try:
-                values[name] = _coerce(hints[name], value, source)
+                values[name] = _coerce(hints[name], value)
             except ConfigError as exc:
                 raise ConfigError(f"{_where(source)}{cls.__name__}.{name}: {exc}") from None
         try:
@@ -89,14 +89,18 @@ class Config:
             raise ConfigError(f"{_where(source)}{exc}") from None
 
     # -- files ---------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the config to ``path`` atomically: YAML for ``.yaml``/``.yml``, else JSON."""
+    def save(self, path: str | Path, *, tagged: bool = False) -> Path:
+        """Write the config to ``path`` atomically: YAML for ``.yaml``/``.yml``, else JSON.
+
+        ``tagged`` adds the class name (``config_class``), as :meth:`save_pretrained` does.
+        """
         path = Path(path)
+        data = {CLASS_KEY: type(self).__name__, **self.to_dict()} if tagged else self.to_dict()
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            return write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return write_json_atomic(path, self.to_dict())
+            return write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
+        return write_json_atomic(path, data)
 
     @classmethod
     def load(cls: type[C], path: str | Path) -> C:
@@ -105,8 +109,7 @@ class Config:
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``<folder>/config.json`` (tagged with the class name) and return its path."""
-        data = {_CLASS_KEY: type(self).__name__, **self.to_dict()}
-        return write_json_atomic(Path(folder) / self.config_name, data)
+        return self.save(Path(folder) / self.config_name, tagged=True)
 
     @classmethod
     def from_pretrained(cls: type[C], folder: str | Path) -> C:
@@ -117,7 +120,7 @@ class Config:
         if not path.is_file():
             raise ConfigError(f"{path} not found: {folder} is not a saved {cls.__name__} folder")
         data = read_mapping(path)
-        saved = data.get(_CLASS_KEY)
+        saved = data.get(CLASS_KEY)
         if saved is not None and saved != cls.__name__:
             raise ConfigError(f"{path} holds a {saved}, not a {cls.__name__}: pass the folder of the right kind of checkpoint")
         return cls.from_dict(data, source=str(path))
@@ -206,15 +209,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _coerce(kind: Any, value: Any, source: str | None) -> Any:
+def _coerce(kind: Any, value: Any) -> Any:
     """``value`` (from JSON/YAML/CLI) as the field's declared type, where the two differ."""
     if value is None:
         return None
     inner = optional_inner(kind)
+    # Nested configs are built without the source: the caller's message names the file once.
     if is_config_class(inner):
         if isinstance(inner, type) and isinstance(value, inner):
             return value
-        return inner.from_dict(value, source=source)
+        return inner.from_dict(value)
     if inner is Path:
         return Path(value)
     origin = typing.get_origin(inner)
@@ -222,7 +226,7 @@ def _coerce(kind: Any, value: Any, source: str | None) -> Any:
         args = typing.get_args(inner)
         item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
         if is_config_class(item):  # a variable-length tuple of configs, e.g. tuple[WindowSpec, ...]
-            return tuple(v if isinstance(v, item) else item.from_dict(v, source=source) for v in value)
+            return tuple(v if isinstance(v, item) else item.from_dict(v) for v in value)
         return tuple(value)
     if inner is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -129,6 +129,14 @@ class SlideAssistant:
     def tokenizer(self) -> Any:
         return self.loaded.tokenizer
 
+    def forget_slides(self) -> None:
+        """Drop the visual tokens held in memory: the next ``open_slide`` reads the disk cache again.
+
+        That cache is checked against the feature file, so a process that stays up (the
+        warm model of ``slidevl ask``) sees a slide whose features were recomputed since.
+        """
+        self._visuals.clear()
+
     def _visuals_for(self, store: FeatureStore) -> CachedVisuals:
         key = str(store.root.resolve())
         if key not in self._visuals:
@@ -138,10 +146,10 @@ class SlideAssistant:
         return self._visuals[key]
 
     def _training_attrs(self) -> dict[str, Any]:
-        info = self.loaded.info
-        if info.job is None or info.feature_encoder is None:
+        config = self.loaded.config
+        if config.job is None or config.feature_encoder is None:
             raise SlideVLMError(f"{self.loaded.directory}: the checkpoint records no training feature job")
-        store = FeatureStore(info.job, info.feature_encoder)
+        store = FeatureStore(config.job, config.feature_encoder)
         ids = store.slide_ids()
         if not ids:
             raise SlideVLMError(
@@ -195,8 +203,8 @@ class SlideAssistant:
             slide_id = slide_id_of(path)
         else:
             slide_id = str(slide)
-            job_dir = Path(job).expanduser() if job is not None else Path(self.loaded.info.job or ".")
-            encoder = self.loaded.info.feature_encoder
+            job_dir = Path(job).expanduser() if job is not None else Path(self.loaded.config.job or ".")
+            encoder = self.loaded.config.feature_encoder
             root = job_dir / "features"
             store = FeatureStore(job_dir, encoder if encoder and (root / encoder).is_dir() else None)
             recorded = None if slide_id in store else self._recorded_slide(job_dir, slide_id, slides_root)
@@ -253,7 +261,7 @@ class SlideAssistant:
         """The answer to a single-choice ``record`` that the model scores highest, in its training style."""
         if record.format != "single":
             raise SlideVLMError(f"record {record.id!r}: only single-choice questions are answered by ranking")
-        style = self.loaded.info.answer_style
+        style = self.loaded.config.answer_style
         candidates = [replace(record, answer=OPTION_LETTERS[i]) for i in range(len(record.options))]
         examples = [Example(c, *encode_chat(self.tokenizer, chat_messages(c, style))) for c in candidates]
         batch = ChatCollator(self.tokenizer.pad_token_id)(examples).to(self.device)
@@ -312,10 +320,9 @@ class Conversation:
         tok = self.assistant.tokenizer
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
         limit = getattr(model.llm.config, "max_position_embeddings", None)
-        n_visual = (
-            sum(img.tokens.shape[0] + (0 if img.patches is None else img.patches.shape[0]) for img in images)
-            if model.connector.config.kind == "mlp"
-            else len(images) * model.connector.config.num_queries
+        n_visual = sum(
+            model.connector.output_length(img.tokens.shape[0], 0 if img.patches is None else img.patches.shape[0])
+            for img in images
         )
         if limit is not None and len(ids) + n_visual + max_new_tokens > limit:
             raise SlideVLMError(

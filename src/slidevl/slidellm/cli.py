@@ -134,5 +134,17 @@ def pretrain(
         typer.echo(f"{result.out_dir}: step {result.step}{loss}; encoder in {result.out_dir / 'encoder.safetensors'}")
 
 
+@app.command()
+def convert(
+    old: Path = typer.Argument(..., help="A checkpoint (or its run folder) written before config.json: slidevlm.json + encoder/."),
+    new: Path = typer.Argument(..., help="The folder to write the converted checkpoint into (must not exist)."),
+) -> None:
+    """Rewrite an old slide-LLM checkpoint as one config.json plus weights (older ones also load as they are)."""
+    from slidevl.slidellm.checkpoint_layout import convert_checkpoint
+
+    folder = convert_checkpoint(old, new)
+    typer.echo(f"{folder.directory}: {folder.config.stage} checkpoint with config.json; use it as --checkpoint or --init")
+
+
 # The tuning stages live with their own code; without a name, their commands join this group.
 app.add_typer(tuning_app)

@@ -126,8 +126,9 @@ class ConnectorConfig(Config):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> "ConnectorConfig":
-        # Configs written before patch_scaling existed scaled patches with one shared scale.
-        return super().from_dict({"patch_scaling": "shared", **data}, source=source)
+        # Saved configs keep the meaning they were written with: before patch_scaling existed
+        # patches had one shared scale, and before pooled_tokens existed nothing was pooled.
+        return super().from_dict({"patch_scaling": "shared", "pooled_tokens": False, **data}, source=source)
 
 
 @dataclass

@@ -18,16 +18,31 @@ whole slide, so the selected summaries still carry slide context.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from peft import PeftModel
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
-from slidevl.errors import InputError
+from slidevl.errors import CheckpointError, InputError
 from slidevl.features.store import SlideFeatures
-from slidevl.slidellm.connector import ConnectorConfig, ConnectorOutput, MLPConnector, QFormerConnector
+from slidevl.slidellm.checkpoint_layout import (
+    ADAPTER_DIR,
+    LLM_DIR,
+    CheckpointFolder,
+    load_checkpoint_encoder,
+    open_checkpoint,
+    save_checkpoint_parts,
+)
+from slidevl.slidellm.connector import ConnectorConfig, ConnectorOutput, MLPConnector, QFormerConnector, build_connector
 from slidevl.slidellm.encoder import TopoPackBatch, TopoPackEncoder, batch_from_slide_features
+from slidevl.slidellm.llm import LLMLoadOptions, freeze, load_llm, load_lora
+from slidevl.slidellm.tokenizer import image_token_id, load_tokenizer
+from slidevl.slidellm.tuning.state import load_tensors, state_part
+from slidevl.slidellm.vlm_config import SlideVLMConfig
 
 IGNORE_INDEX = -100
 
@@ -258,11 +273,12 @@ def batch_connector_inputs(
 
 
 class SlideVLM(nn.Module):
-    """Connector + causal LM (optionally LoRA-wrapped); the slide encoder is kept outside.
+    """Connector + causal LM (optionally LoRA-wrapped), and the slide encoder once loaded.
 
-    The encoder usually runs once per slide ahead of training (its outputs are cached),
-    so it is not part of this module's parameters; a trainable encoder is handled by
-    the tuning loop, which calls :func:`encode_slide` inside the step.
+    In training the encoder usually runs once per slide ahead of the steps (its outputs
+    are cached), so it is not part of this module's parameters: the tuning loop holds it,
+    and calls :func:`encode_slide` inside the step when it trains. A model read with
+    :meth:`from_pretrained` holds its frozen encoder and its :class:`SlideVLMConfig`.
     """
 
     def __init__(
@@ -272,12 +288,87 @@ class SlideVLM(nn.Module):
         *,
         image_token_id: int,
         pad_token_id: int,
+        encoder: TopoPackEncoder | None = None,
+        config: SlideVLMConfig | None = None,
     ) -> None:
         super().__init__()
         self.connector = connector
         self.llm = llm
+        self.encoder = encoder
+        self.config = config
         self.image_token_id = int(image_token_id)
         self.pad_token_id = int(pad_token_id)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | CheckpointFolder,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        device: torch.device | str = "cpu",
+        llm_options: LLMLoadOptions | None = None,
+    ) -> "SlideVLM":
+        """The model in a checkpoint folder (or its run folder), frozen and in eval mode.
+
+        ``tokenizer`` is the checkpoint's own, when the caller has read it already;
+        ``llm_options`` overrides how the base LLM is loaded (dtype, 4-bit), by default
+        as in training. A checkpoint of the layout before ``config.json`` is read as it is.
+        """
+        folder = path if isinstance(path, CheckpointFolder) else open_checkpoint(path)
+        config = folder.config
+        tokenizer = load_tokenizer(folder.tokenizer_dir) if tokenizer is None else tokenizer
+        options = llm_options or config.llm.options
+        if not (folder.llm_dir / "config.json").is_file():
+            raise CheckpointError(
+                f"{folder.directory}: its base LLM {folder.llm_dir} is missing; restore that folder (the checkpoint "
+                "references it by path)"
+            )
+        llm = freeze(load_llm(folder.llm_dir, options))
+        if folder.adapter_dir is not None:
+            llm = load_lora(llm, folder.adapter_dir, trainable=False)
+        connector = build_connector(config.connector)
+        connector.load_state_dict(load_tensors(folder.connector_weights), strict=True)
+        encoder = load_checkpoint_encoder(folder)
+        model = cls(freeze(connector), llm, image_token_id=image_token_id(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                    encoder=freeze(encoder), config=config)
+        # A 4-bit LLM was placed on its GPU by bitsandbytes and cannot be moved.
+        if options.load_in_4bit:
+            connector.to(device)
+            encoder.to(device)
+        else:
+            model.to(device)
+        return model.eval()
+
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        config: SlideVLMConfig | None = None,
+        encoder: TopoPackEncoder | None = None,
+        state: dict[str, Tensor] | None = None,
+    ) -> Path:
+        """Write ``config.json``, the weights and the tokenizer into ``directory`` (:mod:`~slidevl.slidellm.checkpoint_layout`).
+
+        ``config`` and ``encoder`` default to the model's own. ``state`` is this module's
+        state dict when the live one is not whole (under FSDP only the gathered copy is).
+        Each file is written atomically; a caller that needs the folder replaced as a
+        whole writes it into a fresh folder (:func:`~slidevl.slidellm.tuning.state.atomic_dir`).
+        """
+        directory = Path(directory)
+        config = self.config if config is None else config
+        encoder = self.encoder if encoder is None else encoder
+        if config is None or encoder is None:
+            raise CheckpointError("save_pretrained needs the model's SlideVLMConfig and its encoder")
+        state = self.state_dict() if state is None else state
+        save_checkpoint_parts(directory, config, state_part(state, "connector."), encoder.state_dict(), tokenizer)
+        tuning = config.llm.tuning
+        if tuning == "lora" and not isinstance(self.llm, PeftModel):
+            raise CheckpointError("the config names LoRA adapters but the LLM has none")
+        if tuning in ("lora", "full"):
+            where = directory / (ADAPTER_DIR if tuning == "lora" else LLM_DIR)
+            self.llm.save_pretrained(where, state_dict=state_part(state, "llm."))
+        return directory
 
     def visual_input(self, visual: VisualTokens, bbox: Sequence[int] | None = None) -> VisualInput:
         """What the connector reads for a question about ``bbox`` (the whole slide when None)."""
@@ -403,3 +494,4 @@ class SlideVLM(nn.Module):
                 row = row[: row.index(eos_token_id)]
             results.append(row)
         return results
+

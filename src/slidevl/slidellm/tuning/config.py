@@ -8,9 +8,10 @@ command line and the Python API share one default per setting.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from slidevl.config import Config, setting
+from slidevl.config import CLASS_KEY, Config, read_mapping, setting
 from slidevl.errors import ConfigError
 from slidevl.slidellm.answers import ANSWER_STYLES, DEFAULT_ANSWER_STYLE
 from slidevl.slidellm.connector import ConnectorConfig
@@ -182,6 +183,16 @@ class TuneConfig(Config):
         if self.init is None:
             self.connector_config(1, 1, 1)
 
+    def save(self, path: str | Path, *, tagged: bool = True) -> Path:
+        """Write ``run.json``, tagged with the class: a later version then knows the defaults it was written under."""
+        return super().save(path, tagged=tagged)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TuneConfig":
+        """Read ``run.json``; one written before the tag keeps the connector it meant (:func:`_untagged_run`)."""
+        data = read_mapping(path)
+        return cls.from_dict(data if CLASS_KEY in data else _untagged_run(data), source=str(path))
+
     @property
     def lr(self) -> float:
         return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.stage]
@@ -197,3 +208,21 @@ _GROUPS: dict[str, type[Config]] = {
     "embedded_lm": EmbeddedLMConfig,
 }
 
+
+
+def _untagged_run(data: dict[str, Any]) -> dict[str, Any]:
+    """A run file written before run files were tagged, with the connector defaults of its time.
+
+    For most of that time an unnamed connector was the Q-Former, and the MLP connector
+    pooled nothing (``pooled_tokens`` did not exist, then was off). The defaults became the
+    pooling MLP shortly before the tag; a file of that short span that left them unnamed
+    reads with the older ones, and ``--resume`` then lists the difference to add as options.
+    Only stages 1 and 2 without ``--init`` chose a connector: with ``--init`` it came from
+    the checkpoint, and the other stages had none.
+    """
+    if data.get("stage") not in ("stage1", "stage2") or data.get("init") is not None:
+        return data
+    connector = data.get("connector")
+    if connector is not None and not isinstance(connector, Mapping):
+        return data  # from_dict reports the malformed group
+    return {**data, "connector": {"kind": "qformer", "pooled_tokens": False, **(connector or {})}}

@@ -17,7 +17,7 @@ its own, against the rate a random pick would reach.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -40,12 +40,9 @@ from slidevl.slidellm.qformer_pretrain import (
     representation_losses,
 )
 from slidevl.slidellm.tokenizer import load_tokenizer
-from slidevl.slidellm.tuning.checkpoint import (
-    CHECKPOINT_DIR,
-    CheckpointInfo,
-    resolve_llm_dir,
-    save_connector_checkpoint,
-)
+from slidevl.slidellm.checkpoint_layout import CHECKPOINT_DIR, open_checkpoint, save_checkpoint_parts
+from slidevl.slidellm.tuning.checkpoint import resolve_llm_dir
+from slidevl.slidellm.vlm_config import LLMSettings, SlideVLMConfig
 from slidevl.slidellm.tuning.config import TuneConfig
 from slidevl.slidellm.tuning.loop import LoopResult, make_accelerator
 from slidevl.slidellm.tuning.stages import (
@@ -182,14 +179,14 @@ def prepare_represent(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         raise InputError(f"{cfg.records}: no caption records for the representation stage")
 
     run_dir = _prepare_run_dir(cfg, resume)
-    resume_dir = run_dir / CHECKPOINT_DIR if resume else None
+    resumed = open_checkpoint(run_dir / CHECKPOINT_DIR) if resume else None
     set_seed(cfg.train.seed)
     accelerator = make_accelerator(cfg.train)
     if accelerator.distributed_type == DistributedType.FSDP:
         # No LLM here to shard, and the closing evaluation reads the live (whole) modules.
         raise InputError("the representation stage runs without FSDP; launch it with configs/accelerate/ddp.yaml")
     tokenizer = load_tokenizer(llm_dir)
-    encoder = freeze(_build_encoder(cfg, store, None, resume_dir)).eval()
+    encoder = freeze(_build_encoder(cfg, store, resumed)).eval()
     conn_cfg = cfg.connector_config(encoder.config.d_model, _llm_width_of(llm_dir), encoder.config.patch_dim)
     if conn_cfg.kind != "qformer":
         raise InputError(f"the representation stage trains a Q-Former; the connector is {conn_cfg.kind!r}")
@@ -198,9 +195,9 @@ def prepare_represent(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     connector.proj.requires_grad_(False)
     dataset = CaptionDataset(records, tokenizer, cfg.train.max_tokens)
     heads = RepresentationHeads(connector, len(tokenizer), dataset.longest)
-    if resume_dir is not None:
-        connector.load_state_dict(load_tensors(resume_dir / "connector.safetensors"), strict=True)
-        heads.load_state_dict(load_tensors(resume_dir / HEADS_NAME), strict=True)
+    if resumed is not None:
+        connector.load_state_dict(load_tensors(resumed.connector_weights), strict=True)
+        heads.load_state_dict(load_tensors(resumed.directory / HEADS_NAME), strict=True)
 
     encoder.to(accelerator.device)
     visuals = CachedVisuals(encoder, store, run_dir / CACHE_DIR, device=accelerator.device)
@@ -208,23 +205,22 @@ def prepare_represent(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     with accelerator.main_process_first():
         visuals.precompute(r.slide for r in records)
     check_regions(records, visuals)
-    if resume_dir is None:
+    if resumed is None:
         fit_standardizers(connector, visuals, (r.slide for r in records))
 
-    info = CheckpointInfo(
+    config = SlideVLMConfig(
         stage="represent",
-        llm=str(llm_dir),
-        connector=conn_cfg.to_dict(),
-        has_adapter=False,
+        encoder=encoder.config,
+        connector=conn_cfg,
+        llm=LLMSettings(base=str(llm_dir), options=cfg.llm_options),
         answer_style=cfg.answer_style,
-        llm_options=asdict(cfg.llm_options),
         job=str(Path(cfg.job).resolve()),
         feature_encoder=store.encoder,
     )
     module = RepresentationModule(connector, heads, visuals)
 
     def save_model(folder: Path, state: dict[str, Tensor]) -> None:
-        save_connector_checkpoint(folder, info, state_part(state, "connector."), encoder, tokenizer)
+        save_checkpoint_parts(folder, config, state_part(state, "connector."), encoder.state_dict(), tokenizer)
         save_tensors(folder / HEADS_NAME, state_part(state, "heads."), metadata={"format": "pt"})
 
     return PreparedRun(cfg, run_dir, resume, accelerator, module, dataset, collate_captions, _loss, save_model)

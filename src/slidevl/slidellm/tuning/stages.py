@@ -18,7 +18,7 @@ computed once per slide and cached (:mod:`slidevl.slidellm.tuning.visual`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -30,23 +30,16 @@ from torch import Tensor, nn
 from slidevl.errors import CheckpointError, InputError
 from slidevl.features.store import FeatureStore
 from slidevl.ranks import is_main_process
-from slidevl.slidellm.connector import CONVERTIBLE_OPTIONS, READ_OPTIONS, ConnectorConfig, build_connector
+from slidevl.slidellm.connector import CONVERTIBLE_OPTIONS, READ_OPTIONS, build_connector
 from slidevl.slidellm.encoder import TopoPackConfig, TopoPackEncoder, load_encoder
 from slidevl.slidellm.encoder.io import CONFIG_NAME
+from slidevl.slidellm.checkpoint_layout import CHECKPOINT_DIR, LLM_DIR, CheckpointFolder, load_checkpoint_encoder, open_checkpoint
 from slidevl.slidellm.llm import add_lora, build_embedded_llm, freeze, load_llm, load_lora
 from slidevl.slidellm.model import SlideVLM
 from slidevl.slidellm.tokenizer import image_token_id, load_tokenizer, train_tokenizer
-from slidevl.slidellm.tuning.checkpoint import (
-    CHECKPOINT_DIR,
-    INFO_NAME,
-    CheckpointInfo,
-    checkpoint_llm_dir,
-    load_checkpoint_encoder,
-    load_connector_weights,
-    resolve_checkpoint,
-    resolve_llm_dir,
-    save_vlm,
-)
+from slidevl.slidellm.tuning.checkpoint import resolve_llm_dir
+from slidevl.slidellm.tuning.state import load_tensors, state_part
+from slidevl.slidellm.vlm_config import LLMSettings, SlideVLMConfig
 from slidevl.qa.records import read_records
 from slidevl.slidellm.tuning.config import TuneConfig
 from slidevl.slidellm.tuning.loop import LoopResult, make_accelerator, run_loop
@@ -141,7 +134,7 @@ def prepare_warmup(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     set_seed(cfg.train.seed)
     records = select_records(read_records(cfg.records), "warmup")
     if resume:
-        llm_dir = run_dir / CHECKPOINT_DIR / "llm"
+        llm_dir = run_dir / CHECKPOINT_DIR / LLM_DIR
         tokenizer = load_tokenizer(llm_dir)
         llm = load_llm(llm_dir, cfg.llm_options)
     else:
@@ -158,17 +151,16 @@ def prepare_warmup(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
                      use_cache=False).loss
 
     def save_model(folder: Path, state: dict[str, Tensor]) -> None:
-        llm.save_pretrained(folder / "llm", state_dict=state)
-        tokenizer.save_pretrained(folder / "llm")
+        llm.save_pretrained(folder / LLM_DIR, state_dict=state)
+        tokenizer.save_pretrained(folder / LLM_DIR)
 
     return PreparedRun(cfg, run_dir, resume, accelerator, llm, dataset, ChatCollator(tokenizer.pad_token_id), loss_fn, save_model)
 
 
-def _build_encoder(cfg: TuneConfig, store: FeatureStore, init: Path | None, resume_dir: Path | None) -> TopoPackEncoder:
-    if resume_dir is not None:
-        return load_checkpoint_encoder(resume_dir)
-    if init is not None:
-        return load_checkpoint_encoder(init)
+def _build_encoder(cfg: TuneConfig, store: FeatureStore, start: CheckpointFolder | None) -> TopoPackEncoder:
+    """The encoder of the checkpoint the run starts from (its own when resumed), else from --encoder or fresh."""
+    if start is not None:
+        return load_checkpoint_encoder(start)
     if cfg.encoder is not None:
         enc_dir = Path(cfg.encoder)
         if cfg.encoder_init == "pretrained":
@@ -198,28 +190,27 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     """Build everything stage 1 or 2 trains, up to (not including) the first step."""
     if cfg.stage not in ("stage1", "stage2"):
         raise ValueError(f"run_stage needs stage 'stage1' or 'stage2', got {cfg.stage!r}")
-    init = resolve_checkpoint(cfg.init) if cfg.init else None
-    init_info = CheckpointInfo.load(init / INFO_NAME) if init is not None else None
-    if init_info is not None and set(cfg.connector.given()) - READ_OPTIONS - CONVERTIBLE_OPTIONS:
+    init = open_checkpoint(cfg.init) if cfg.init else None
+    if init is not None and set(cfg.connector.given()) - READ_OPTIONS - CONVERTIBLE_OPTIONS:
         raise InputError(
-            f"--init {init} fixes the connector; drop the connector options other than "
+            f"--init {init.directory} fixes the connector; drop the connector options other than "
             f"{', '.join(sorted(READ_OPTIONS | CONVERTIBLE_OPTIONS))} (or start without --init)"
         )
-    init_adapter = init / "adapter" if init is not None and init_info is not None and init_info.has_adapter else None
+    init_adapter = init.adapter_dir if init is not None else None
     if init_adapter is not None and not (cfg.stage == "stage2" and cfg.llm_tuning == "lora"):
         raise InputError(
-            f"--init {init} is a stage-2 checkpoint with LoRA adapters; only a stage-2 run with LoRA tuning can "
-            "continue them (start stage 1 or full tuning from a stage-1 checkpoint instead)"
+            f"--init {init.directory} is a stage-2 checkpoint with LoRA adapters; only a stage-2 run with LoRA tuning "
+            "can continue them (start stage 1 or full tuning from a stage-1 checkpoint instead)"
         )
-    llm_dir = checkpoint_llm_dir(init, init_info) if init is not None and init_info is not None and cfg.llm is None else None
+    llm_dir = init.llm_dir if init is not None and cfg.llm is None else None
     if llm_dir is None:
         if cfg.llm is None:
             raise InputError("pass --llm (a Hugging Face causal-LM folder or a warm-up run) or --init (a stage-1 run)")
         llm_dir = resolve_llm_dir(cfg.llm)
-    job = cfg.job or (init_info.job if init_info is not None else None)
+    job = cfg.job or (init.config.job if init is not None else None)
     if job is None:
         raise InputError("pass --job: the feature job folder holding the slides' features")
-    feature_encoder = cfg.feature_encoder or (init_info.feature_encoder if init_info is not None else None)
+    feature_encoder = cfg.feature_encoder or (init.config.feature_encoder if init is not None else None)
     store = FeatureStore(job, feature_encoder)
     records = select_records(read_records(cfg.records), cfg.stage)
     if not records:
@@ -227,40 +218,42 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         raise InputError(f"{cfg.records}: no {wanted} records for {cfg.stage}")
 
     run_dir = _prepare_run_dir(cfg, resume)
-    resume_dir = run_dir / CHECKPOINT_DIR if resume else None
+    resumed = open_checkpoint(run_dir / CHECKPOINT_DIR) if resume else None
+    # Weights come from this run's own checkpoint when resuming, else from --init.
+    start = resumed or init
     set_seed(cfg.train.seed)
     accelerator = make_accelerator(cfg.train)
     if cfg.train_encoder and accelerator.distributed_type == DistributedType.FSDP:
         # A trained encoder is saved from its live module, which FSDP would hold in shards.
         raise InputError("--train-encoder is not supported under FSDP; launch with configs/accelerate/ddp.yaml")
 
-    tokenizer = load_tokenizer((init / "tokenizer") if init is not None else llm_dir)
+    tokenizer = load_tokenizer(init.tokenizer_dir if init is not None else llm_dir)
     full_llm = cfg.stage == "stage2" and cfg.llm_tuning == "full"
-    llm = freeze(load_llm(resume_dir / "llm" if full_llm and resume_dir is not None else llm_dir, cfg.llm_options))
-    encoder = _build_encoder(cfg, store, init, resume_dir)
+    llm = freeze(load_llm(resumed.llm_dir if full_llm and resumed is not None else llm_dir, cfg.llm_options))
+    encoder = _build_encoder(cfg, store, start)
     if cfg.train_encoder:
         encoder.train()
     else:
         freeze(encoder).eval()
     conn_cfg = (
-        ConnectorConfig.from_dict({**init_info.connector, **cfg.connector.given()})
-        if init_info is not None
+        replace(init.config.connector, **cfg.connector.given())
+        if init is not None
         else cfg.connector_config(encoder.config.d_model, _llm_width(llm), encoder.config.patch_dim)
     )
     # The --init weights are loaded as they were saved, then converted after the visuals are ready.
-    saved_cfg = ConnectorConfig.from_dict(init_info.connector) if init_info is not None and resume_dir is None else conn_cfg
+    saved_cfg = init.config.connector if init is not None and resumed is None else conn_cfg
     connector = build_connector(replace(conn_cfg, patch_scaling=saved_cfg.patch_scaling))
+    adapter = start.adapter_dir if start is not None else None
+    lora = None
     if full_llm:
         llm.requires_grad_(True)
     elif cfg.stage == "stage2":
         # Resuming reloads this run's adapters; a stage-2 checkpoint as --init keeps training its own.
-        adapter = resume_dir / "adapter" if resume_dir is not None else init_adapter
+        lora = start.config.llm.lora if adapter is not None else cfg.lora
         llm = load_lora(llm, adapter, trainable=True) if adapter is not None else add_lora(llm, cfg.lora)
     model = SlideVLM(connector, llm, image_token_id=image_token_id(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    if resume_dir is not None:
-        load_connector_weights(model, resume_dir)
-    elif init is not None:
-        load_connector_weights(model, init)
+    if start is not None:
+        connector.load_state_dict(load_tensors(start.connector_weights), strict=True)
 
     placed = not cfg.llm_options.load_in_4bit
     if not placed:
@@ -274,21 +267,20 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     with accelerator.main_process_first():
         visuals.precompute(r.slide for r in records)
     check_regions(records, visuals)
-    if resume_dir is None and init is None:
+    if start is None:
         fit_standardizers(connector, visuals, (r.slide for r in records))
     elif connector.config.patch_scaling != conn_cfg.patch_scaling:
         if conn_cfg.patch_scaling != "per_dim":
-            raise InputError(f"--init {init} scales patch features per dimension; it cannot go back to one shared scale")
+            raise InputError(f"--init {cfg.init} scales patch features per dimension; it cannot go back to one shared scale")
         connector.scale_patches_per_dim(training_patches(visuals, (r.slide for r in records)))
 
-    info = CheckpointInfo(
+    config = SlideVLMConfig(
         stage=cfg.stage,
-        llm=str(llm_dir.resolve()),
-        connector=conn_cfg.to_dict(),
-        has_adapter=cfg.stage == "stage2" and not full_llm,
-        tuned_llm=full_llm,
+        encoder=encoder.config,
+        connector=conn_cfg,
+        llm=LLMSettings(base=str(llm_dir.resolve()), options=cfg.llm_options,
+                        tuning="full" if full_llm else "lora" if lora is not None else "frozen", lora=lora),
         answer_style=cfg.answer_style,
-        llm_options=asdict(cfg.llm_options),
         job=str(Path(job).resolve()),
         feature_encoder=store.encoder,
     )
@@ -297,7 +289,7 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
                           answer_style=cfg.answer_style, shuffle_options=cfg.shuffle_options, seed=cfg.train.seed)
 
     def save_model(folder: Path, state: dict[str, Tensor]) -> None:
-        save_vlm(folder, info, model, encoder, tokenizer, state)
+        model.save_pretrained(folder, tokenizer, config=config, encoder=encoder, state=state_part(state, "vlm."))
 
     return PreparedRun(
         cfg, run_dir, resume, accelerator, module, dataset, ChatCollator(tokenizer.pad_token_id), _module_loss, save_model, placed
