@@ -35,9 +35,10 @@ from slidevl.errors import CheckpointError, ConfigError
 from slidevl.slidellm.answers import DEFAULT_ANSWER_STYLE
 from slidevl.slidellm.connector import ConnectorConfig
 from slidevl.slidellm.encoder.config import TopoPackConfig
+from slidevl.slidellm.encoder.io import save_state_dict
 from slidevl.slidellm.encoder.model import TopoPackEncoder
 from slidevl.slidellm.llm import LLMLoadOptions, LoraSettings
-from slidevl.slidellm.tuning.state import atomic_dir, load_tensors, save_tensors
+from slidevl.slidellm.tuning.state import atomic_dir, load_tensors
 from slidevl.slidellm.vlm_config import LLMSettings, SlideVLMConfig
 
 CHECKPOINT_DIR = "checkpoint"
@@ -169,8 +170,8 @@ def save_checkpoint_parts(directory: Path, config: SlideVLMConfig, connector_sta
                           encoder_state: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerBase) -> None:
     """The parts every checkpoint has: ``config.json``, connector and encoder weights, tokenizer (no LLM weights)."""
     config.save_pretrained(directory)
-    save_tensors(directory / CONNECTOR_WEIGHTS, connector_state, metadata={"format": "pt"})
-    save_tensors(directory / ENCODER_WEIGHTS, encoder_state, metadata={"format": "pt"})
+    save_state_dict(connector_state, directory / CONNECTOR_WEIGHTS, metadata={"format": "pt"})
+    save_state_dict(encoder_state, directory / ENCODER_WEIGHTS, metadata={"format": "pt"})
     tokenizer.save_pretrained(directory / TOKENIZER_DIR)
 
 

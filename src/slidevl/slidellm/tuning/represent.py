@@ -30,7 +30,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from slidevl.atomic import write_json_atomic
 from slidevl.errors import InputError
 from slidevl.features.store import FeatureStore
+from slidevl.qa.records import VQARecord, read_records
+from slidevl.slidellm.checkpoint_layout import CHECKPOINT_DIR, open_checkpoint, save_checkpoint_parts
 from slidevl.slidellm.connector import QFormerConnector, build_connector
+from slidevl.slidellm.encoder.io import save_state_dict
 from slidevl.slidellm.llm import freeze
 from slidevl.slidellm.model import batch_connector_inputs, connector_input
 from slidevl.slidellm.qformer_pretrain import (
@@ -40,9 +43,7 @@ from slidevl.slidellm.qformer_pretrain import (
     representation_losses,
 )
 from slidevl.slidellm.tokenizer import load_tokenizer
-from slidevl.slidellm.checkpoint_layout import CHECKPOINT_DIR, open_checkpoint, save_checkpoint_parts
 from slidevl.slidellm.tuning.checkpoint import resolve_llm_dir
-from slidevl.slidellm.vlm_config import LLMSettings, SlideVLMConfig
 from slidevl.slidellm.tuning.config import TuneConfig
 from slidevl.slidellm.tuning.loop import LoopResult, make_accelerator
 from slidevl.slidellm.tuning.stages import (
@@ -53,9 +54,9 @@ from slidevl.slidellm.tuning.stages import (
     _prepare_run_dir,
     fit_standardizers,
 )
-from slidevl.qa.records import VQARecord, read_records
-from slidevl.slidellm.tuning.state import load_tensors, save_tensors, state_part
+from slidevl.slidellm.tuning.state import load_tensors, state_part
 from slidevl.slidellm.tuning.visual import CachedVisuals, check_regions
+from slidevl.slidellm.vlm_config import LLMSettings, SlideVLMConfig
 from slidevl.slidellm.vqa_data import select_records
 
 HEADS_NAME = "represent_heads.safetensors"
@@ -221,7 +222,7 @@ def prepare_represent(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
 
     def save_model(folder: Path, state: dict[str, Tensor]) -> None:
         save_checkpoint_parts(folder, config, state_part(state, "connector."), encoder.state_dict(), tokenizer)
-        save_tensors(folder / HEADS_NAME, state_part(state, "heads."), metadata={"format": "pt"})
+        save_state_dict(state_part(state, "heads."), folder / HEADS_NAME, metadata={"format": "pt"})
 
     return PreparedRun(cfg, run_dir, resume, accelerator, module, dataset, collate_captions, _loss, save_model)
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from slidevl.atomic import atomic_path, write_json_atomic
+from slidevl.atomic import write_json_atomic
 from slidevl.errors import CheckpointError
+from slidevl.slidellm.encoder.io import save_state_dict
 
 
 @contextlib.contextmanager
@@ -45,14 +46,6 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """Write tensors to a safetensors file atomically (contiguous CPU copies)."""
-    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(data, str(tmp), metadata=metadata)
-    return Path(path)
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -98,7 +91,7 @@ def save_state(directory: Path, name: str, state: dict[str, Any]) -> None:
     """Store a nested state dict as ``<name>.safetensors`` (tensors) + ``<name>.json`` (the rest)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split_state(state, name, tensors)
-    save_tensors(directory / f"{name}.safetensors", tensors)
+    save_state_dict(tensors, directory / f"{name}.safetensors")
     write_json_atomic(directory / f"{name}.json", skeleton)
 
 

@@ -19,8 +19,9 @@ from safetensors import safe_open
 from slidevl.features.store import FeatureStore, SlideFeatures
 from slidevl.qa.records import VQARecord
 from slidevl.slidellm.encoder import TopoPackEncoder
+from slidevl.slidellm.encoder.io import save_state_dict
 from slidevl.slidellm.model import SlideVLMError, VisualTokens, boxes_intersecting, encode_slide, slide_pack_boxes
-from slidevl.slidellm.tuning.state import load_tensors, save_tensors
+from slidevl.slidellm.tuning.state import load_tensors
 
 
 def encoder_fingerprint(encoder: TopoPackEncoder) -> str:
@@ -84,7 +85,7 @@ class CachedVisuals:
                 vt = encode_slide(self.encoder, self.store.load(slide_id), device=self.device)
             vt = VisualTokens.from_tensors(slide_id, vt.tensors())
             if cached is not None:
-                save_tensors(cached, vt.tensors(), metadata={"source": stamp, "encoder": self.fingerprint})
+                save_state_dict(vt.tensors(), cached, metadata={"source": stamp, "encoder": self.fingerprint})
         self._memory[slide_id] = vt
         return vt
 
