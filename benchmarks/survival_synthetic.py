@@ -57,8 +57,12 @@ CLAIMS = (
 DEFAULT_RATIO = 0.6
 
 
-def _make(root: Path, patients: int, seed: int, slide_px: int, encoders: list[str]) -> dict[str, Path]:
-    """Cohort (resumable) and one feature folder per encoder spec under ``root/job``."""
+def _make(root: Path, patients: int, seed: int, slide_px: int, spaces: dict[str, str]) -> dict[str, Any]:
+    """Cohort (resumable) and, per space, a job folder with that space's encoder (``{space: (job, feature folder)}``).
+
+    One job per encoder: a job's per-slide status records one configuration, so a second
+    encoder in the same job would make every rerun of the first start over.
+    """
     from slidevl.features.config import PreprocessConfig
     from slidevl.features.pipeline import preprocess
     from slidevl.synth.cohort import make_cohort
@@ -66,13 +70,14 @@ def _make(root: Path, patients: int, seed: int, slide_px: int, encoders: list[st
     cohort = root / "cohort"
     if not (cohort / "truth.json").is_file():
         make_cohort(cohort, n_patients=patients, seed=seed, slide_px=slide_px, overwrite=cohort.exists())
-    folders = {}
-    for spec in encoders:
-        report = preprocess(cohort / "slides", root / "job", PreprocessConfig(encoder=spec))
+    jobs = {}
+    for space, spec in spaces.items():
+        job = root / ("job" if space == "handcrafted" else f"job_{space}")
+        report = preprocess(cohort / "slides", job, PreprocessConfig(encoder=spec))
         if report.exit_code:
             raise SystemExit(f"preprocessing failed for some slides; see {report.summary}")
-        folders[spec] = report.feature_dir
-    return {"cohort": cohort, "job": root / "job", **folders}
+        jobs[space] = (job, report.feature_dir.name)
+    return {"cohort": cohort, "jobs": jobs}
 
 
 def _clip(root: Path, args: argparse.Namespace) -> tuple[Path, dict]:
@@ -81,8 +86,8 @@ def _clip(root: Path, args: argparse.Namespace) -> tuple[Path, dict]:
 
     out = root / "clip"
     if not (out / REPORT_FILE).is_file():
-        data = _make(root / "clip_data", args.clip_patients, args.seed + 1000, args.slide_px, ["handcrafted"])
-        train_clip(data["cohort"], data["job"], out)
+        data = _make(root / "clip_data", args.clip_patients, args.seed + 1000, args.slide_px, {"handcrafted": "handcrafted"})
+        train_clip(data["cohort"], data["jobs"]["handcrafted"][0], out)
     return out, json.loads((out / REPORT_FILE).read_text())
 
 
@@ -144,8 +149,9 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
 def _config(space: str, name: str, fields: dict[str, Any], ctx: dict[str, Any], args: argparse.Namespace) -> Any:
     from slidevl.survival.cv import CVConfig
 
-    extra = {"encoder": ctx["encoders"][space], **({"text_encoder": ctx["text_encoder"]} if space == "aligned" else {})}
-    return CVConfig(features=ctx["job"], clinical=ctx["clinical"], splits=ctx["splits"],
+    job, encoder = ctx["jobs"][space]
+    extra = {"encoder": encoder, **({"text_encoder": ctx["text_encoder"]} if space == "aligned" else {})}
+    return CVConfig(features=job, clinical=ctx["clinical"], splits=ctx["splits"],
                     out=ctx["runs"] / space / name.replace("@", "_"), epochs=args.epochs, device="cpu", **extra, **fields)
 
 
@@ -283,9 +289,9 @@ def main() -> None:
         raise SystemExit(f"--spaces: unknown {sorted(unknown)}; choose from {SPACES}")
     clip_dir, clip_report = _clip(root, args) if "aligned" in spaces else (None, None)
     specs = {"handcrafted": "handcrafted", **({"aligned": f"openclip:{clip_dir}"} if clip_dir else {})}
-    data = _make(root, args.patients, args.seed, args.slide_px, [specs[s] for s in spaces])
-    ctx = {"job": data["job"], "clinical": data["cohort"] / "clinical.csv", "splits": data["cohort"] / "splits",
-           "runs": root / "runs", "encoders": {s: data[specs[s]].name for s in spaces}, "text_encoder": specs.get("aligned")}
+    data = _make(root, args.patients, args.seed, args.slide_px, {s: specs[s] for s in spaces})
+    ctx = {"jobs": data["jobs"], "clinical": data["cohort"] / "clinical.csv", "splits": data["cohort"] / "splits",
+           "runs": root / "runs", "text_encoder": specs.get("aligned")}
 
     plan = [(space, name, _config(space, name, fields, ctx, args)) for space, name, fields in _plan(args)]
     todo = [(space, name, config) for space, name, config in plan if _finished(config) is None]
@@ -316,7 +322,8 @@ def main() -> None:
         "grad_accum": any_summary["settings"]["grad_accum"]["used"],
         "clip": clip_report,
         "oracle": _oracle(data["cohort"] / "truth.json", ctx["splits"]),
-        "zero_shot": ({"aligned": _zero_shot(ctx["job"], ctx["clinical"], ctx["splits"], specs["aligned"], ctx["encoders"]["aligned"])}
+        "zero_shot": ({"aligned": _zero_shot(ctx["jobs"]["aligned"][0], ctx["clinical"], ctx["splits"], specs["aligned"],
+                                             ctx["jobs"]["aligned"][1])}
                       if "aligned" in spaces else {}),
         "spaces": {s: {m: _summarise(rows) for m, rows in by_space[s].items()} for s in spaces},
         "claims": {s: _claims(run_dirs[s]) for s in spaces},
