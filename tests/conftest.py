@@ -23,6 +23,12 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def no_warm_ask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``slidevl ask`` answers in its own process: a test leaves no background model behind (test_ask_warm tests that one)."""
+    monkeypatch.setenv("SLIDEVL_ASK_KEEP_WARM", "0")
+
+
+@pytest.fixture(autouse=True)
 def private_config_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep tests away from the developer's own ~/.config/slidevl (registered encoder paths)."""
     monkeypatch.setenv("SLIDEVL_CONFIG_DIR", str(tmp_path_factory.mktemp("slidevl-config")))

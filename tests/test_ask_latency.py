@@ -89,8 +89,9 @@ def test_a_second_ask_reads_the_cache_and_prints_the_answer_alone(slide_checkpoi
 
     monkeypatch.setattr(visual, "encode_slide", counting_encode)
     monkeypatch.setattr(pipeline, "preprocess", counting_preprocess)
+    # Answered in this process, where the counters see the pipeline and the encoder (test_ask_warm covers the warm model).
     ask = [str(slide), "Describe the slide.", "--checkpoint", str(checkpoint), "--cache", str(cache),
-           "--max-new-tokens", "3", "--device", "cpu"]
+           "--max-new-tokens", "3", "--device", "cpu", "--no-keep-warm"]
 
     first = runner.invoke(ask_app, ask)
     assert first.exit_code == 0, first.output
