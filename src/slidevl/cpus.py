@@ -14,3 +14,19 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+#: Idle OpenMP threads sleep instead of spinning between answers. Set before torch loads.
+OPENMP_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def interactive_openmp() -> None:
+    """Let idle OpenMP threads sleep (unless the user chose otherwise), for processes that wait on a person.
+
+    An answering process spends most of its life waiting; spinning threads then steal the
+    CPU from everything else, and on a busy machine each answer took 5x the CPU and up to
+    10x the wall time. The work is split as before, so the numbers are the same. It only
+    takes effect when called before torch is imported.
+    """
+    for key, value in OPENMP_WAIT.items():
+        os.environ.setdefault(key, value)

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from slidevl.cli_errors import ReportingCommand
+from slidevl.cpus import interactive_openmp
 from slidevl.errors import InputError
 from slidevl.features.slidepaths import relocate_hint
 from slidevl.serve.assets import OSD_MISSING, find_openseadragon
@@ -54,6 +55,7 @@ def serve(
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow binding to a non-loopback address."),
 ) -> None:
     """Serve slides, overlays, survival risk and a chat over JOB at http://HOST:PORT/."""
+    interactive_openmp()  # before the chat's model loads torch
     import uvicorn
 
     from slidevl.serve.app import create_app

@@ -67,6 +67,9 @@ def ask_command(
             slide, question, checkpoint=checkpoint, bbox=bbox, job=job, max_new_tokens=max_new_tokens, device=device,
             slides_root=slides_root, cache=cache, idle_s=warm_idle):
         return
+    from slidevl.cpus import interactive_openmp
+
+    interactive_openmp()
     from slidevl.slidellm.ask import SlideAssistant
     from slidevl.slidellm.model import parse_bbox
 

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 from slidevl import __version__
 from slidevl.atomic import write_json_atomic
+from slidevl.cpus import OPENMP_WAIT
 from slidevl.errors import SlideVLError
 
 PROTOCOL = 1
@@ -246,10 +247,7 @@ def start(warm: Warm, idle_s: float) -> int | None:
         running = ping(warm.socket)
         if running is not None and running.get("key") == warm.key:
             return None
-        # Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise): a background
-        # process shares the machine, and on a busy one spinning threads took 5x the CPU and 10x the
-        # wall time of an answer. The work is split as before, so the numbers are the same.
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+        env = {**OPENMP_WAIT, **os.environ}  # see slidevl.cpus.interactive_openmp
         with open(os.open(warm.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as log:
             # The lock travels with the descriptor: the server holds it until its socket is bound.
             server = subprocess.Popen(
