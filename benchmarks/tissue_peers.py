@@ -142,7 +142,9 @@ def render_markdown(result: dict) -> str:
         f"({sum(r['overview_mpx'] for r in result['slides']):.1f} Mpx for the {len(result['slides'])} slides; hs2p's "
         f"default reads a 64x thumbnail, 16x fewer pixels). Adipose recovery adds the membranes of the fat: "
         f"{sum(sum(r['adipose_read_mpx']) for r in result['slides']):.1f} Mpx of finer levels, which is what "
-        "finding fat by its membranes costs (a threshold of any overview loses it: see the fat columns).",
+        "finding fat by its membranes costs (a threshold of any overview loses it: see the fat columns). "
+        "slidevl reads tiled TIFF levels through tifffile where it gives OpenSlide's pixels "
+        "(`slidevl.slide.tiffreads`); hs2p reads through OpenSlide here.",
     ]
     return "\n".join(lines) + "\n"
 

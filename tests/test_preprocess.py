@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from slide_fixtures import (
     write_aperio_slide,
@@ -24,6 +25,10 @@ from slidevl.features.encoders import get_encoder
 from slidevl.features.config import PreprocessConfig
 from slidevl.features.pipeline import preprocess
 from slidevl.features.store import FeatureStore, read_slide_attrs
+from slidevl.slide.geojson import mask_polygons
+from slidevl.slide.qc import render_qc
+from slidevl.slide.reader import open_slide
+from slidevl.slide.tissue import TissueParams, segment_slide
 from slidevl.tiling.grid import GridSpec, SlideGrid
 
 FAST = PreprocessConfig(workers=0, batch_size=32, progress=False)
@@ -90,6 +95,14 @@ def test_outputs_written_for_good_slides_only(batch):
     for sid in ("good", "fine", "plain", "blank"):  # blank: still a mask and a QC picture to look at
         assert (job / "tissue" / f"{sid}.geojson").is_file() and (job / "qc" / f"{sid}.png").is_file()
     assert not list(job.rglob("*.partial"))
+    # The QC picture is the rendered overview: an RGB PNG of the overview's size, its kept patches tinted.
+    store = FeatureStore(job).load("good")
+    with open_slide(batch["slides"] / "good.svs") as slide:
+        tissue, overview = segment_slide(slide, 0.5, TissueParams())
+    grid = SlideGrid(GridSpec(), 2048, 1536, 0.5)
+    with Image.open(job / "qc" / "good.png") as png:
+        assert png.format == "PNG" and png.mode == "RGB" and png.size == (overview.shape[1], overview.shape[0])
+        assert np.array_equal(np.asarray(png), np.asarray(render_qc(overview, grid, store.patch_grid, mask_polygons(tissue))))
 
 
 def test_feature_file_contents_and_provenance(batch):
@@ -134,6 +147,25 @@ def test_workers_give_the_same_features_as_in_process(batch, tmp_path):
     b = FeatureStore(batch["job"]).load("good")
     for name in ("patch_features", "patch_coords", "region_features", "pack_features", "global_feature", "patch_tissue"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_tifffile_reads_give_the_features_openslide_reads_give(batch, tmp_path, monkeypatch):
+    """The batch read its Aperio levels through tifffile (verified equal); OpenSlide alone gives the same bytes."""
+    from slidevl.features.tiles import WorkItemDataset, patch_items
+    from slidevl.slide.tiffreads import TiffFirst
+
+    workers_read = WorkItemDataset(batch["slides"] / "good.svs", patch_items(np.array([[0, 0, 256, 256]]), np.arange(1), 256, 0, 1),
+                                   lambda tiles: tiles)
+    assert workers_read[0]["error"] is None and workers_read._handle().tiff_levels == (0,)
+    workers_read.close()
+    monkeypatch.setattr(TiffFirst, "_open_tiff", staticmethod(lambda slide: None))
+    for sid in ("good", "fine"):  # level 0 as-is, and level 0 shrunk to 0.5 µm/px
+        report = preprocess(batch["slides"] / f"{sid}.svs", tmp_path / sid, FAST)
+        assert report.exit_code == 0
+        a, b = FeatureStore(tmp_path / sid).load(sid), FeatureStore(batch["job"]).load(sid)
+        for name in ("patch_features", "patch_coords", "patch_tissue", "region_features", "pack_features", "global_feature"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), (sid, name)
+        assert (tmp_path / sid / "tissue" / f"{sid}.geojson").read_bytes() == (batch["job"] / "tissue" / f"{sid}.geojson").read_bytes()
 
 
 def test_rerun_skips_complete_slides_and_reruns_changed_ones(tmp_path):

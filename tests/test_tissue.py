@@ -72,6 +72,28 @@ def test_patch_fractions_are_exact_area_coverage(mpp):
         assert fractions[row, col] == pytest.approx(fine[y0:y1, x0:x1].mean(), abs=0.03)
 
 
+@pytest.mark.parametrize("scale", [16.0, 10.0])
+def test_patch_fractions_match_a_dense_count_exactly(scale):
+    """Against counting pixels on a finer copy of the mask on which every patch edge is whole:
+    16 mask px to a 256 px patch, or 25.6 (5 finer pixels to a mask pixel, 128 to a patch)."""
+    rng = np.random.default_rng(1)
+    mask = rng.random((83, 121)) < 0.6
+    mask[20:60, 30:90] = True
+    mask[:, 100:] = False
+    grid = SlideGrid(GridSpec(target_mpp=0.5, patch_px=256), width=int(121 * scale) + 37, height=int(83 * scale) + 600, mpp=0.5)
+    tissue = TissueMask(mask=mask, scale_x=scale, scale_y=scale, threshold=0, level=0, params=TissueParams())
+    fractions = tissue.patch_fractions(grid)
+    k = 1 if scale == 16.0 else 5  # finer pixels per mask pixel
+    per_patch = int(256 / scale * k)
+    fine = np.repeat(np.repeat(mask, k, axis=0), k, axis=1)
+    rows, cols = grid.n_rows * per_patch, grid.n_cols * per_patch
+    padded = np.zeros((max(rows, fine.shape[0]), max(cols, fine.shape[1])), bool)  # past the mask: no tissue
+    padded[: fine.shape[0], : fine.shape[1]] = fine
+    want = padded[:rows, :cols].reshape(grid.n_rows, per_patch, grid.n_cols, per_patch).mean(axis=(1, 3))
+    np.testing.assert_allclose(fractions, want, rtol=0, atol=1e-6)
+    assert ((fractions > 0) == (want > 0)).all() and ((fractions >= 0.25) == (want >= 0.25)).all()
+
+
 def _ring_area(ring) -> float:
     r = np.asarray(ring)
     return 0.5 * float(np.dot(r[:-1, 0], r[1:, 1]) - np.dot(r[1:, 0], r[:-1, 1]))

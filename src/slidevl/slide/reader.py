@@ -23,9 +23,10 @@ import math
 import re
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from pathlib import Path
 from types import MappingProxyType
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -38,6 +39,8 @@ from slidevl.slide.formats import dicom_files, slide_bytes, slide_of
 _SCALE_TOL = 1e-3
 # Pixels per band when building an overview; bounds peak memory of read_downsampled.
 _BAND_PIXELS = 16 * 1024 * 1024
+
+_Pixels = TypeVar("_Pixels", Image.Image, np.ndarray)
 
 
 class SlideOpenError(SlideError):
@@ -154,11 +157,16 @@ class Slide(ABC):
 
     def read_region_image(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         """As :meth:`read_region`, as a PIL RGB image (cheaper to resize before converting)."""
+        return self._guarded(self._read, location, level, size)
+
+    def _guarded(self, read: Callable[[int, int, int, int, int], _Pixels], location: tuple[int, int], level: int,
+                 size: tuple[int, int]) -> _Pixels:
+        """``read(x, y, level, width, height)``, its failures named by file and place."""
         width, height = int(size[0]), int(size[1])
         if width < 1 or height < 1:
             raise ValueError(f"region size must be positive, got {size}")
         try:
-            return self._read(int(location[0]), int(location[1]), int(level), width, height)
+            return read(int(location[0]), int(location[1]), int(level), width, height)
         except SlideReadError:
             raise
         except Exception as exc:  # backend errors come in many types; name the place
@@ -189,6 +197,8 @@ class Slide(ABC):
         ds = self.level_downsamples[level]
         w = max(1, int(round((x1 - x0) / ds)))
         h = max(1, int(round((y1 - y0) / ds)))
+        if (w, h) == (out_w, out_h):  # no resize: a backend that decodes to arrays skips PIL
+            return self.read_region((x0, y0), level, (w, h))
         return np.asarray(resize_image(self.read_region_image((x0, y0), level, (w, h)), (out_w, out_h)))
 
     def read_downsampled(self, downsample: float | None = None, *, level: int | None = None,
@@ -290,6 +300,12 @@ class OpenSlideSlide(Slide):
 _APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
 
 
+#: Decoded tiles a :class:`TiffSlide` keeps (OpenSlide keeps 32 MiB too): about 170 RGB
+#: tiles of 256 px, a few rows of tiles of a level, so that reading a region row by row
+#: decodes each tile once.
+_TILE_CACHE_BYTES = 32 << 20
+
+
 class TiffSlide(Slide):
     """Plain (possibly stripped, possibly single-level) TIFF read segment by segment."""
 
@@ -301,6 +317,12 @@ class TiffSlide(Slide):
         super().__init__(path)
         self._tif = tifffile.TiffFile(str(path))
         self._file_lock = threading.Lock()  # one file position: threads must not interleave seek and read
+        # Decoded tiles, most recently used last: neighbouring reads share tiles, and decoding
+        # is what a read costs. A tile being decoded is in ``_decoding``, for other threads to wait on.
+        self._tiles: OrderedDict[tuple[int, int], tuple[np.ndarray, int, int]] = OrderedDict()
+        self._tile_bytes = 0
+        self._decoding: dict[tuple[int, int], threading.Event] = {}
+        self._cache_lock = threading.Lock()
         try:
             self._pages = self._find_levels()
             self._check_complete()
@@ -387,6 +409,10 @@ class TiffSlide(Slide):
             return None
         return 1 / (x_res * per_um), 1 / (y_res * per_um), "tiff.XResolution"
 
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        # Tiles decode to arrays: no round trip through a PIL image.
+        return self._guarded(self._read_array, location, level, size)
+
     def _read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
         return Image.fromarray(self._read_array(x, y, level, width, height))
 
@@ -404,19 +430,12 @@ class TiffSlide(Slide):
         else:
             sw, sh = iw, int(min(page.rowsperstrip, ih))
         across = -(-iw // sw)
-        fh = self._tif.filehandle
         for ty in range(y0 // sh, (y1 - 1) // sh + 1):
             for tx in range(x0 // sw, (x1 - 1) // sw + 1):
-                index = ty * across + tx
-                offset, count = page.dataoffsets[index], page.databytecounts[index]
-                if not count:
+                tile = self._tile(level, ty * across + tx)
+                if tile is None:
                     continue  # sparse tile: stays white
-                with self._file_lock:
-                    fh.seek(offset)
-                    data = fh.read(count)
-                seg, pos, _ = page.decode(data, index, jpegtables=page.jpegtables)
-                seg = _to_rgb(seg[0])
-                sy, sx = pos[2], pos[3]
+                seg, sy, sx = tile
                 # Intersect this segment with the requested window.
                 ax0, ay0 = max(x0, sx), max(y0, sy)
                 ax1, ay1 = min(x1, sx + seg.shape[1], iw), min(y1, sy + seg.shape[0], ih)
@@ -424,7 +443,57 @@ class TiffSlide(Slide):
                     out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = seg[ay0 - sy : ay1 - sy, ax0 - sx : ax1 - sx]
         return out
 
+    def largest_tile(self, level: int) -> tuple[int, int, int, int] | None:
+        """``x, y, width, height`` (level pixels) of the tile of ``level`` that takes the most bytes
+        in the file (the most detailed one), or None for a level stored in strips or empty."""
+        page = self._pages[level]
+        counts = np.asarray(page.databytecounts)
+        if not page.is_tiled or not counts.any():
+            return None
+        index = int(np.argmax(counts))
+        tw, th, iw, ih = int(page.tilewidth), int(page.tilelength), int(page.imagewidth), int(page.imagelength)
+        across = -(-iw // tw)
+        x, y = index % across * tw, index // across * th
+        return x, y, min(tw, iw - x), min(th, ih - y)
+
+    def _tile(self, level: int, index: int) -> tuple[np.ndarray, int, int] | None:
+        """Decoded RGB tile (or strip) ``index`` of ``level`` and its top-left y, x; None if sparse."""
+        key = (level, index)
+        while True:
+            with self._cache_lock:
+                if key in self._tiles:
+                    self._tiles.move_to_end(key)
+                    return self._tiles[key]
+                pending = self._decoding.get(key)
+                if pending is None:
+                    pending = self._decoding[key] = threading.Event()
+                    break
+            pending.wait()  # another thread decodes it; take it from the cache (or decode it if that failed)
+        tile = None
+        try:
+            page = self._pages[level]
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            if not count:
+                return None
+            with self._file_lock:
+                self._tif.filehandle.seek(offset)
+                data = self._tif.filehandle.read(count)
+            seg, pos, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            tile = (_to_rgb(seg[0]), int(pos[2]), int(pos[3]))
+            return tile
+        finally:
+            with self._cache_lock:
+                del self._decoding[key]
+                if tile is not None:
+                    self._tiles[key] = tile
+                    self._tile_bytes += tile[0].nbytes
+                    while self._tile_bytes > _TILE_CACHE_BYTES and len(self._tiles) > 1:
+                        self._tile_bytes -= self._tiles.popitem(last=False)[1][0].nbytes
+            pending.set()
+
     def close(self) -> None:
+        self._tiles.clear()
+        self._tile_bytes = 0
         self._tif.close()
 
 
