@@ -49,7 +49,10 @@ class ResizeNormalize:
     def __call__(self, tiles: np.ndarray) -> torch.Tensor:
         tiles = check_tiles(tiles)
         # (B, H, W, 3) memory seen as (B, 3, H, W) is exactly torch's channels-last layout.
-        x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
+        tiles = np.ascontiguousarray(tiles)
+        if not tiles.flags.writeable:  # torch warns on read-only memory, e.g. tiles read from a shared buffer
+            tiles = tiles.copy()
+        x = torch.from_numpy(tiles).permute(0, 3, 1, 2)
         if x.shape[-1] != self.resize:
             kwargs = {} if self.interpolation == "nearest" else {"antialias": True, "align_corners": False}
             x = torch.nn.functional.interpolate(x, size=(self.resize, self.resize), mode=self.interpolation, **kwargs)
