@@ -10,7 +10,7 @@ from pathlib import Path
 
 def wait_until_running(job: Path, slide_id: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     """Return once ``slide_id``'s status in ``job`` says running; fail if the process ends first."""
-    status = job / "status" / f"{slide_id}.json"
+    status = job / "status" / "handcrafted" / f"{slide_id}.json"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, "preprocess finished before it could be stopped"

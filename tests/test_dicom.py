@@ -62,7 +62,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _status(job: Path, slide_id: str) -> dict:
-    return json.loads((job / "status" / f"{slide_id}.json").read_text())
+    return json.loads((job / "status" / "handcrafted" / f"{slide_id}.json").read_text())
 
 
 def test_the_series_opens_from_its_folder_or_any_of_its_files(cohort: dict) -> None:

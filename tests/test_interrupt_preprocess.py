@@ -48,7 +48,7 @@ def test_interrupt_mid_slide_says_so_marks_the_slide_and_resumes(tmp_path: Path,
     assert lines == [f"interrupted: 1 slide(s) complete, 1 interrupted ({job / 'manifest.json'}); "
                      "rerun the same command to resume"], err + out
     assert "skipped 1 file(s) that are not slides: notes.txt" in out
-    status = json.loads((job / "status" / "b.json").read_text())
+    status = json.loads((job / "status" / "handcrafted" / "b.json").read_text())
     assert status["status"] == "interrupted"
     manifest = json.loads((job / "manifest.json").read_text())
     assert {e["slide_id"]: e["status"] for e in manifest["slides"]} == {"a": "ok", "b": "interrupted"}

@@ -78,7 +78,7 @@ def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _status(job: Path, sid: str) -> dict:
-    return json.loads((job / "status" / f"{sid}.json").read_text())
+    return json.loads((job / "status" / "handcrafted" / f"{sid}.json").read_text())
 
 
 def _row(job: Path, sid: str) -> dict:
@@ -229,10 +229,10 @@ def test_a_changed_slide_file_is_reported_never_paired(site: Path, tmp_path: Pat
         middle = len(data) // 2
         data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
         slide.write_bytes(bytes(data))
-    before = {sid: (job / "status" / f"{sid}.json").read_bytes() for sid in SLIDES}
+    before = {sid: (job / "status" / "handcrafted" / f"{sid}.json").read_bytes() for sid in SLIDES}
     result = runner.invoke(job_app, ["relocate", str(job), "--slides-root", str(new)])
     assert result.exit_code == 1 and "changed" in result.output and "nothing was changed" in result.output
-    assert {sid: (job / "status" / f"{sid}.json").read_bytes() for sid in SLIDES} == before
+    assert {sid: (job / "status" / "handcrafted" / f"{sid}.json").read_bytes() for sid in SLIDES} == before
     with pytest.raises(SlideChangedError, match="not the file that was preprocessed"):
         ServeJob(job, slides_root=new).slide_file("A")
     with TestClient(create_app(ServeJob(job, slides_root=new))) as client:
@@ -266,13 +266,13 @@ def test_job_check_and_fix(site: Path, tmp_path: Path, elsewhere: Path) -> None:
     assert "differs from the status in n_patches" in out
     assert "3 of 3 slide(s) need attention" in out
 
-    untouched = {sid: (job / "status" / f"{sid}.json").read_bytes() for sid in ("B", "C")}
+    untouched = {sid: (job / "status" / "handcrafted" / f"{sid}.json").read_bytes() for sid in ("B", "C")}
     fixed = runner.invoke(job_app, ["check", str(job), "--fix"])
     assert fixed.exit_code == 1  # A must still be recomputed and B found
     assert "fixed A: feature store broken" in fixed.output and "rebuilt manifest.json" in fixed.output
     assert not store.path("A").exists() and (store.root / "A.h5.broken").is_file()
     assert _status(job, "A")["status"] == "failed" and "marked for recomputation" in _status(job, "A")["error"]
-    assert {sid: (job / "status" / f"{sid}.json").read_bytes() for sid in ("B", "C")} == untouched
+    assert {sid: (job / "status" / "handcrafted" / f"{sid}.json").read_bytes() for sid in ("B", "C")} == untouched
     assert _row(job, "C")["n_patches"] == _status(job, "C")["n_patches"]
     assert json.loads((job / "manifest.json").read_text())["config"] == manifest["config"]  # kept through the rebuild
     assert "2 of 3 slide(s) need attention" in fixed.output

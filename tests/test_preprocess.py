@@ -84,23 +84,23 @@ def test_manifest_summary_and_status_files(batch):
     assert set(entries["good"]["timings"]) == {"open", "tissue", "tiling", "qc", "read", "encode", "regions", "write"}
     assert entries["corrupt"]["error"] and entries["corrupt"]["status"] == "failed"
     summary = (job / "summary.md").read_text()
-    assert "| good | ok |" in summary and "truncated" in summary
+    assert "| good | handcrafted | ok |" in summary and "truncated" in summary
     for sid in entries:
-        assert json.loads((job / "status" / f"{sid}.json").read_text())["slide_id"] == sid
+        assert json.loads((job / "status" / "handcrafted" / f"{sid}.json").read_text())["slide_id"] == sid
 
 
 def test_outputs_written_for_good_slides_only(batch):
     job = batch["job"]
     assert sorted(p.stem for p in (job / "features" / "handcrafted").glob("*.h5")) == ["fine", "good", "plain"]
     for sid in ("good", "fine", "plain", "blank"):  # blank: still a mask and a QC picture to look at
-        assert (job / "tissue" / f"{sid}.geojson").is_file() and (job / "qc" / f"{sid}.png").is_file()
+        assert (job / "tissue" / "handcrafted" / f"{sid}.geojson").is_file() and (job / "qc" / "handcrafted" / f"{sid}.png").is_file()
     assert not list(job.rglob("*.partial"))
     # The QC picture is the rendered overview: an RGB PNG of the overview's size, its kept patches tinted.
     store = FeatureStore(job).load("good")
     with open_slide(batch["slides"] / "good.svs") as slide:
         tissue, overview = segment_slide(slide, 0.5, TissueParams())
     grid = SlideGrid(GridSpec(), 2048, 1536, 0.5)
-    with Image.open(job / "qc" / "good.png") as png:
+    with Image.open(job / "qc" / "handcrafted" / "good.png") as png:
         assert png.format == "PNG" and png.mode == "RGB" and png.size == (overview.shape[1], overview.shape[0])
         assert np.array_equal(np.asarray(png), np.asarray(render_qc(overview, grid, store.patch_grid, mask_polygons(tissue))))
 
@@ -165,7 +165,7 @@ def test_tifffile_reads_give_the_features_openslide_reads_give(batch, tmp_path, 
         a, b = FeatureStore(tmp_path / sid).load(sid), FeatureStore(batch["job"]).load(sid)
         for name in ("patch_features", "patch_coords", "patch_tissue", "region_features", "pack_features", "global_feature"):
             assert np.array_equal(getattr(a, name), getattr(b, name)), (sid, name)
-        assert (tmp_path / sid / "tissue" / f"{sid}.geojson").read_bytes() == (batch["job"] / "tissue" / f"{sid}.geojson").read_bytes()
+        assert (tmp_path / sid / "tissue" / "handcrafted" / f"{sid}.geojson").read_bytes() == (batch["job"] / "tissue" / "handcrafted" / f"{sid}.geojson").read_bytes()
 
 
 def test_rerun_skips_complete_slides_and_reruns_changed_ones(tmp_path):
@@ -209,7 +209,7 @@ def test_failed_rerun_leaves_previous_outputs_intact(tmp_path):
     job = tmp_path / "job"
     assert preprocess(slide, job, FAST).exit_code == 0
     h5 = FeatureStore(job).path("s")
-    before = {p: p.read_bytes() for p in (h5, job / "tissue" / "s.geojson")}
+    before = {p: p.read_bytes() for p in (h5, job / "tissue" / "handcrafted" / "s.geojson")}
     write_corrupt_slide(slide, 1024, 1024)  # the slide gets damaged; re-run forced
     report = preprocess(slide, job, replace(FAST, overwrite=True))
     assert report.results[0].status == "failed" and report.exit_code == 1

@@ -70,7 +70,7 @@ def _assert_same_features(job: Path, reference: Path, slide_id: str) -> None:
 
 
 def _statuses(job: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in (job / "status").glob("*.json")}
+    return {p.stem: json.loads(p.read_text()) for p in (job / "status" / "handcrafted").glob("*.json")}
 
 
 def _assert_nothing_half_written(job: Path) -> None:
@@ -96,7 +96,7 @@ def test_ray_job_equals_local_job_and_resumes(local_ray, slides, local_job, tmp_
 
 def _kill_worker_of(job: Path, slide_id: str, run: threading.Thread, timeout: float = 60.0) -> None:
     """SIGKILL the Ray worker while it processes ``slide_id`` (its process title is ``ray::slide <id>``)."""
-    status = job / "status" / f"{slide_id}.json"
+    status = job / "status" / "handcrafted" / f"{slide_id}.json"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert run.is_alive(), "preprocess finished before the worker could be killed"
@@ -155,7 +155,7 @@ def test_interrupt_cancels_tasks_and_marks_slides_interrupted(local_ray, slides,
     executor.start(job, CONFIG, None)
     results = executor.run([slides / "a.svs", slides / "b.svs"], progress=None)  # Ray shows no tile progress
     assert next(results).slide_id == "a"
-    status = job / "status" / "b.json"
+    status = job / "status" / "handcrafted" / "b.json"
     deadline = time.monotonic() + 60
     while not (status.is_file() and json.loads(status.read_text())["status"] == "running"):
         assert time.monotonic() < deadline, "b never started"

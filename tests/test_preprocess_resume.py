@@ -48,7 +48,7 @@ def test_kill_mid_slide_then_rerun_matches_clean_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     store = FeatureStore(job, "handcrafted")
     assert store.path("a").is_file() and not store.path("b").is_file()
-    assert json.loads((job / "status" / "b.json").read_text())["status"] == "running"
+    assert json.loads((job / "status" / "handcrafted" / "b.json").read_text())["status"] == "running"
 
     resumed = preprocess(slides, job, CONFIG)
     assert [(r.slide_id, r.status) for r in resumed.results] == [("a", "skipped"), ("b", "ok")]
@@ -64,7 +64,7 @@ def test_kill_mid_slide_then_rerun_matches_clean_run(tmp_path):
         for attrs in (got_attrs, want_attrs):
             attrs.pop("created")
         assert got_attrs == want_attrs
-        for extra in (f"tissue/{sid}.geojson", f"qc/{sid}.png"):
+        for extra in (f"tissue/handcrafted/{sid}.geojson", f"qc/handcrafted/{sid}.png"):
             assert (job / extra).read_bytes() == (clean / extra).read_bytes(), extra
     assert not list(job.rglob("*.partial"))
     manifest = json.loads((job / "manifest.json").read_text())

@@ -44,7 +44,7 @@ def _features(paths: dict[str, Path], slide_id: str = TOY.slide_id):
 
 def _rasterised_tissue(paths: dict[str, Path]) -> np.ndarray:
     """Level-0 pixel mask of the tissue contours, drawn independently of the viewer's geometry code."""
-    geojson = json.loads((paths["job"] / "tissue" / f"{TOY.slide_id}.geojson").read_text())
+    geojson = json.loads((paths["job"] / "tissue" / ENCODER / f"{TOY.slide_id}.geojson").read_text())
     mask = np.zeros((TOY.height, TOY.width), bool)
     for feature in geojson["features"]:
         for k, ring in enumerate(feature["geometry"]["coordinates"]):
@@ -99,7 +99,7 @@ def test_deep_zoom_descriptor_and_tiles(client: TestClient) -> None:
 def test_overlays_match_the_job_outputs(client: TestClient, paths: dict[str, Path]) -> None:
     sf = _features(paths)
     tissue = client.get(f"/api/slides/{TOY.slide_id}/overlays/tissue").json()
-    geojson = json.loads((paths["job"] / "tissue" / f"{TOY.slide_id}.geojson").read_text())
+    geojson = json.loads((paths["job"] / "tissue" / ENCODER / f"{TOY.slide_id}.geojson").read_text())
     rings = [[np.rint(np.asarray(r)[:-1]).astype(int).tolist() for r in f["geometry"]["coordinates"]] for f in geojson["features"]]
     assert tissue["polygons"] == rings and len(rings) == 1
     xs, ys = np.asarray(rings[0][0]).T  # the contour hugs the known tissue rectangle

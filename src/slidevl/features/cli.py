@@ -113,8 +113,8 @@ def preprocess_command(
         f"[bold]done[/]: {report.n_ok} ok, {report.n_skipped} skipped (already complete), {report.n_failed} failed"
     )
     console.print(f"  features: {report.feature_dir}")
-    console.print(f"  tissue:   {report.job_dir / 'tissue'}  (QuPath GeoJSON)")
-    console.print(f"  qc:       {report.job_dir / 'qc'}")
+    console.print(f"  tissue:   {report.job_dir / 'tissue' / report.feature_dir.name}  (QuPath GeoJSON)")
+    console.print(f"  qc:       {report.job_dir / 'qc' / report.feature_dir.name}")
     console.print(f"  manifest: {report.manifest}")
     console.print(f"  summary:  {report.summary}")
     if report.exit_code:

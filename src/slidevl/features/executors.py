@@ -231,7 +231,7 @@ class RayExecutor:
             ray.cancel(ref)  # a running task gets KeyboardInterrupt and records itself as interrupted
         ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
         for path in pending.values():
-            status = jobs.read_status(self._job, jobs.slide_id_of(path))
+            status = jobs.read_status(self._job, jobs.slide_id_of(path), self._store.encoder if self._store else None)
             if status is not None and status.status == "running":
                 self._record_unfinished(path, "interrupted", "interrupted before it finished; rerun the same command to resume")
 
@@ -239,10 +239,11 @@ class RayExecutor:
         """Write the status of a slide whose task ended without writing one, and drop its temporaries."""
         assert self._store is not None
         slide_id = jobs.slide_id_of(path)
-        remove_stale_partials([*output_paths(self._job, self._store, slide_id).values(), jobs.status_path(self._job, slide_id)])
+        folder = self._store.encoder
+        remove_stale_partials([*output_paths(self._job, self._store, slide_id).values(), jobs.status_path(self._job, slide_id, folder)])
         jobs.write_status(self._job, jobs.SlideStatus(
             slide_id=slide_id, **SlideRecord.of_file(slide_id, path, self._job).fields(), status=state, error=error,
-            encoder=self._encoder_name,
+            encoder=self._encoder_name, encoder_folder=folder,
         ))
         return SlideResult(slide_id, path, "failed", error=error)
 

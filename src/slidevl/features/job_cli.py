@@ -46,7 +46,7 @@ def _check_table(report: CheckReport) -> Table:
 
 
 def _checked(job: Path, slides_root: Path | None) -> CheckReport:
-    n = len(list((job / jobs.STATUS_DIR).glob("*.json"))) if (job / jobs.STATUS_DIR).is_dir() else 0
+    n = len(jobs.status_files(job))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=_err, transient=True) as bar:
         task = bar.add_task("checking", total=n)
 

@@ -83,10 +83,11 @@ def _store_problems(job: Path, status: jobs.SlideStatus) -> tuple[str | None, st
     return None, None
 
 
-def _manifest_problem(manifest: dict[str, Any] | None, rows: dict[str, dict[str, Any]], status: jobs.SlideStatus) -> str | None:
+def _manifest_problem(manifest: dict[str, Any] | None, rows: dict[tuple[str, str | None], dict[str, Any]],
+                      status: jobs.SlideStatus) -> str | None:
     if manifest is None:
         return f"no readable {jobs.MANIFEST}"
-    row = rows.get(status.slide_id)
+    row = rows.get((status.slide_id, status.folder))
     if row is None:
         return "not listed"
     expected = jobs.normalise(jobs.manifest_entry(status))
@@ -95,7 +96,8 @@ def _manifest_problem(manifest: dict[str, Any] | None, rows: dict[str, dict[str,
     return f"differs from the status in {', '.join(differs)}" if differs else None
 
 
-def check_slide(job: Path, status: jobs.SlideStatus, manifest: dict[str, Any] | None, rows: dict[str, dict[str, Any]],
+def check_slide(job: Path, status: jobs.SlideStatus, manifest: dict[str, Any] | None,
+                rows: dict[tuple[str, str | None], dict[str, Any]],
                 slides_root: Path | None = None) -> SlideCheck:
     """Check one slide of ``job`` (see the module docstring)."""
     store = fingerprint = status_problem = None
@@ -133,17 +135,21 @@ def _slide_error(status: jobs.SlideStatus, job: Path, slides_root: Path | None) 
     return None
 
 
-def _unlisted(job: Path, rows: dict[str, dict[str, Any]], ids: set[str]) -> list[SlideCheck]:
+def _unlisted(job: Path, rows: dict[tuple[str, str | None], dict[str, Any]],
+              keys: set[tuple[str, str | None]]) -> list[SlideCheck]:
     """Manifest rows and status files that do not correspond to a readable status."""
     found = []
-    status_dir = job / jobs.STATUS_DIR
-    for path in sorted(status_dir.glob("*.json")) if status_dir.is_dir() else []:
-        if not path.name.startswith(".") and path.stem not in ids:
+    ids = {slide_id for slide_id, _ in keys}
+    for path in jobs.status_files(job):
+        if path.stem not in ids:
             found.append(SlideCheck(path.stem, "?", status_problem=f"{path.relative_to(job)} unreadable",
                                     fix=f"delete it and re-run `slidevl preprocess SLIDE --out {job}` for this slide"))
-    seen = ids | {c.slide_id for c in found}
-    for slide_id in sorted(set(rows) - seen):
-        found.append(SlideCheck(slide_id, str(rows[slide_id].get("status", "?")),
+    unreadable = {c.slide_id for c in found}
+    for key in sorted(set(rows) - keys, key=lambda k: (k[0], k[1] or "")):
+        if key[0] in unreadable:
+            continue
+        slide_id = key[0]
+        found.append(SlideCheck(slide_id, str(rows[key].get("status", "?")),
                                 manifest_problem="listed, but the job has no status for it",
                                 fix=f"`slidevl job check {job} --fix`"))
     return found
@@ -157,14 +163,14 @@ def check_job(job: str | os.PathLike[str], *, slides_root: str | os.PathLike[str
         raise jobs.UsageError(f"{job}: not a job folder (no {jobs.STATUS_DIR}/); pass the folder `slidevl preprocess --out` wrote")
     root = Path(slides_root) if slides_root else None
     manifest = jobs.read_manifest(job)
-    rows = {r["slide_id"]: r for r in (manifest or {}).get("slides", []) if isinstance(r, dict) and "slide_id" in r}
+    rows = {jobs.row_key(r): r for r in (manifest or {}).get("slides", []) if isinstance(r, dict) and "slide_id" in r}
     checks = []
     statuses = jobs.read_statuses(job)
     for status in statuses:
         if progress:
             progress(status.slide_id)
         checks.append(check_slide(job, status, manifest, rows, root))
-    checks += _unlisted(job, rows, {s.slide_id for s in statuses})
+    checks += _unlisted(job, rows, {(s.slide_id, s.folder) for s in statuses})
     return CheckReport(job, sorted(checks, key=lambda c: c.slide_id))
 
 
@@ -185,10 +191,12 @@ def fix_job(job: str | os.PathLike[str], report: CheckReport) -> list[str]:
     """Apply what ``fix`` may repair (see the module docstring); return what was done."""
     job = Path(job)
     done = []
-    statuses = {s.slide_id: s for s in jobs.read_statuses(job)}
-    for check in report.slides:
-        if check.store_broken and check.slide_id in statuses:
-            done.append(_mark_for_recomputation(job, statuses[check.slide_id], check.store_problem or check.fingerprint_problem or ""))
+    broken = {c.slide_id: c for c in report.slides if c.store_broken}
+    for status in jobs.read_statuses(job):
+        check = broken.get(status.slide_id)
+        # Only the records whose own store is broken: another encoder's features of the slide may be fine.
+        if check is not None and status.status == "ok" and any(_store_problems(job, status)):
+            done.append(_mark_for_recomputation(job, status, check.store_problem or check.fingerprint_problem or ""))
     if done or any(c.manifest_problem for c in report.slides):
         config = (jobs.read_manifest(job) or {}).get("config")
         manifest, _ = jobs.rebuild_manifest(job, config)
@@ -209,7 +217,8 @@ def plan_relocation(job: str | os.PathLike[str], slides_root: str | os.PathLike[
     job, root = Path(job), Path(slides_root).expanduser().resolve()
     if not root.is_dir():
         raise jobs.UsageError(f"{root}: no such folder; pass the folder that now holds the slide files")
-    statuses = jobs.read_statuses(job)
+    # One record per slide: every encoder's record of a slide names the same file.
+    statuses = list({s.slide_id: s for s in jobs.read_statuses(job)}.values())
     if not statuses:
         raise jobs.UsageError(f"{job}: the job records no slides (no readable {jobs.STATUS_DIR}/*.json)")
     plan = []
@@ -237,10 +246,10 @@ def relocate_job(job: str | os.PathLike[str], plan: list[Relocation]) -> Path:
     job = Path(job)
     if any(r.problem for r in plan):
         raise ValueError("relocate_job needs a plan without problems; see plan_relocation")
-    statuses = {s.slide_id: s for s in jobs.read_statuses(job)}
-    for r in plan:
-        status = statuses[r.slide_id]
-        jobs.write_status(job, replace(status, **SlideRecord.of_file(r.slide_id, r.new, job).fields()))
+    moved = {r.slide_id: r.new for r in plan}
+    for status in jobs.read_statuses(job):  # every encoder's record of each slide
+        if status.slide_id in moved:
+            jobs.write_status(job, replace(status, **SlideRecord.of_file(status.slide_id, moved[status.slide_id], job).fields()))
     manifest, _ = jobs.rebuild_manifest(job, (jobs.read_manifest(job) or {}).get("config"))
     return manifest
 

@@ -1,5 +1,11 @@
 """Job folders: slide discovery, sharding, per-slide status, manifest and summary.
 
+A job may hold the features of several tile encoders (``features/<encoder>/``); each
+encoder folder has its own statuses (``status/<encoder>/<slide>.json``), so running one
+encoder never marks another's slides for recomputation. Jobs written before that keep a
+single status per slide (``status/<slide>.json``); it still counts for the encoder folder
+its features were written to, and is moved to that folder's place when next written.
+
 Shards (processes, Slurm array tasks, torchrun ranks) share one job folder without
 locks: each slide's status is its own file, written atomically by the one shard that
 owns the slide, and ``manifest.json`` / ``summary.md`` are rebuilt from all status files
@@ -12,11 +18,14 @@ exists (from a killed run or another configuration) is not done.
 
 from __future__ import annotations
 
+import glob
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
+
+import h5py
 
 from slidevl.atomic import write_json_atomic, write_text_atomic
 from slidevl.errors import InputError
@@ -29,6 +38,8 @@ SHOWN_NAMES = 5
 # How many not-slide entries summary.md lists (the manifest lists all of them).
 SUMMARY_NAMES = 50
 STATUS_DIR = "status"
+# The fingerprint entries that decide a slide's tissue outline and QC picture (not the encoder's).
+OUTLINE_SETTINGS = ("tissue", "grid", "min_tissue", "mpp", "slide_bytes")
 MANIFEST = "manifest.json"
 SUMMARY = "summary.md"
 
@@ -143,7 +154,10 @@ def shard_slides(slides: Sequence[Path], shard: tuple[int, int] | None) -> list[
 
 @dataclass
 class SlideStatus:
-    """The record of one slide in a job (``<job>/status/<slide>.json``).
+    """The record of one slide and one encoder in a job (``<job>/status/<encoder>/<slide>.json``).
+
+    ``encoder_folder`` is the feature folder the record belongs to; None for a record of
+    the older one-status-per-slide layout (``<job>/status/<slide>.json``).
 
     ``slide_path`` is absolute and ``slide_relpath`` relative to the job folder (older
     records hold the path as given, relative to where preprocess ran); ``slide_bytes`` and
@@ -168,6 +182,7 @@ class SlideStatus:
     slide_relpath: str | None = None
     slide_bytes: int | None = None
     slide_fingerprint: str | None = None
+    encoder_folder: str | None = None
     updated: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,27 +201,64 @@ class SlideStatus:
     def slide(self) -> SlideRecord:
         return SlideRecord.from_entry(self.to_dict())
 
+    @property
+    def folder(self) -> str | None:
+        """The encoder folder of the record; for an older record, that of the features it names."""
+        if self.encoder_folder is not None:
+            return self.encoder_folder
+        return Path(self.output).parent.name if self.output else None
+
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def status_path(job: Path, slide_id: str) -> Path:
-    return Path(job) / STATUS_DIR / f"{slide_id}.json"
+def status_path(job: Path, slide_id: str, folder: str | None = None) -> Path:
+    """Where the status of ``slide_id`` for encoder folder ``folder`` lives (None: the older layout)."""
+    status_dir = Path(job) / STATUS_DIR
+    return (status_dir if folder is None else status_dir / folder) / f"{slide_id}.json"
 
 
 def write_status(job: Path, status: SlideStatus) -> Path:
+    """Write ``status`` to its encoder folder's place; an older record of the same folder is then dropped."""
     status.updated = now_iso()
-    return write_json_atomic(status_path(job, status.slide_id), status.to_dict())
+    written = write_json_atomic(status_path(job, status.slide_id, status.encoder_folder), status.to_dict())
+    if status.encoder_folder is not None:
+        legacy = _read_file(status_path(job, status.slide_id))
+        if legacy is not None and legacy.folder in (None, status.encoder_folder):
+            status_path(job, status.slide_id).unlink(missing_ok=True)
+    return written
 
 
-def read_status(job: Path, slide_id: str) -> SlideStatus | None:
-    """The slide's status, or None if absent or unreadable (then it is simply re-run)."""
-    path = status_path(job, slide_id)
+def _read_file(path: Path) -> SlideStatus | None:
     try:
         return SlideStatus.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def slide_statuses(job: Path, slide_id: str) -> list[SlideStatus]:
+    """Every readable record of ``slide_id``: one per encoder folder, and one of the older layout if left."""
+    status_dir = Path(job) / STATUS_DIR
+    paths = [status_path(job, slide_id), *sorted(status_dir.glob(f"*/{glob.escape(slide_id)}.json"))]
+    return [s for s in map(_read_file, paths) if s is not None]
+
+
+def read_status(job: Path, slide_id: str, folder: str | None = None) -> SlideStatus | None:
+    """The slide's status for encoder folder ``folder``, or None if absent or unreadable (then it is re-run).
+
+    A record of the older layout counts for the folder its features were written to.
+    Without ``folder``: the slide's most recently updated record of any encoder.
+    """
+    if folder is None:
+        records = slide_statuses(job, slide_id)
+        return max(records, key=lambda s: s.updated) if records else None
+    status = _read_file(status_path(job, slide_id, folder))
+    if status is None:
+        legacy = _read_file(status_path(job, slide_id))
+        if legacy is not None and legacy.folder == folder:
+            status = replace(legacy, encoder_folder=folder)
+    return status
 
 
 def normalise(obj: Any) -> Any:
@@ -221,9 +273,11 @@ def complete_status(job: Path, slide_id: str, feature_path: Path, fingerprint: d
     Complete = status ok AND feature file present AND its recorded config equals
     ``fingerprint`` (a file left by another configuration does not count) AND, given
     ``slide_path``, that file is the one recorded (a same-size file with other content
-    would otherwise keep the features of the old one).
+    would otherwise keep the features of the old one). The status read is that of the
+    encoder folder holding ``feature_path``.
     """
-    status = read_status(job, slide_id)
+    folder = Path(feature_path).parent.name
+    status = read_status(job, slide_id, folder) or _adopted(job, slide_id, Path(feature_path), normalise(fingerprint))
     if status is None or status.status != "ok" or not feature_path.is_file():
         return None
     if slide_path is not None and status.slide.change(slide_path) is not None:
@@ -235,18 +289,57 @@ def complete_status(job: Path, slide_id: str, feature_path: Path, fingerprint: d
     return status if stored == normalise(fingerprint) else None
 
 
-def read_statuses(job: Path) -> list[SlideStatus]:
-    """Every readable status of the job, by slide id."""
-    records = []
+def status_files(job: Path) -> list[Path]:
+    """Every status file of the job: those of each encoder folder and those of the older layout."""
     status_dir = Path(job) / STATUS_DIR
-    for path in sorted(status_dir.glob("*.json")) if status_dir.is_dir() else []:
-        if path.name.startswith("."):
-            continue
-        try:
-            records.append(SlideStatus.from_dict(json.loads(path.read_text())))
-        except (OSError, ValueError, TypeError):
+    if not status_dir.is_dir():
+        return []
+    return sorted(p for p in [*status_dir.glob("*.json"), *status_dir.glob("*/*.json")] if not p.name.startswith("."))
+
+
+def _adopted(job: Path, slide_id: str, feature_path: Path, fingerprint: dict[str, Any]) -> SlideStatus | None:
+    """A record for a feature file that an older-layout job left without one, or None.
+
+    Before statuses were kept per encoder, a second encoder's run replaced the first one's
+    record of each slide, so the first encoder's (complete, atomically written) feature
+    files have no record. The older record still names the slide file; the feature file
+    gives the counts. Its tissue outline and QC picture count only if they were made with
+    the same settings. :func:`complete_status` then checks the file's fingerprint as usual.
+    """
+    legacy = _read_file(status_path(job, slide_id))
+    if legacy is None or legacy.status != "ok" or not isinstance(legacy.fingerprint, dict) or not feature_path.is_file():
+        return None
+    try:
+        with h5py.File(feature_path, "r") as f:
+            n_patches, n_regions, n_packs = (int(f[name].shape[0]) if name in f else None
+                                             for name in ("patch/coords", "region/coords", "pack/coords"))
+        encoder = read_slide_attrs(feature_path).get("encoder")
+    except (FeatureStoreError, OSError, KeyError):
+        return None
+    same_outline = all(normalise(legacy.fingerprint).get(k) == fingerprint.get(k) for k in OUTLINE_SETTINGS)
+    return replace(legacy, encoder_folder=feature_path.parent.name, encoder=str(encoder) if encoder else None,
+                   output=str(feature_path.relative_to(job)), fingerprint=fingerprint, timings={},
+                   n_patches=n_patches, n_regions=n_regions, n_packs=n_packs,
+                   tissue=legacy.tissue if same_outline else None, qc=legacy.qc if same_outline else None)
+
+
+def read_statuses(job: Path, folder: str | None = None) -> list[SlideStatus]:
+    """Every readable status of the job (of encoder folder ``folder`` only, if given), by slide id and folder.
+
+    An older-layout record is left out where its encoder folder has a record of its own.
+    """
+    records: dict[tuple[str, str | None], SlideStatus] = {}
+    for path in status_files(job):
+        status = _read_file(path)
+        if status is None:
             continue  # a status being replaced right now; the next rebuild sees it
-    return records
+        if path.parent.name != STATUS_DIR:
+            status.encoder_folder = path.parent.name
+        key = (status.slide_id, status.folder)
+        if key not in records or records[key].encoder_folder is None:
+            records[key] = status
+    chosen = [s for s in records.values() if folder is None or s.folder == folder]
+    return sorted(chosen, key=lambda s: (s.slide_id, s.folder or ""))
 
 
 def manifest_entry(status: SlideStatus) -> dict[str, Any]:
@@ -263,9 +356,16 @@ def manifest_entry(status: SlideStatus) -> dict[str, Any]:
         "tissue": status.tissue,
         "qc": status.qc,
         "encoder": status.encoder,
+        "encoder_folder": status.folder,
         **status.slide.fields(),
         "updated": status.updated,
     }
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, str | None]:
+    """(slide id, encoder folder) of a manifest row; older rows name the folder only through their output."""
+    folder = row.get("encoder_folder") or (Path(row["output"]).parent.name if row.get("output") else None)
+    return str(row.get("slide_id")), folder
 
 
 def read_manifest(job: Path) -> dict[str, Any] | None:
@@ -278,24 +378,32 @@ def read_manifest(job: Path) -> dict[str, Any] | None:
 
 
 def rebuild_manifest(job: Path, config: dict[str, Any] | None = None,
-                     not_slides: Sequence[Path] | None = None) -> tuple[Path, Path]:
+                     not_slides: Sequence[Path] | None = None, folder: str | None = None) -> tuple[Path, Path]:
     """Rebuild ``manifest.json`` and ``summary.md`` from every status file in the job.
 
-    ``not_slides`` are the entries of the latest run's input folders that are not slides
-    (see :func:`find_inputs`); None keeps the list the manifest already holds.
+    The manifest has one row per slide and encoder folder. ``config`` is the latest run's
+    (``config``), and, given ``folder``, that encoder folder's (``configs``, which keeps the
+    other folders' from the previous manifest). ``not_slides`` are the entries of the latest
+    run's input folders that are not slides (see :func:`find_inputs`); None keeps the list
+    the manifest already holds.
     """
     job = Path(job)
+    previous = read_manifest(job) or {}
     entries = [manifest_entry(r) for r in read_statuses(job)]
     counts: dict[str, int] = {}
     for e in entries:
         counts[e["status"]] = counts.get(e["status"], 0) + 1
     if not_slides is None:
-        kept = (read_manifest(job) or {}).get("not_slides")
+        kept = previous.get("not_slides")
         listed = [str(p) for p in kept] if isinstance(kept, list) else []
     else:
         listed = [str(Path(p).resolve()) + ("/" if Path(p).is_dir() else "") for p in not_slides]
-    manifest = {"job": str(job.resolve()), "updated": now_iso(), "counts": counts, "config": config, "slides": entries,
-                "not_slides": listed}
+    configs = previous.get("configs") if isinstance(previous.get("configs"), dict) else {}
+    if folder is not None:
+        configs = {**configs, folder: config}
+    folders = sorted({e["encoder_folder"] for e in entries if e["encoder_folder"]})
+    manifest = {"job": str(job.resolve()), "updated": now_iso(), "counts": counts, "config": config,
+                "encoders": folders, "configs": configs, "slides": entries, "not_slides": listed}
     from slidevl import __version__
 
     manifest["slidevl_version"] = __version__
@@ -310,7 +418,8 @@ def recorded_slides(job: Path, slides_root: Path | None = None) -> list[Path]:
     For re-running a job without naming its slides again. Raises :class:`UsageError`
     listing every slide that cannot be found or has changed, before anything is run.
     """
-    statuses = read_statuses(job)
+    # One record per slide: every encoder's record of a slide names the same file.
+    statuses = list({s.slide_id: s for s in read_statuses(job)}.values())
     if not statuses:
         raise UsageError(f"{job}: the job records no slides; give the slides to preprocess")
     found, problems = [], []
@@ -342,16 +451,18 @@ def render_summary(manifest: dict[str, Any]) -> str:
         "",
         f"Job folder: `{manifest['job']}`  ",
         f"Updated: {manifest['updated']}  ",
-        "Slides: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"),
+        "Slides: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none") + "  ",
+        "Encoders: " + (", ".join(f"`{name}`" for name in manifest.get("encoders") or []) or "none"),
         "",
-        "| slide | status | patches | regions | packs | seconds | error |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| slide | encoder | status | patches | regions | packs | seconds | error |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for e in manifest["slides"]:
         seconds = sum(e["timings"].values()) if e["timings"] else 0.0
         error = (e["error"] or "").replace("|", "\\|").replace("\n", " ")
         lines.append(
-            f"| {e['slide_id']} | {e['status']} | {e['n_patches'] if e['n_patches'] is not None else ''} "
+            f"| {e['slide_id']} | {e.get('encoder_folder') or ''} | {e['status']} "
+            f"| {e['n_patches'] if e['n_patches'] is not None else ''} "
             f"| {e['n_regions'] if e['n_regions'] is not None else ''} | {e['n_packs'] if e['n_packs'] is not None else ''} "
             f"| {seconds:.1f} | {error} |"
         )

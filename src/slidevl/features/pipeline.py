@@ -255,11 +255,16 @@ class _Layout:
 
 
 def output_paths(job: Path, store: FeatureStore, slide_id: str) -> dict[str, Path]:
-    """The files one slide writes besides its status."""
+    """The files one slide writes besides its status.
+
+    The tissue outline and the QC picture go to the encoder folder's own place: two
+    encoders of one job may have been run with other tissue or grid settings, and each
+    status must name the outline its features were made from.
+    """
     return {
         "features": store.path(slide_id),
-        "tissue": job / "tissue" / f"{slide_id}.geojson",
-        "qc": job / "qc" / f"{slide_id}.png",
+        "tissue": job / "tissue" / store.encoder / f"{slide_id}.geojson",
+        "qc": job / "qc" / store.encoder / f"{slide_id}.png",
     }
 
 
@@ -279,8 +284,8 @@ class SlideProcessor:
         """Process one slide; never raises for a bad slide (the status says failed)."""
         outputs = self.output_paths(slide_id)
         status = jobs.SlideStatus(slide_id=slide_id, **SlideRecord.of_file(slide_id, path, self.job).fields(), status="running",
-                                  encoder=self.encoders.tile.name)
-        remove_stale_partials([*outputs.values(), jobs.status_path(self.job, slide_id)])
+                                  encoder=self.encoders.tile.name, encoder_folder=self.store.encoder)
+        remove_stale_partials([*outputs.values(), jobs.status_path(self.job, slide_id, self.store.encoder)])
         jobs.write_status(self.job, status)
         try:
             n_regions, n_packs, n_patches = self._process(path, slide_id, fp, outputs, status.timings, progress)
@@ -564,7 +569,8 @@ def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, confi
     executor = executor or LocalExecutor()
     try:
         encoder_name = executor.start(job, config, encoders)
-        report = JobReport(job_dir=job, encoder=encoder_name, feature_dir=FeatureStore(job, safe_name(encoder_name)).root)
+        folder = safe_name(encoder_name)
+        report = JobReport(job_dir=job, encoder=encoder_name, feature_dir=FeatureStore(job, folder).root)
         shard_note = f" (shard {config.shard[0]}/{config.shard[1]}: {len(mine)} of {len(all_slides)})" if config.shard else ""
         console.print(f"[bold]preprocess[/]: {len(mine)} slide(s){shard_note} -> {job} with encoder {encoder_name}"
                       f"{executor.note}")
@@ -581,7 +587,7 @@ def preprocess(slides: Path | str | Sequence[Path | str], out: Path | str, confi
                     progress.slide_done()
         finally:
             # Also after an interrupt or a crash: the manifest always reflects every status file.
-            report.manifest, report.summary = jobs.rebuild_manifest(job, config.manifest_dict(), not_slides)
+            report.manifest, report.summary = jobs.rebuild_manifest(job, config.manifest_dict(), not_slides, folder)
     finally:
         executor.close()
     return report

@@ -231,8 +231,8 @@ def create_app(job: ServeJob | str | Path, *, answerer: Answerer | None = None, 
     # -- overlays -----------------------------------------------------------------------------
     @app.get("/api/slides/{slide_id}/overlays/tissue", tags=["overlays"])
     def tissue(slide_id: str) -> dict[str, Any]:
-        """Tissue contours (level-0 polygons) from ``<job>/tissue/<slide>.geojson``."""
-        return tissue_layer(job.read_json(slide_id, "tissue"), f"tissue/{slide_id}.geojson")
+        """Tissue contours (level-0 polygons) from the slide's tissue GeoJSON (``<job>/tissue/<encoder>/<slide>.geojson``)."""
+        return tissue_layer(job.read_json(slide_id, "tissue"), str(job.file_for(slide_id, "tissue")))
 
     @app.get("/api/slides/{slide_id}/overlays/grid", tags=["overlays"])
     def grid(slide_id: str, kind: GridKind = "patch") -> dict[str, Any]:

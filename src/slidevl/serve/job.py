@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from slidevl.errors import InputError, NotFoundError
+from slidevl.features.jobs import row_key
 from slidevl.features.slidepaths import SlideRecord, resolve_slide
 from slidevl.features.store import (
     SCHEMA_VERSION,
@@ -177,12 +178,21 @@ class ServeJob:
         rows = data.get("slides") if isinstance(data, dict) else None
         if not isinstance(rows, list):
             raise JobError(f"{path}: expected an object with a 'slides' list; re-run `slidevl preprocess`")
-        entries = {}
+        if not all(isinstance(raw, dict) for raw in rows):
+            raise JobError(f"{path}: every entry of 'slides' must be an object")
+        # A job of several encoders has a row per slide and encoder: the viewer shows one encoder's.
+        folders = sorted({f for f in (row_key(raw)[1] for raw in rows) if f})
+        if self._encoder is None and len(folders) > 1:
+            raise JobError(f"{self.job_dir}: holds the features of several encoders ({', '.join(folders)}); "
+                           "pick one with --encoder")
+        entries: dict[str, SlideEntry] = {}
         for raw in rows:
-            if not isinstance(raw, dict):
-                raise JobError(f"{path}: every entry of 'slides' must be an object")
+            folder = row_key(raw)[1]
+            if self._encoder is not None and folder not in (None, self._encoder):
+                continue
             entry = _entry_from(raw, path)
-            entries[entry.slide_id] = entry
+            if folder is not None or entry.slide_id not in entries:  # a row of the encoder beats one naming none
+                entries[entry.slide_id] = entry
         self._entries, self._manifest_mtime = entries, mtime
 
     def slides(self) -> list[SlideEntry]:

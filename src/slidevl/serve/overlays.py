@@ -1,6 +1,6 @@
 """Overlay layers for the viewer, all in level-0 pixel coordinates.
 
-* tissue contours from ``<job>/tissue/<slide>.geojson``;
+* tissue contours from ``<job>/tissue/<encoder>/<slide>.geojson``;
 * the patch / region / pack grid from the feature store;
 * ROIs from the VQA data construction (``<rois>/<slide>.json``);
 * survival evidence (HiLa OPL tokens, attention heatmaps) from ``<run>/evidence/<slide>.json``.

@@ -88,13 +88,15 @@ def _features_made_for(path: Path, job: Path, training_attrs: dict[str, Any]) ->
     a sure match is taken: anything else (a moved or changed file, other settings, a
     killed run) goes to the pipeline, which decides and records as usual.
     """
-    from slidevl.features.jobs import complete_status, read_status, slide_id_of
+    from slidevl.features.jobs import complete_status, slide_id_of, slide_statuses
 
     slide_id = slide_id_of(path)
-    status = read_status(job, slide_id)
     trained = training_attrs.get("config_fingerprint")
-    if (status is None or status.output is None or not isinstance(status.fingerprint, dict) or not isinstance(trained, dict)
-            or status.slide.path != str(path.resolve()) or _settings(status.fingerprint) != _settings(trained)):
+    # A job may hold several encoders' records of the slide: the one made like the training data counts.
+    candidates = [s for s in slide_statuses(job, slide_id) if isinstance(s.fingerprint, dict) and isinstance(trained, dict)
+                  and _settings(s.fingerprint) == _settings(trained)]
+    status = candidates[-1] if candidates else None
+    if status is None or status.output is None or status.slide.path != str(path.resolve()):
         return None
     feature_file = job / status.output
     if complete_status(job, slide_id, feature_file, status.fingerprint, path) is None:
