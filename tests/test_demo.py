@@ -9,9 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from slidevl.cli import app
+from slidevl.qa.records import read_records
 
 runner = CliRunner()
-TINY = ["--patients", "20", "--slide-px", "2048", "--epochs", "2"]
+TINY = ["--patients", "20", "--slide-px", "2048", "--epochs", "2", "--threads", "1"]
 
 
 def _check_survival_and_features(out: Path, output: str) -> None:
@@ -22,6 +23,17 @@ def _check_survival_and_features(out: Path, output: str) -> None:
         assert len(summary["c_index"]["folds"]) == 5
         assert (out / "runs" / model / "km.png").is_file()
     assert f"slidevl serve {out / 'job'}" in output
+    # The results table, printed and in summary.json, holds the runs' own numbers and the planted risk's.
+    summary = json.loads((out / "summary.json").read_text())
+    for model in ("abmil", "hila"):
+        run = json.loads((out / "runs" / model / "summary.json").read_text())["c_index"]
+        assert summary["survival"][model] == {"c_index_mean": run["mean"], "c_index_std": run["std"], "folds": run["folds"]}
+    oracle = json.loads((out / "cohort" / "truth.json").read_text())["survival_model"]["oracle_c_index"]
+    assert summary["survival"]["oracle_c_index"] == oracle
+    assert f"{oracle:.3f}" in output and "Demo results" in output and "planted risk" in output
+    times = summary["time"]
+    assert times["cpu_s"] > 0 and times["wall_s"] >= sum(t["wall_s"] for t in times["steps"].values()) - 0.5
+    assert list(times["steps"])[:2] == ["synthetic cohort", "preprocess"]
 
 
 def test_demo_without_vqa_then_resumes(tmp_path: Path) -> None:
@@ -30,6 +42,7 @@ def test_demo_without_vqa_then_resumes(tmp_path: Path) -> None:
     assert first.exit_code == 0, first.output
     _check_survival_and_features(out, first.output)
     assert not (out / "qa").exists()
+    assert json.loads((out / "summary.json").read_text())["vqa"] is None
     again = runner.invoke(app, ["demo", "--out", str(out), "--no-vqa", *TINY])
     assert again.exit_code == 0, again.output
     assert "reusing it" in again.output
@@ -47,7 +60,27 @@ def test_demo_with_vqa(tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", "--out", str(out), *TINY])
     assert result.exit_code == 0, result.output
     _check_survival_and_features(out, result.output)
+    _check_vqa(out, result.output)
+
+
+def _check_vqa(out: Path, output: str) -> None:
     metrics = json.loads((out / "runs" / "vqa" / "metrics.json").read_text())
     test_records = (out / "qa" / "test.jsonl").read_text().splitlines()
     assert metrics["overall"]["n"] == len(test_records)
-    assert f"--vqa-checkpoint {out / 'runs' / 'vqa' / 'stage2'}" in result.output
+    assert f"--vqa-checkpoint {out / 'runs' / 'vqa' / 'stage2'}" in output
+    # The VQA rows: the evaluation's single-choice number beside its controls, on the same questions.
+    vqa = json.loads((out / "summary.json").read_text())["vqa"]
+    singles = [r for r in read_records(out / "qa" / "test.jsonl") if r.format == "single"]
+    assert vqa["n_single"] == len(singles) > 0
+    assert vqa["model"] == metrics["by_format"]["single"]["accuracy"]
+    other = json.loads((out / "runs" / "vqa" / "metrics_other_slide.json").read_text())
+    assert other["overall"]["n"] == len(singles) and vqa["other_slide"] == other["by_format"]["single"]["accuracy"]
+    assert vqa["chance"] == pytest.approx(sum(1 / len(r.options) for r in singles) / len(singles), abs=1e-4)
+    assert all(0.0 <= vqa[k] <= 1.0 for k in ("model", "other_slide", "majority", "chance"))
+    assert "another slide's image" in output and "most common train answer" in output
+    # The ask example is a held-out whole-slide single-choice question, shown with its options and truth.
+    ask = vqa["ask"]
+    record = next(r for r in singles if r.slide == ask["slide"] and r.question == ask["question"])
+    assert record.level == "WSI" and ask["truth"] == record.answer and ask["options"] == list(record.options)
+    assert ask["correct"] == (ask["chosen"] == record.answer)
+    assert f"slidevl ask {ask['slide']}" in output and all(o in output for o in record.options)

@@ -2,19 +2,28 @@
 
 It renders a cohort with planted ground truth, turns its slides into a feature store,
 cross-validates HiLa against ABMIL, builds a hierarchical QA set from the planted truth,
-trains the slide VQA model on the training patients and scores it on the held-out ones,
-and prints where everything is and how to look at it. Every step is resumable: a
-second run reuses what the first one finished.
+trains the slide VQA model on the training patients and scores it on the held-out ones
+against answers that never look at the slide, asks one checkable question, and prints
+where everything is. The results table also goes to ``summary.json``. Every step is
+resumable: a second run reuses what the first one finished.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import resource
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from slidevl.atomic import write_json_atomic
+from slidevl.cpus import available_cpus
 
 #: The demo's topo-pack encoder: 2 layers, 256 wide, keep the demo in minutes on a CPU; the
 #: paper's 6 x 512 is the default of `slidevl slidellm pretrain` and of the benchmarks.
@@ -22,27 +31,86 @@ DEMO_ENCODER = {"d_model": 256, "n_layers": 2, "n_heads": 4, "ffn_dim": 1024}
 #: The VQA recipe's settings at demo size (``recipes/demo.yaml``): everything not named here,
 #: the connector first, is the best measured recipe's default (``recipes/vqa.yaml``).
 DEMO_RECIPE = {"mae_steps": 40, "moco_steps": 20, "stage1_epochs": 2, "stage2_epochs": 1, "encoder": DEMO_ENCODER}
+#: WSI question templates whose answer a reader can check on the slide, in order of preference.
+ASK_TEMPLATES = ("grade", "dominant")
 
 
 def _cohort_ready(cohort_dir: Path) -> bool:
     return (cohort_dir / "truth.json").is_file() and (cohort_dir / "clinical.csv").is_file()
 
 
+def idle_cpus() -> int:
+    """The CPUs this process may use less those other work keeps busy now (1-minute load average), at least 1."""
+    return max(1, available_cpus() - round(os.getloadavg()[0]))
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (the preprocessing workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class StepTimes:
+    """Wall and CPU seconds of each step, and of the whole run from this object's creation."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, tuple[float, float]] = {}
+        self._start = (time.perf_counter(), _cpu_seconds())
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        yield
+        self.steps[name] = (time.perf_counter() - wall, _cpu_seconds() - cpu)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"steps": {name: {"wall_s", "cpu_s"}}, "wall_s", "cpu_s"}``, rounded to 0.1 s."""
+        return {
+            "steps": {name: {"wall_s": round(w, 1), "cpu_s": round(c, 1)} for name, (w, c) in self.steps.items()},
+            "wall_s": round(time.perf_counter() - self._start[0], 1),
+            "cpu_s": round(_cpu_seconds() - self._start[1], 1),
+        }
+
+
 def demo_command(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for the cohort, the job and the runs."),
-    patients: int = typer.Option(30, "--patients", min=20, help="Patients in the synthetic cohort (>= 20, so each of the 5 folds has events)."),
-    slide_px: int = typer.Option(20000, "--slide-px", help="Level-0 width of each synthetic slide (0.5 µm/px)."),
+    patients: int = typer.Option(
+        30, "--patients", min=20,
+        help="Patients in the synthetic cohort (>= 20, so each of the 5 folds has events). Every step grows with "
+             "them; the VQA scores do too: a quarter of them are held out, so the whole-slide questions are learned "
+             "from one answer per training slide.",
+    ),
+    slide_px: int = typer.Option(
+        4096, "--slide-px",
+        help="Level-0 width of each synthetic slide (0.5 µm/px). 4096: 55 CPU-s to render the 38 slides and 40 to "
+             "preprocess them; 20000: about 13 CPU-s to render each slide (8 min) and 24 times the pixels to preprocess.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the cohort and of every model."),
-    epochs: int = typer.Option(20, "--epochs", help="Training epochs of the survival models."),
+    epochs: int = typer.Option(
+        20, "--epochs",
+        help="Training epochs of the survival models: per epoch and fold, about 0.85 CPU-s for HiLa and 0.4 for "
+             "ABMIL on 30 patients (20 epochs: 2 CPU-min for both 5-fold runs).",
+    ),
     grad_accum: int = typer.Option(
         1, "--grad-accum", min=1,
         help="Patients per optimizer step of the survival models. The paper's 32 suits cohorts of hundreds; "
              "with 24 training patients it would leave one step per epoch.",
     ),
-    vqa: bool = typer.Option(True, "--vqa/--no-vqa", help="Also build the QA set and train and score the slide VQA model."),
+    vqa: bool = typer.Option(
+        True, "--vqa/--no-vqa",
+        help="Also build the QA set and train and score the slide VQA model: about 17.6 of the demo's 21 CPU-minutes "
+             "(training 13.6, answering the held-out questions 2.2, the other-slide control 1.5).",
+    ),
+    threads: int = typer.Option(
+        0, "--threads", min=0,
+        help="Torch threads; 0: the cores not already busy when the demo starts (cores minus the 1-minute load "
+             "average, at least 1). A thread on a core that another job keeps busy stalls the others at every step.",
+    ),
 ) -> None:
     """Synthetic cohort → features → survival CV → slide VQA, with every output path printed."""
     # Imported here so that `slidevl --help` does not pay for torch and friends.
+    import torch
+
     from slidevl.features.config import PreprocessConfig
     from slidevl.features.pipeline import preprocess
     from slidevl.survival.cv import CVConfig, run_cv
@@ -50,36 +118,52 @@ def demo_command(
     from slidevl.synth.cohort import make_cohort
 
     console = Console()
-    timings: dict[str, float] = {}
+    torch.set_num_threads(threads or idle_cpus())
+    console.print(f"[dim]{torch.get_num_threads()} torch thread(s)[/]")
+    timings = StepTimes()
     cohort_dir, job_dir, runs_dir = out / "cohort", out / "job", out / "runs"
 
-    start = time.perf_counter()
-    if _cohort_ready(cohort_dir):
-        console.print(f"[dim]cohort already in {cohort_dir}, reusing it[/]")
-    else:
-        make_cohort(cohort_dir, n_patients=patients, seed=seed, slide_px=slide_px, overwrite=cohort_dir.exists())
-    timings["synthetic cohort"] = time.perf_counter() - start
+    with timings.step("synthetic cohort"):
+        if _cohort_ready(cohort_dir):
+            console.print(f"[dim]cohort already in {cohort_dir}, reusing it[/]")
+        else:
+            make_cohort(cohort_dir, n_patients=patients, seed=seed, slide_px=slide_px, overwrite=cohort_dir.exists())
 
-    start = time.perf_counter()
-    report = preprocess(cohort_dir / "slides", job_dir, PreprocessConfig(), console=console)
-    timings["preprocess"] = time.perf_counter() - start
+    with timings.step("preprocess"):
+        report = preprocess(cohort_dir / "slides", job_dir, PreprocessConfig(), console=console)
     if report.exit_code:
         console.print(f"[red]{report.n_failed} slide(s) failed to preprocess[/]; see {report.summary}")
         raise typer.Exit(report.exit_code)
 
-    summaries = []
+    summaries = {}
     for model in ("abmil", "hila"):
-        start = time.perf_counter()
         config = CVConfig(features=job_dir, clinical=cohort_dir / "clinical.csv", splits=cohort_dir / "splits",
                           out=runs_dir / model, model=model, epochs=epochs, seed=seed, grad_accum=grad_accum)
-        # resume: a finished run is reused, an interrupted one continues from its finished folds.
-        summaries.append(run_cv(config, console=console, resume=True))
-        timings[f"survival cv: {model}"] = time.perf_counter() - start
-    print_cv_table(summaries, console=console, title="Demo cohort: 5-fold cross-validation (final epoch)")
+        with timings.step(f"survival cv: {model}"):
+            # resume: a finished run is reused, an interrupted one continues from its finished folds.
+            summaries[model] = run_cv(config, console=console, resume=True)
+    print_cv_table(list(summaries.values()), console=console, title="Demo cohort: 5-fold cross-validation (final epoch)")
 
-    vqa_paths = _vqa_steps(cohort_dir, job_dir, out / "qa", runs_dir / "vqa", seed, console, timings) if vqa else {}
+    vqa_results, vqa_paths = (None, {})
+    if vqa:
+        # The QA build's defaults: its extra training questions (`slidevl vqa build --train-extra-rois 11
+        # --train-patch-fields 40 --train-slide-scale`) give 3.7 times the training records, and VQA training time.
+        vqa_results, vqa_paths = vqa_steps(cohort_dir, job_dir, out / "qa", runs_dir / "vqa", console, timings,
+                                           recipe={**DEMO_RECIPE, "seed": seed}, qa={"seed": seed})
+
+    results = {
+        "settings": {"patients": patients, "slide_px": slide_px, "seed": seed, "survival_epochs": epochs,
+                     "torch_threads": torch.get_num_threads(),
+                     "grad_accum": grad_accum, "vqa_recipe": DEMO_RECIPE if vqa else None},
+        "survival": _survival_results(summaries, cohort_dir / "truth.json"),
+        "vqa": vqa_results,
+        "time": timings.as_dict(),
+    }
+    write_json_atomic(out / "summary.json", results)
+    console.print(results_table(results))
 
     table = Table(title="Where things are", show_header=False)
+    table.add_row("results table (this run)", str(out / "summary.json"))
     table.add_row("slides, clinical.csv, splits/, truth.json", str(cohort_dir))
     table.add_row("feature store", str(report.feature_dir))
     table.add_row("tissue GeoJSON / QC pictures", f"{job_dir / 'tissue'}  /  {job_dir / 'qc'}")
@@ -90,55 +174,144 @@ def demo_command(
         table.add_row(name, str(path))
     console.print(table)
 
-    steps = Table(title="Timings")
-    steps.add_column("step")
-    steps.add_column("seconds", justify="right")
-    for step, seconds in timings.items():
-        steps.add_row(step, f"{seconds:.1f}")
-    console.print(steps)
+    console.print(_timings_table(results["time"]))
     serve = f".venv/bin/slidevl serve {job_dir} --survival-run {runs_dir / 'hila'}"
     if vqa_paths:
         serve += f" --rois {vqa_paths['QA ROIs']} --vqa-checkpoint {vqa_paths['VQA checkpoint']}"
     console.print(f"Look at it:  [bold]{serve}[/]", soft_wrap=True)
 
 
-def _vqa_steps(cohort_dir: Path, job_dir: Path, qa_dir: Path, run_dir: Path, seed: int, console: Console,
-               timings: dict[str, float]) -> dict[str, Path]:
-    """QA set from the planted truth → VQA training → answers and scores on held-out patients."""
-    from slidevl.qa.records import read_records
+def _timings_table(times: dict[str, Any]) -> Table:
+    table = Table(title="Timings (CPU: all cores, workers included)")
+    table.add_column("step")
+    table.add_column("wall s", justify="right")
+    table.add_column("CPU s", justify="right")
+    for step, t in times["steps"].items():
+        table.add_row(step, f"{t['wall_s']:.1f}", f"{t['cpu_s']:.1f}")
+    table.add_row("[bold]total[/]", f"{times['wall_s']:.1f}", f"{times['cpu_s']:.1f}")
+    return table
+
+
+def _survival_results(summaries: dict[str, dict[str, Any]], truth: Path) -> dict[str, Any]:
+    """Cross-validated C-index per model, and that of the planted risk itself (the ceiling)."""
+    out: dict[str, Any] = {
+        model: {"c_index_mean": s["c_index"]["mean"], "c_index_std": s["c_index"]["std"], "folds": s["c_index"]["folds"]}
+        for model, s in summaries.items()
+    }
+    out["oracle_c_index"] = json.loads(truth.read_text())["survival_model"]["oracle_c_index"]
+    return out
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """Survival C-index and held-out VQA single-choice accuracy, each beside what it is to be read against.
+
+    The VQA controls never see the question's own slide: the same model given another slide's
+    visual input, the option most often right in training, and a uniform guess.
+    """
+    table = Table(title="Demo results")
+    table.add_column("task")
+    table.add_column("model / control")
+    table.add_column("score", justify="right")
+    survival = results["survival"]
+    for task, (model, name) in zip(("survival: C-index", "(5-fold CV)"), (("abmil", "ABMIL"), ("hila", "HiLa"))):
+        s = survival[model]
+        score = "undefined" if s["c_index_mean"] is None else f"{s['c_index_mean']:.3f} ± {s['c_index_std']:.3f}"
+        table.add_row(task, name, score)
+    oracle = survival["oracle_c_index"]
+    table.add_row("", "planted risk (oracle)", "n/a" if oracle is None else f"{oracle:.3f}",
+                  end_section=True)
+    vqa = results["vqa"]
+    if vqa is not None:
+        table.add_row("VQA: single-choice", "model", f"{vqa['model']:.3f}")
+        table.add_row("accuracy on", "model, another slide's image", f"{vqa['other_slide']:.3f}")
+        table.add_row(f"{vqa['n_single']} held-out", "most common train answer", f"{vqa['majority']:.3f}")
+        table.add_row("questions", "chance", f"{vqa['chance']:.3f}")
+    return table
+
+
+def vqa_steps(cohort_dir: Path, job_dir: Path, qa_dir: Path, run_dir: Path, console: Console, timings: StepTimes, *,
+              recipe: dict[str, Any], qa: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """QA set from the planted truth → VQA training → answers and scores on held-out patients, and controls.
+
+    ``recipe`` are :class:`RecipeSizes` fields, ``qa`` :class:`BuildConfig` fields.
+    """
+    from slidevl.qa.records import read_records, write_records
     from slidevl.slidellm.ask import SlideAssistant
     from slidevl.slidellm.recipe import RecipeSizes, train_vqa
-    from slidevl.vqa.build import build_qa
+    from slidevl.vqa.build import BuildConfig, build_qa
+    from slidevl.vqa.controls import answer_with_other_slides, blind_single_choice
     from slidevl.vqa.evaluate import evaluate, report_table
     from slidevl.vqa.predict import predict_records
+    from slidevl.vqa.predictions import write_predictions
 
-    start = time.perf_counter()
-    if (qa_dir / "test.jsonl").is_file():
-        console.print(f"[dim]QA set already in {qa_dir}, reusing it[/]")
-    else:
-        build_qa(cohort_dir, job_dir, qa_dir, console=console)
-    timings["VQA: build QA"] = time.perf_counter() - start
+    with timings.step("VQA: build QA"):
+        if (qa_dir / "test.jsonl").is_file():
+            console.print(f"[dim]QA set already in {qa_dir}, reusing it[/]")
+        else:
+            build_qa(cohort_dir, job_dir, qa_dir, BuildConfig(**qa), console=console)
 
-    start = time.perf_counter()
-    trained = train_vqa(job_dir, qa_dir, run_dir, RecipeSizes(**DEMO_RECIPE, seed=seed))
-    timings["VQA: pretrain + tune"] = time.perf_counter() - start
+    with timings.step("VQA: pretrain + tune"):
+        trained = train_vqa(job_dir, qa_dir, run_dir, RecipeSizes(**recipe))
 
-    start = time.perf_counter()
-    assistant = SlideAssistant(trained.stage2, cache_root=run_dir / "ask_cache")
-    predictions = predict_records(assistant, qa_dir / "test.jsonl", run_dir / "predictions.jsonl", job=job_dir,
-                                  console=console)
-    report = evaluate(predictions.path, qa_dir / "test.jsonl", out=run_dir / "metrics.json")
-    timings["VQA: answer + score test set"] = time.perf_counter() - start
+    with timings.step("VQA: answer + score test set"):
+        assistant = SlideAssistant(trained.stage2, cache_root=run_dir / "ask_cache")
+        predictions = run_dir / "predictions.jsonl"
+        # A finished file is reused as is; an interrupted run continues from its partial file.
+        if not predictions.is_file():
+            predict_records(assistant, qa_dir / "test.jsonl", predictions, job=job_dir, console=console)
+        report = evaluate(predictions, qa_dir / "test.jsonl", out=run_dir / "metrics.json")
     console.print(report_table(report))
 
-    record = next((r for r in read_records(qa_dir / "test.jsonl") if r.level == "WSI" and r.format == "caption"), None)
-    if record is not None:
-        answer = assistant.conversation(assistant.open_slide(record.slide, job=job_dir)).ask(record.question)
-        console.print(f"[bold]slidevl ask {record.slide}[/] \"{record.question}\"\n  model: {answer}\n  truth: {record.answer}",
-                      markup=True, highlight=False)
-    return {
+    # The controls: the same single-choice questions answered blind, and with another slide's visual input.
+    with timings.step("VQA: another slide's visual input"):
+        test = read_records(qa_dir / "test.jsonl")
+        single = [r for r in test if r.format == "single"]
+        blind = blind_single_choice(read_records(qa_dir / "train.jsonl"), test)
+        single_gold = write_records(run_dir / "test_single.jsonl", single)
+        other_path = run_dir / "predictions_other_slide.jsonl"
+        if not other_path.is_file():
+            answers = answer_with_other_slides(assistant, single, job=job_dir, console=console)
+            write_predictions(other_path, {r.id: a for r, a in zip(single, answers)})
+        other = evaluate(other_path, single_gold, out=run_dir / "metrics_other_slide.json")
+    results = {
+        "n_single": len(single),
+        "model": report["by_format"]["single"]["accuracy"],
+        "other_slide": other["by_format"]["single"]["accuracy"],
+        "majority": blind["majority"],
+        "chance": blind["chance"],
+        "overall_accuracy": report["overall"]["accuracy"],
+        "ask": _ask_example(assistant, test, job_dir, trained.stage2, console),
+    }
+    return results, {
         "QA train/test.jsonl, summary.json": qa_dir,
         "QA ROIs": qa_dir / "rois",
         "VQA checkpoint": trained.stage2,
         "VQA predictions / metrics": run_dir / "metrics.json",
+        "VQA with another slide's visual input": run_dir / "metrics_other_slide.json",
     }
+
+
+def _ask_example(assistant: Any, test: list[Any], job_dir: Path, checkpoint: Path, console: Console) -> dict[str, Any] | None:
+    """One held-out whole-slide single-choice question, asked as ``slidevl ask`` asks it, beside its truth."""
+    from rich.markup import escape
+
+    from slidevl.qa.records import render_options
+    from slidevl.vqa.choices import format_letters, parse_choice
+
+    wsi = [r for r in test if r.level == "WSI" and r.format == "single"]
+    preferred = [r for template in ASK_TEMPLATES for r in wsi if r.meta.get("template") == template]
+    record = next(iter(preferred or wsi), None)
+    if record is None:
+        return None
+    options = render_options(record.options)
+    # The options go into the question text, as they do in training and on `slidevl ask`'s command line.
+    answer = assistant.conversation(assistant.open_slide(record.slide, job=job_dir)).ask("\n".join([record.question, *options]))
+    chosen = format_letters(parse_choice(answer, record.options))
+    truth = options[ord(record.answer) - ord("A")]
+    verdict = "[green]right[/]" if chosen == record.answer else "[red]wrong[/]"
+    console.print(f"[bold]slidevl ask {record.slide}[/] --checkpoint {checkpoint} --job {job_dir}\n"
+                  f"  {escape(record.question)}\n" + "".join(f"    {escape(o)}\n" for o in options)
+                  + f"  model: {escape(repr(answer))} -> {chosen or 'no option read'}\n  truth: {escape(truth)}   {verdict}",
+                  markup=True, highlight=False, soft_wrap=True)
+    return {"slide": record.slide, "question": record.question, "options": list(record.options), "answer": answer,
+            "chosen": chosen, "truth": record.answer, "correct": chosen == record.answer}
