@@ -89,7 +89,13 @@ def test_finished_output_is_refused_unless_overwrite_and_a_foreign_partial_is_re
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and f"{out} already holds finished predictions; pass --overwrite" in again.output
     done = runner.invoke(app, [*args, "--resume"])
+    n = len(read_records(world["records"]))
     assert done.exit_code == 0 and out.read_text() == first
+    assert f"{n} of them from an earlier run" in done.stdout, "a finished run is not answered again"
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(world["records"].read_text().splitlines(keepends=True)[:2]))
+    foreign = runner.invoke(app, [*args[:4], str(fewer), *args[5:], "--resume"])
+    assert foreign.exit_code == 2 and "finished predictions for other records" in foreign.output
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0 and out.read_text() == first
     both = runner.invoke(app, [*args, "--overwrite", "--resume"])
     assert both.exit_code == 2 and "not both" in both.output

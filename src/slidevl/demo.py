@@ -257,8 +257,7 @@ def vqa_steps(cohort_dir: Path, job_dir: Path, qa_dir: Path, run_dir: Path, cons
         assistant = SlideAssistant(trained.stage2, cache_root=run_dir / "ask_cache")
         predictions = run_dir / "predictions.jsonl"
         # A finished file is reused as is; an interrupted run continues from its partial file.
-        if not predictions.is_file():
-            predict_records(assistant, qa_dir / "test.jsonl", predictions, job=job_dir, console=console)
+        predict_records(assistant, qa_dir / "test.jsonl", predictions, job=job_dir, console=console, resume=True)
         report = evaluate(predictions, qa_dir / "test.jsonl", out=run_dir / "metrics.json")
     console.print(report_table(report))
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from slidevl.vqa.predictions import PredictionError, write_predictions
+from slidevl.vqa.predictions import PredictionError, read_predictions, write_predictions
 
 HEADER_KEY = "slidevl_predict"
 
@@ -64,10 +64,21 @@ class PartialPredictions:
                     f"{self.out} already holds finished predictions; pass --overwrite to answer every record again, "
                     "or choose another --out"
                 )
-            self.finished = True
+            self._adopt_finished()
             return
         if self.path.is_file():
             self._load()
+
+    def _adopt_finished(self) -> None:
+        """Resume a finished run: nothing is left to answer, if it answered exactly these records."""
+        answers = read_predictions(self.out)
+        if set(answers) != set(self.record_ids):
+            raise PredictionError(
+                f"{self.out} holds finished predictions for other records ({len(answers)} answers, {len(self.record_ids)} "
+                "records given); pass --overwrite to answer these records, or choose another --out"
+            )
+        self.answers = answers
+        self.finished = True
 
     @property
     def todo(self) -> list[str]:
