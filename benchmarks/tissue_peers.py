@@ -27,7 +27,7 @@ adipose recovery costs.
 Install the peer first (benchmark only, not a slidevl dependency; ``--no-deps`` keeps
 wandb and friends out, hs2p imports without them)::
 
-    .venv/bin/pip install --no-deps hs2p==6.1.0 && .venv/bin/pip install omegaconf opencv-python-headless
+    .venv/bin/pip install --no-deps hs2p==6.1.0 && .venv/bin/pip install omegaconf
 
 ``--slide-px`` (default 20,000), ``--patients`` (default 2) and ``--workdir`` change the cohort.
 """

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
-from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from slidevl.config import Config, setting
@@ -24,6 +24,7 @@ from slidevl.cpus import available_cpus
 from slidevl.errors import ConfigError
 from slidevl.slide.adipose import MAX_SEARCH_RATIO, closed, recover_adipose
 from slidevl.slide.membranes import MembraneMap, saturation, slide_block_reader
+from slidevl.slide.morphology import components
 from slidevl.slide.reader import Slide
 from slidevl.slide.tiffreads import TiffFirst
 from slidevl.tiling.grid import SlideGrid
@@ -138,45 +139,35 @@ def _median_above(values: np.ndarray, size: int, threshold: float) -> np.ndarray
 
     A window's median (the upper one of an even count, as skimage's rank median takes it)
     is above the threshold exactly when at least half of the window is, so this counts the
-    pixels above it with shifted sums instead of sorting every window: the same mask as
-    thresholding ``rank.median``, ~50x faster. Windows are cut at the border, as there.
+    pixels above it with an unnormalised box filter (exact integer sums, zeros outside)
+    instead of sorting every window: the same mask as thresholding ``rank.median``, over 50x
+    faster (the box filter ~3x faster than numpy shifted sums). Windows are cut at the border, as there.
     """
-    counts = (values > threshold).astype(np.uint8 if size * size < 256 else np.uint16)
+    above = np.ascontiguousarray(values > threshold).view(np.uint8)
     before, after = size // 2, size - size // 2 - 1  # window rows (columns) before and after its centre
+    counts = cv2.boxFilter(above, cv2.CV_32S if size * size > 65535 else cv2.CV_16U, (size, size),
+                           anchor=(before, before), normalize=False, borderType=cv2.BORDER_CONSTANT)
     spans = []
     for axis in (0, 1):
-        counts = _window_sums(counts, before, after, axis)
         idx = np.arange(values.shape[axis], dtype=np.int32)
         spans.append(np.minimum(idx + after, values.shape[axis] - 1) - np.maximum(idx - before, 0) + 1)
     half = (spans[0][:, None] * spans[1][None, :] + 1) // 2  # at least half of the window inside the image
     return counts >= half
 
 
-def _window_sums(values: np.ndarray, before: int, after: int, axis: int) -> np.ndarray:
-    """Sums of ``values`` over ``before`` + 1 + ``after`` neighbours along ``axis`` (zeros outside)."""
-    n = values.shape[axis]
-    padded = np.pad(values, [(before, after) if a == axis else (0, 0) for a in range(values.ndim)])
-
-    def shifted(k: int) -> np.ndarray:
-        return padded[k : k + n] if axis == 0 else padded[:, k : k + n]
-
-    out = shifted(0).copy()
-    for k in range(1, before + after + 1):
-        out += shifted(k)
-    return out
-
-
 def _components_at_most(mask: np.ndarray, max_px: float, *, keep_border: bool = False) -> np.ndarray:
     """Boolean map of 8-connected components of ``mask`` with area <= ``max_px`` pixels."""
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    labels, n = components(mask)
     if n == 0:
         return np.zeros_like(mask)
-    sizes = np.bincount(labels.ravel())
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
     small = sizes <= max_px
     small[0] = False
     if keep_border:
         border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
         small[border] = False
+    if not small.any():  # usually so for holes: skip a pass over the labels
+        return np.zeros_like(mask)
     return small[labels]
 
 
