@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from slidevl.cli import app
+from slidevl.features.encoders.clip_train import ClipTrainConfig, build_model, save_model
+from slidevl.features.encoders.text import get_text_encoder
 from slidevl.qa.records import read_records
 
 runner = CliRunner()
@@ -46,6 +49,40 @@ def test_demo_without_vqa_then_resumes(tmp_path: Path) -> None:
     again = runner.invoke(app, ["demo", "--out", str(out), "--no-vqa", *TINY])
     assert again.exit_code == 0, again.output
     assert "reusing it" in again.output
+
+
+def test_demo_on_an_aligned_encoder(tmp_path: Path) -> None:
+    """With a CLIP's features, HiLa's prompts come from its text tower and the zero-shot C-index is reported."""
+    clip = tmp_path / "clip"
+    # An untrained tiny CLIP is enough here: the path is what is tested, not what the model learnt.
+    config = ClipTrainConfig(image_size=32, patch_size=16, vision_width=64, vision_layers=1, text_width=64,
+                             text_layers=1, context_length=16, embed_dim=16)
+    torch.manual_seed(0)
+    save_model(build_model(config), clip, config)
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--no-vqa", "--encoder", f"openclip:{clip}", *TINY])
+    assert result.exit_code == 0, result.output
+    # --no-vqa needs no hand-crafted job: only the CLIP's features are made.
+    assert not (out / "job").exists()
+    assert len(list((out / "job-aligned" / "features").glob("*/*.h5"))) >= 20
+    hila = json.loads((out / "runs" / "hila" / "summary.json").read_text())
+    space = get_text_encoder(f"openclip:{clip.resolve()}").space
+    assert hila["text_space"] == space and hila["prompts"]["text_encoder"] == f"openclip:{clip.resolve()}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["encoder"] == f"openclip:{clip.resolve()}"
+    assert summary["survival"]["hila_text_space"] == space
+    zero_shot = summary["survival"]["zero_shot"]
+    assert zero_shot["text_space"] == space and zero_shot["n_patients"] == 20
+    assert zero_shot["c_index"] is not None and 0.0 <= zero_shot["c_index"] <= 1.0
+    assert f"{zero_shot['c_index']:.3f}" in result.output and "zero-shot prompts" in result.output
+    assert list(summary["time"]["steps"]) == ["synthetic cohort", "preprocess", "survival cv: abmil",
+                                              "survival cv: hila", "zero-shot prognosis"]
+
+
+def test_demo_train_clip_excludes_encoder(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--train-clip", "--encoder", "conch:/x"])
+    assert result.exit_code == 2 and "--train-clip" in result.output
+    assert not (tmp_path / "d").exists()
 
 
 def test_demo_refuses_too_few_patients(tmp_path: Path) -> None:
