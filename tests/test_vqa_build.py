@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -22,8 +23,21 @@ from slidevl.vqa.build import BuildConfig, BuildError, build_qa, split_patients
 from slidevl.vqa.cli import app
 
 CLASSES = ("background", "tumour", "stroma", "lymphocytes", "necrosis", "fat")
+ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"tumour": "tumour", "stroma": "fibrous stroma", "lymphocytes": "lymphocytic infiltrate",
          "necrosis": "necrosis", "fat": "adipose tissue"}
+
+
+def plain(**changes) -> BuildConfig:
+    """The benchmark's questions only; a test adds the extra training questions it checks."""
+    return BuildConfig(**{"train_extra_k": (), "train_patch_fields": 0, "train_slide_scale": False, **changes})
+
+
+def test_the_default_build_is_the_measured_recipe() -> None:
+    # recipes/vqa.yaml: `slidevl vqa build --train-extra-rois 11 --train-patch-fields 40 --train-slide-scale`
+    default = BuildConfig()
+    assert (default.train_extra_k, default.train_patch_fields, default.train_slide_scale) == ((11,), 40, True)
+    assert "--train-extra-rois 11 --train-patch-fields 40 --train-slide-scale" in (ROOT / "recipes" / "vqa.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +46,7 @@ def cohort(tmp_path_factory):
     make_cohort(root / "cohort", n_patients=6, seed=0, slide_px=2048, texture_px=512, progress=False)
     config = PreprocessConfig(workers=0, batch_size=64, progress=False, pack_features=False, global_feature=False)
     assert preprocess(root / "cohort" / "slides", root / "job", config).exit_code == 0
-    report = build_qa(root / "cohort", root / "job", root / "qa", progress=False)
+    report = build_qa(root / "cohort", root / "job", root / "qa", plain(), progress=False)
     return {"root": root, "cohort": root / "cohort", "job": root / "job", "report": report,
             "truth": json.loads((root / "cohort" / "truth.json").read_text())}
 
@@ -184,7 +198,7 @@ def test_roi_files_are_viewer_files_and_match_the_records(cohort):
 
 
 def test_build_is_deterministic(cohort, tmp_path):
-    again = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", progress=False)
+    again = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", plain(), progress=False)
     first = cohort["report"]
     assert again.train.read_text() == first.train.read_text()
     assert again.test.read_text() == first.test.read_text()
@@ -192,7 +206,7 @@ def test_build_is_deterministic(cohort, tmp_path):
 
 def test_extra_training_rois_add_region_questions_and_leave_the_benchmark_alone(cohort, tmp_path):
     first = cohort["report"]
-    report = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", BuildConfig(train_extra_k=(2, 6)), progress=False)
+    report = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", plain(train_extra_k=(2, 6)), progress=False)
     assert report.test.read_text() == first.test.read_text()
     old = {r.id: r for r in first.train_records}
     extra = [r for r in report.train_records if r.id not in old]
@@ -210,12 +224,12 @@ def test_extra_training_rois_add_region_questions_and_leave_the_benchmark_alone(
         len(json.loads(p.read_text())["train_extra_rois"]) for p in report.rois_dir.glob("*.json"))
     for bad in ((4,), (2, 2), (0,)):
         with pytest.raises(BuildError, match="--train-extra-rois"):
-            BuildConfig(train_extra_k=bad)
+            plain(train_extra_k=bad)
 
 
 def test_training_slide_scale_asks_the_slides_share_questions_of_training_rois(cohort, tmp_path):
     first = cohort["report"]
-    config = BuildConfig(train_extra_k=(2,), train_slide_scale=True)
+    config = plain(train_extra_k=(2,), train_slide_scale=True)
     report = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", config, progress=False)
     assert report.test.read_text() == first.test.read_text()
     old = {r.id for r in first.train_records}
@@ -235,7 +249,7 @@ def test_training_slide_scale_asks_the_slides_share_questions_of_training_rois(c
 
 def test_training_patch_fields_ask_choice_questions_of_single_patches(cohort, tmp_path):
     first = cohort["report"]
-    report = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", BuildConfig(train_patch_fields=5), progress=False)
+    report = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", plain(train_patch_fields=5), progress=False)
     assert report.test.read_text() == first.test.read_text()
     old = {r.id for r in first.train_records}
     assert [r for r in report.train_records if r.id in old] == first.train_records
@@ -258,13 +272,13 @@ def test_training_patch_fields_ask_choice_questions_of_single_patches(cohort, tm
                 assert r.bbox == tuple(fields[r.meta["window"]]["bbox"])
         n_fields += len(fields)
     assert report.summary["windows"]["train_patch_fields"] == n_fields > 0
-    again = build_qa(cohort["cohort"], cohort["job"], tmp_path / "again", BuildConfig(train_patch_fields=5), progress=False)
+    again = build_qa(cohort["cohort"], cohort["job"], tmp_path / "again", plain(train_patch_fields=5), progress=False)
     assert again.train.read_text() == report.train.read_text()
     with pytest.raises(BuildError, match="--train-patch-fields"):
-        BuildConfig(train_patch_fields=-1)
+        plain(train_patch_fields=-1)
     # In LLM mode the fields, having no text to rewrite, are not sent.
     with FakeChatServer(_fake_writer) as server, LLMClient(server.base_url, "fake-writer") as client:
-        worded = build_qa(cohort["cohort"], cohort["job"], tmp_path / "llm", BuildConfig(mode="llm", train_patch_fields=5),
+        worded = build_qa(cohort["cohort"], cohort["job"], tmp_path / "llm", plain(mode="llm", train_patch_fields=5),
                           client=client, progress=False)
         n_requests = len(server.requests)
     worded_units = {r.meta["unit"] for r in worded.train_records + worded.test_records if not r.is_choice}
@@ -288,7 +302,7 @@ def _fake_writer(body: dict) -> str:
 def test_llm_mode_chains_captions_reports_failures_and_uses_the_cache(cohort, tmp_path):
     template = {r.id: r for r in cohort["report"].train_records + cohort["report"].test_records}
     out = tmp_path / "qa"
-    config = BuildConfig(mode="llm")
+    config = plain(mode="llm")
     with FakeChatServer(_fake_writer) as server:
         with LLMClient(server.base_url, "fake-writer", cache_dir=out / "cache", max_concurrency=3) as client:
             report = build_qa(cohort["cohort"], cohort["job"], out, config, client=client, progress=False)
@@ -343,7 +357,7 @@ def test_llm_reply_naming_a_wrong_grade_is_rejected(cohort, tmp_path):
             {"id": i["id"], "answer": "fine"} for i in payload["items"]]})
 
     with FakeChatServer(wrong_grade) as server, LLMClient(server.base_url, "m") as client:
-        report = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", BuildConfig(mode="llm"),
+        report = build_qa(cohort["cohort"], cohort["job"], tmp_path / "qa", plain(mode="llm"),
                           client=client, progress=False)
     failures = json.loads(report.failures_path.read_text())
     assert len(failures) == report.summary["llm"]["units"]

@@ -18,7 +18,7 @@ from slidevl.synth.classes import BACKGROUND, FAT, LABEL_DS, MPP, NECROSIS, STRO
 from slidevl.synth.layout import Arrangement, make_layout
 from slidevl.synth.model import Morphology
 from slidevl.synth.spatial import PART_NAMES, measure
-from slidevl.vqa.build import build_qa
+from slidevl.vqa.build import BuildConfig, build_qa
 from slidevl.vqa.evaluate import evaluate, report_table
 from slidevl.vqa.templates import NODULE_SIZE, Unit, Writer, roi_records, wsi_records
 from slidevl.vqa.templates_facts import Composition, RegionFacts, SlideFacts
@@ -256,7 +256,9 @@ def built(tmp_path_factory):
     make_cohort(root / "cohort", n_patients=5, seed=3, slide_px=2048, texture_px=512, progress=False)
     config = PreprocessConfig(workers=0, batch_size=64, progress=False, pack_features=False, global_feature=False)
     assert preprocess(root / "cohort" / "slides", root / "job", config).exit_code == 0
-    report = build_qa(root / "cohort", root / "job", root / "qa", progress=False)
+    # The benchmark's questions only: the spatial templates are asked of every slide either way.
+    report = build_qa(root / "cohort", root / "job", root / "qa",
+                      BuildConfig(train_extra_k=(), train_patch_fields=0, train_slide_scale=False), progress=False)
     return {"root": root, "report": report, "truth": load_truth(root / "cohort")}
 
 

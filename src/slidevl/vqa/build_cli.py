@@ -37,9 +37,10 @@ def build_command(
     out: Path = typer.Option(..., "--out", help="Output folder: train.jsonl, test.jsonl, rois/, summary.json."),
     k_rois: int = field_option(BuildConfig, "k_rois", "--k-rois"),
     # Typed as text ("8,12") and a list of SCALE:PIXELS; the config holds the parsed values.
-    train_extra_rois: str = typer.Option("", "--train-extra-rois", help=_help("train_extra_k")),
+    train_extra_rois: str = typer.Option(
+        ",".join(map(str, BuildConfig().train_extra_k)), "--train-extra-rois", help=_help("train_extra_k")),
     train_patch_fields: int = field_option(BuildConfig, "train_patch_fields", "--train-patch-fields"),
-    train_slide_scale: bool = field_option(BuildConfig, "train_slide_scale", "--train-slide-scale"),
+    train_slide_scale: bool = field_option(BuildConfig, "train_slide_scale", "--train-slide-scale/--no-train-slide-scale"),
     roi_method: str = field_option(BuildConfig, "roi_method", "--roi-method"),
     window: Optional[List[str]] = typer.Option(None, "--window", help=_help("windows")),
     min_window_tissue: float = field_option(BuildConfig, "min_window_tissue", "--min-window-tissue"),
