@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Iterator
 
 import pytest
@@ -11,6 +12,13 @@ import torch
 # Rich wraps CLI output at the terminal width; a wide virtual terminal keeps long paths
 # and messages on one line so tests can look for them.
 os.environ["COLUMNS"] = "240"
+
+
+# A shell that starts the tests in the background (`make test &`, nohup) ignores SIGINT, and an
+# ignored signal is inherited by every child: the tests that stop a run with Ctrl-C would then
+# watch it finish. A handler (unlike "ignore") is reset to the default in children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
