@@ -21,3 +21,31 @@ def wait_until_running(job: Path, slide_id: str, proc: subprocess.Popen, timeout
             pass
         time.sleep(0.01)
     raise AssertionError(f"{slide_id} never started")
+
+
+def _ignores_sigint(pid: str) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # ended meanwhile
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (2 - 1)))  # bit of SIGINT (2)
+
+
+def wait_until_reading(job: Path, slide_id: str, proc: subprocess.Popen, workers: int, timeout: float = 60.0) -> None:
+    """Return once ``slide_id`` is running and all ``workers`` tile readers of ``proc`` are up.
+
+    A reader is up once it ignores SIGINT (its ``worker_init_fn`` has run), so a signal sent
+    now lands inside the slide's tile reading, with the workers running, however loaded the
+    machine is; a fixed sleep after "running" could land after the slide had finished.
+    """
+    wait_until_running(job, slide_id, proc, timeout)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"preprocess finished before {slide_id}'s tile readers were seen"
+        pids = children.read_text().split()
+        if len(pids) >= workers and all(_ignores_sigint(pid) for pid in pids):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{slide_id}'s tile readers never started")

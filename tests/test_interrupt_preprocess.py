@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from process_helpers import wait_until_running
+from process_helpers import wait_until_reading
 from slide_fixtures import write_aperio_slide
 from slidevl.features.store import FeatureStore
 
@@ -24,7 +23,7 @@ def test_interrupt_mid_slide_says_so_marks_the_slide_and_resumes(tmp_path: Path,
     slides = tmp_path / "slides"
     slides.mkdir()
     write_aperio_slide(slides / "a.svs", 2048, 1536)
-    write_aperio_slide(slides / "b.svs", 6144, 4608, seed=5)
+    write_aperio_slide(slides / "b.svs", 8192, 6144, seed=5)
     (slides / "notes.txt").write_text("not a slide")
     job = tmp_path / "job"
     command = [sys.executable, "-c", RUNNER, "preprocess", str(slides), "--out", str(job), "--workers", "2",
@@ -33,8 +32,7 @@ def test_interrupt_mid_slide_says_so_marks_the_slide_and_resumes(tmp_path: Path,
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     try:
-        wait_until_running(job, "b", proc)
-        time.sleep(0.5)  # inside b's tile reading, with the workers running
+        wait_until_reading(job, "b", proc, workers=2)
         # What a terminal's Ctrl-C does: the signal goes to the whole group, workers included.
         os.killpg(proc.pid, signum)
         out, err = proc.communicate(timeout=60)

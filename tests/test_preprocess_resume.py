@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from process_helpers import wait_until_running
+from process_helpers import wait_until_reading
 from slide_fixtures import write_aperio_slide
 from slidevl.features.config import PreprocessConfig
 from slidevl.features.pipeline import preprocess
@@ -40,8 +39,7 @@ def test_kill_mid_slide_then_rerun_matches_clean_run(tmp_path):
                "--batch-size", "8", "--no-progress"]
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_until_running(job, "b", proc)
-        time.sleep(0.3)  # inside b's tile reading
+        wait_until_reading(job, "b", proc, workers=1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the runner and its DataLoader workers
         proc.wait()
