@@ -50,6 +50,7 @@ def test_interrupt_mid_slide_says_so_marks_the_slide_and_resumes(tmp_path: Path,
     assert status["status"] == "interrupted"
     manifest = json.loads((job / "manifest.json").read_text())
     assert {e["slide_id"]: e["status"] for e in manifest["slides"]} == {"a": "ok", "b": "interrupted"}
+    assert manifest["latest_encoder"] == "handcrafted"
     assert "interrupted" in (job / "summary.md").read_text()
     assert not list(job.rglob("*.partial"))
 
@@ -73,3 +74,16 @@ def test_entries_that_are_not_slides_are_named_once_hidden_ones_are_not(tmp_path
     assert not_slides_note(others) == ("skipped 7 file(s) and 1 folder(s) that are not slides: "
                                        "f0.csv, f1.csv, f2.csv, f3.csv, f4.csv … (3 more)")
     assert find_inputs(tmp_path / "a.svs")[1] == [] and not_slides_note([]) is None
+
+
+def test_the_interrupted_line_counts_only_the_interrupted_encoders_slides(tmp_path: Path) -> None:
+    from slidevl.features.cli import _finished
+
+    rows = [{"slide_id": sid, "encoder_folder": folder, "status": status}
+            for sid, folder, status in [("a", "handcrafted", "ok"), ("b", "handcrafted", "ok"), ("c", "handcrafted", "failed"),
+                                        ("a", "uni", "ok"), ("b", "uni", "interrupted")]]
+    (tmp_path / "manifest.json").write_text(json.dumps({"latest_encoder": "uni", "slides": rows}))
+    assert _finished(tmp_path) == f"1 slide(s) complete, 1 interrupted ({tmp_path / 'manifest.json'})"
+    # A manifest written before the latest encoder was recorded counts every row, as it did.
+    (tmp_path / "manifest.json").write_text(json.dumps({"slides": rows}))
+    assert _finished(tmp_path).startswith("3 slide(s) complete, 1 failed, 1 interrupted")

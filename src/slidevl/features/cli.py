@@ -127,7 +127,12 @@ def _finished(job: Path) -> str:
     manifest = read_manifest(job)
     if manifest is None:
         return f"no slide finished in {job}"
-    counts = manifest["counts"]
+    # Only the interrupted run's encoder: other encoders' rows in the same job are not its work.
+    latest = manifest.get("latest_encoder")
+    counts: dict[str, int] = {}
+    for row in manifest["slides"]:
+        if latest is None or row.get("encoder_folder") == latest:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
     done = [f"{counts.get('ok', 0) + counts.get('skipped', 0)} slide(s) complete"]
     done += [f"{counts[key]} {key}" for key in ("failed", "interrupted") if counts.get(key)]
     return f"{', '.join(done)} ({job / MANIFEST})"

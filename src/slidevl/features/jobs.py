@@ -382,7 +382,7 @@ def rebuild_manifest(job: Path, config: dict[str, Any] | None = None,
     """Rebuild ``manifest.json`` and ``summary.md`` from every status file in the job.
 
     The manifest has one row per slide and encoder folder. ``config`` is the latest run's
-    (``config``), and, given ``folder``, that encoder folder's (``configs``, which keeps the
+    (``config``; its folder is ``latest_encoder``), and, given ``folder``, that encoder folder's (``configs``, which keeps the
     other folders' from the previous manifest). ``not_slides`` are the entries of the latest
     run's input folders that are not slides (see :func:`find_inputs`); None keeps the list
     the manifest already holds.
@@ -402,8 +402,10 @@ def rebuild_manifest(job: Path, config: dict[str, Any] | None = None,
     if folder is not None:
         configs = {**configs, folder: config}
     folders = sorted({e["encoder_folder"] for e in entries if e["encoder_folder"]})
+    latest = folder if folder is not None else previous.get("latest_encoder")
     manifest = {"job": str(job.resolve()), "updated": now_iso(), "counts": counts, "config": config,
-                "encoders": folders, "configs": configs, "slides": entries, "not_slides": listed}
+                "latest_encoder": latest, "encoders": folders, "configs": configs, "slides": entries,
+                "not_slides": listed}
     from slidevl import __version__
 
     manifest["slidevl_version"] = __version__
