@@ -305,3 +305,28 @@ def test_thumbnail_is_padded_to_a_white_square():
     assert thumb.shape == (60, 60, 3)
     assert (thumb[:20] == 255).all() and (thumb[40:] == 255).all()  # padding above and below
     assert (thumb[21:39] == 0).all()  # the slide, centred
+
+
+
+def test_a_manifest_rebuild_waits_for_the_one_in_progress(tmp_path: Path) -> None:
+    """Array tasks and two encoders' runs ending together rebuild the manifest one at a time.
+
+    Unlocked, a task that read the statuses before another task wrote its last one could
+    write its stale manifest last, or drop the other encoder's ``configs`` entry.
+    """
+    import fcntl
+    import subprocess
+    import sys
+
+    from slidevl.features import jobs
+
+    jobs.write_status(tmp_path, jobs.SlideStatus(slide_id="a", slide_path="/x/a.svs", status="ok", encoder_folder="uni"))
+    code = f"from slidevl.features import jobs; jobs.rebuild_manifest({str(tmp_path)!r}, {{}}, None, 'uni')"
+    with open(tmp_path / jobs.MANIFEST_LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another task's rebuild in progress
+        rebuild = subprocess.Popen([sys.executable, "-c", code])  # a separate process: it inherits no lock
+        with pytest.raises(subprocess.TimeoutExpired):
+            rebuild.wait(5.0)
+        assert jobs.read_manifest(tmp_path) is None
+    assert rebuild.wait(60) == 0
+    assert [row["slide_id"] for row in jobs.read_manifest(tmp_path)["slides"]] == ["a"]

@@ -18,12 +18,15 @@ exists (from a killed run or another configuration) is not done.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import h5py
 
@@ -41,6 +44,7 @@ STATUS_DIR = "status"
 # The fingerprint entries that decide a slide's tissue outline and QC picture (not the encoder's).
 OUTLINE_SETTINGS = ("tissue", "grid", "min_tissue", "mpp", "slide_bytes")
 MANIFEST = "manifest.json"
+MANIFEST_LOCK = ".manifest.lock"
 SUMMARY = "summary.md"
 
 
@@ -377,6 +381,27 @@ def read_manifest(job: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+@contextlib.contextmanager
+def _manifest_lock(job: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the job's manifest while it is read, rebuilt and written.
+
+    Slurm array tasks, Ray drivers and two encoders' runs may end at the same moment. A
+    rebuild that read the statuses before another task wrote its last one must not be the
+    one written last, nor drop the other encoder's ``configs`` entry. Where the filesystem
+    has no locks (some network mounts), the rebuild goes on unlocked, as before.
+    """
+    Path(job).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(job) / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def rebuild_manifest(job: Path, config: dict[str, Any] | None = None,
                      not_slides: Sequence[Path] | None = None, folder: str | None = None) -> tuple[Path, Path]:
     """Rebuild ``manifest.json`` and ``summary.md`` from every status file in the job.
@@ -388,6 +413,12 @@ def rebuild_manifest(job: Path, config: dict[str, Any] | None = None,
     the manifest already holds.
     """
     job = Path(job)
+    with _manifest_lock(job):
+        return _rebuild_manifest(job, config, not_slides, folder)
+
+
+def _rebuild_manifest(job: Path, config: dict[str, Any] | None, not_slides: Sequence[Path] | None,
+                      folder: str | None) -> tuple[Path, Path]:
     previous = read_manifest(job) or {}
     entries = [manifest_entry(r) for r in read_statuses(job)]
     counts: dict[str, int] = {}
