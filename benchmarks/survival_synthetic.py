@@ -4,8 +4,10 @@ Canonical result ``benchmarks/results/survival_synthetic.{json,md}``, regenerate
 
     python benchmarks/survival_synthetic.py --cohort /tmp/sv360 --jobs 2
 
-(360 patients at 6144 px; on 2 free cores about 30 min for the cohorts, the CLIP and the
-features, then about 4 CPU-min per 5-fold run, 2 runs at a time.) Run folders are reused
+(360 patients at 6144 px; on 2 cores about 45 min for the cohorts, the CLIP (27 min) and
+the features, then 1.5 (meanpool) to 7 (HiLa, aligned) CPU-min per 5-fold run, 2 runs at
+a time: about 2 h 15 min for the claims' runs, and 2 CPU-hours more for TransMIL and the
+keep-ratio sweep.) Run folders are reused
 when their settings match, so an interrupted run continues where it stopped; ``--report``
 writes the result from the runs that exist, naming the ones that do not.
 
