@@ -6,8 +6,8 @@ Canonical result ``benchmarks/results/survival_synthetic.{json,md}``, regenerate
 
 (360 patients at 6144 px; on 2 cores about 45 min for the cohorts, the CLIP (27 min) and
 the features, then 1.5 (meanpool) to 7 (HiLa, aligned) CPU-min per 5-fold run, 2 runs at
-a time: about 2 h 15 min for the claims' runs, and 2 CPU-hours more for TransMIL and the
-keep-ratio sweep.) Run folders are reused
+a time: about 2 h 15 min for the claims' runs; the keep-ratio sweep adds about 2 CPU-hours
+and TransMIL about 6, an hour per 5-fold run.) Run folders are reused
 when their settings match, so an interrupted run continues where it stopped; ``--report``
 writes the result from the runs that exist, naming the ones that do not.
 
