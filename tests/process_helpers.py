@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ def _ignores_sigint(pid: str) -> bool:
     except OSError:  # ended meanwhile
         return False
     mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
-    return bool(int(mask, 16) & (1 << (2 - 1)))  # bit of SIGINT (2)
+    return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
 
 
 def wait_until_reading(job: Path, slide_id: str, proc: subprocess.Popen, workers: int, timeout: float = 60.0) -> None:
