@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 import threading
 import time
@@ -94,22 +92,36 @@ def test_ray_job_equals_local_job_and_resumes(local_ray, slides, local_job, tmp_
     assert (again.n_skipped, again.n_ok, again.n_failed) == (2, 0, 1)  # complete slides are skipped, as locally
 
 
+def _status_of(job: Path, slide_id: str) -> str | None:
+    try:
+        return json.loads((job / "status" / "handcrafted" / f"{slide_id}.json").read_text())["status"]
+    except (OSError, ValueError):
+        return None
+
+
 def _kill_worker_of(job: Path, slide_id: str, run: threading.Thread, timeout: float = 60.0) -> None:
-    """SIGKILL the Ray worker while it processes ``slide_id`` (its process title is ``ray::slide <id>``)."""
-    status = job / "status" / "handcrafted" / f"{slide_id}.json"
+    """SIGKILL the Ray worker while it processes ``slide_id`` (its process title is ``ray::slide <id>``).
+
+    The worker is stopped (SIGSTOP) before it is killed, and killed only if, stopped, it still
+    holds the slide unfinished: a kill that lands after the task returned would hit an idle
+    worker instead, which Ray then hands the next task.
+    """
+    title = f"ray::slide {slide_id}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert run.is_alive(), "preprocess finished before the worker could be killed"
-        try:
-            running = json.loads(status.read_text())["status"] == "running"
-        except (OSError, ValueError):
-            running = False
-        if running:
-            workers = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0] == f"ray::slide {slide_id}"]
-            if workers:
-                time.sleep(0.5)  # into b's tissue detection and tile reading (b takes seconds)
-                os.kill(workers[0].pid, signal.SIGKILL)
-                return
+        if _status_of(job, slide_id) == "running":
+            for worker in psutil.process_iter(["cmdline"]):
+                if (worker.info["cmdline"] or [""])[0] != title:
+                    continue
+                try:
+                    worker.suspend()
+                    if worker.cmdline()[0] == title and _status_of(job, slide_id) == "running":
+                        worker.kill()  # the task writes the slide's status itself: stopped, it is mid-slide
+                        return
+                    worker.resume()
+                except psutil.NoSuchProcess:
+                    continue  # the worker ended between the listing and the signal
         time.sleep(0.01)
     raise AssertionError(f"no Ray worker was seen processing {slide_id}")
 
