@@ -8,7 +8,7 @@ Canonical result ``benchmarks/results/survival_synthetic.{json,md}``, regenerate
 the features, then 1.5 (meanpool) to 7 (HiLa, aligned) CPU-min per 5-fold run, 2 runs at
 a time: about 2 h 15 min for the claims' runs; the keep-ratio sweep adds about 2 CPU-hours
 and TransMIL about 6, an hour per 5-fold run.) Run folders are reused
-when their settings match, so an interrupted run continues where it stopped; ``--report``
+when their settings match, so an interrupted run continues from its finished folds; ``--report``
 writes the result from the runs that exist, naming the ones that do not.
 
 Two spaces, every model with the library's default recipe:
@@ -167,14 +167,19 @@ def _finished(config: Any) -> dict | None:
 
 
 def _train(config: Any, threads: int) -> str:
-    """One 5-fold run in a worker process (a stale run folder is replaced, not mixed)."""
+    """One 5-fold run in a worker process: an interrupted run of the same settings goes on from its
+    finished folds; a run folder of other settings is replaced, not mixed."""
     import torch
 
     from slidevl.survival.cv import run_cv
+    from slidevl.survival.runfolder import RunFolderError
 
     torch.set_num_threads(threads)
     if _finished(config) is None:
-        run_cv(config, overwrite=True, show_progress=False)
+        try:
+            run_cv(config, resume=True, show_progress=False)
+        except RunFolderError:
+            run_cv(config, overwrite=True, show_progress=False)
     return str(config.out)
 
 

@@ -79,6 +79,25 @@ def test_demo_on_an_aligned_encoder(tmp_path: Path) -> None:
                                               "survival cv: hila", "zero-shot prognosis"]
 
 
+def test_demo_train_clip_learns_from_a_cohort_of_its_own(tmp_path: Path) -> None:
+    """--train-clip's captions name the grade the planted risk depends on: no survival patient may train it."""
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--no-vqa", "--train-clip", "--clip-epochs", "1",
+                                 *TINY[:-4], "--epochs", "1", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    own = out / "clip_data" / "cohort"
+    assert (own / "clinical.csv").read_text() != (out / "cohort" / "clinical.csv").read_text()
+    report = json.loads((out / "clip" / "report.json").read_text())
+    seen = set(report["train_patients"]) | set(report["heldout_patients"])
+    assert seen == {p["patient_id"] for p in json.loads((own / "truth.json").read_text())["patients"]}
+    assert "held-out patients of its own cohort" in result.output
+    assert not (out / "job").exists()  # --no-vqa with an aligned encoder: no hand-crafted job on the demo cohort
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["encoder"] == f"openclip:{out / 'clip'}"
+    assert list(summary["time"]["steps"])[:4] == ["synthetic cohort", "CLIP's cohort", "preprocess: CLIP's cohort",
+                                                  "train CLIP"]
+
+
 def test_demo_train_clip_excludes_encoder(tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--train-clip", "--encoder", "conch:/x"])
     assert result.exit_code == 2 and "--train-clip" in result.output
