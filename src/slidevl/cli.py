@@ -20,6 +20,7 @@ import click
 import typer
 
 from slidevl.cli_errors import ReportingGroup
+from slidevl.cpus import set_torch_threads
 
 #: Every command, in the order ``--help`` lists them (single commands, then groups): a command
 #: function or a typer app (a group of commands).
@@ -104,9 +105,18 @@ app = typer.Typer(
 
 
 @app.callback()
-def _quiet_hub_progress() -> None:
+def _process_settings(
+    threads: int = typer.Option(
+        0, "--threads", min=0,
+        help="CPU threads for torch in any command (0: torch's default, one per core). On a machine other jobs "
+             "keep busy, fewer threads than cores run faster: a thread on a busy core stalls the others at every step. "
+             "A command's own --threads (survival, demo) wins.",
+    ),
+) -> None:
     """Vision-language analysis of whole-slide images."""
     # Model loading bars from transformers would interleave with our own rich progress.
     # The variable is read when transformers is first imported, so nothing is imported
     # here (the command that needs transformers imports it); a user's own setting wins.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if threads:
+        set_torch_threads(threads)

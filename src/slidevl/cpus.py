@@ -30,3 +30,23 @@ def interactive_openmp() -> None:
     """
     for key, value in OPENMP_WAIT.items():
         os.environ.setdefault(key, value)
+
+
+#: The variables torch's CPU thread pools read when torch is imported.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def set_torch_threads(threads: int) -> None:
+    """Run torch's CPU work, in this process and in those it starts, on ``threads`` threads.
+
+    Torch is imported here: its OpenMP runtime may already be loaded by another library and
+    would then no longer read the environment, so only ``torch.set_num_threads`` is sure. The
+    environment carries the setting to child processes (tile readers, a warm ``ask`` server).
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    for key in THREAD_VARIABLES:
+        os.environ[key] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
