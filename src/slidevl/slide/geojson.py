@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import approximate_polygon, find_contours
 
+from slidevl.slide.morphology import components
 from slidevl.slide.tissue import TissueMask
 
 TISSUE_CLASS = {"name": "Tissue", "color": [0, 160, 0]}
@@ -30,7 +31,7 @@ def _signed_area(ring: np.ndarray) -> float:
 def mask_polygons(tissue: TissueMask) -> list[list[np.ndarray]]:
     """Polygons as lists of closed (K, 2) level-0 x, y rings: ``[outer, hole, hole, ...]``."""
     mask = tissue.mask
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    labels, _ = components(mask)  # 8-connected
     polygons: list[list[np.ndarray]] = []
     for index, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
