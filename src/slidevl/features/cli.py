@@ -9,6 +9,7 @@ The top-level CLI mounts :func:`preprocess_command` as ``preprocess`` and
 
 from __future__ import annotations
 
+from collections import Counter
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -21,7 +22,7 @@ from slidevl.cli_errors import ReportingCommand, ReportingGroup
 from slidevl.errors import EXIT_FAILED
 from slidevl.features.encoders.presets import default_mpp
 from slidevl.features.config import PreprocessConfig, parse_shard, slurm_array_shard
-from slidevl.features.jobs import MANIFEST, UsageError, count_statuses, read_manifest, recorded_slides
+from slidevl.features.jobs import MANIFEST, UsageError, read_manifest, recorded_slides
 from slidevl.interrupts import resumable
 from slidevl.slide.mpp import load_mpp_csv
 from slidevl.slide.tissue import TissueParams
@@ -129,7 +130,7 @@ def _finished(job: Path) -> str:
         return f"no slide finished in {job}"
     # Only the interrupted run's encoder: other encoders' rows in the same job are not its work.
     latest = manifest.get("latest_encoder")
-    counts = count_statuses([row for row in manifest["slides"] if latest is None or row.get("encoder_folder") == latest])
+    counts = Counter(row["status"] for row in manifest["slides"] if latest is None or row.get("encoder_folder") == latest)
     done = [f"{counts.get('ok', 0) + counts.get('skipped', 0)} slide(s) complete"]
     done += [f"{counts[key]} {key}" for key in ("failed", "interrupted") if counts.get(key)]
     return f"{', '.join(done)} ({job / MANIFEST})"

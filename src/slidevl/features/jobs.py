@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -372,14 +373,6 @@ def row_key(row: dict[str, Any]) -> tuple[str, str | None]:
     return str(row.get("slide_id")), folder
 
 
-def count_statuses(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """How many manifest rows have each status."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return counts
-
-
 def read_manifest(job: Path) -> dict[str, Any] | None:
     """The job's manifest, or None if absent or unreadable."""
     try:
@@ -429,7 +422,7 @@ def _rebuild_manifest(job: Path, config: dict[str, Any] | None, not_slides: Sequ
                       folder: str | None) -> tuple[Path, Path]:
     previous = read_manifest(job) or {}
     entries = [manifest_entry(r) for r in read_statuses(job)]
-    counts = count_statuses(entries)
+    counts = dict(Counter(e["status"] for e in entries))
     if not_slides is None:
         kept = previous.get("not_slides")
         listed = [str(p) for p in kept] if isinstance(kept, list) else []
