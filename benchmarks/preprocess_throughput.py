@@ -93,7 +93,9 @@ def run_preprocess(slide: Path, job: Path, extra: list[str]) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, str(slide), "--out", str(job), *extra],
                          check=True, capture_output=True, text=True)
     rss = json.loads(out.stdout.strip().splitlines()[-1])
-    status = json.loads((job / "status" / f"{slide.stem}.json").read_text())
+    # One encoder per job: its status lives in that encoder's folder (status/<encoder>/<slide>.json).
+    (status_file,) = (job / "status").glob(f"*/{slide.stem}.json")
+    status = json.loads(status_file.read_text())
     seconds = sum(status["timings"].values())
     return {
         "n_patches": status["n_patches"],
