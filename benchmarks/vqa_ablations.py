@@ -73,10 +73,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from vqa_probes import probe_features, render_probes
+
+if TYPE_CHECKING:
+    from slidevl.vqa.build import BuildConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Variants also answered with another slide's visual input (does the model look?).
@@ -132,8 +135,12 @@ def _log(message: str) -> None:
     print(f"[vqa_ablations {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def prepare_data(args: argparse.Namespace, sizes: Sizes, work: Path) -> tuple[Path, Path, Path]:
-    """Cohort, feature job and QA folder: given ones are used as they are, missing ones are made."""
+def prepare_data(args: argparse.Namespace, sizes: Sizes, work: Path, *,
+                 build: BuildConfig | None = None) -> tuple[Path, Path, Path]:
+    """Cohort, feature job and QA folder: given ones are used as they are, missing ones are made.
+
+    ``build`` is the QA build's configuration (default: the benchmark's questions alone).
+    """
     from slidevl.features.config import PreprocessConfig
     from slidevl.features.pipeline import preprocess
     from slidevl.synth.cohort import make_cohort
@@ -154,7 +161,8 @@ def prepare_data(args: argparse.Namespace, sizes: Sizes, work: Path) -> tuple[Pa
         _log(f"building template QA into {qa}")
         # The ablations compare variants on the benchmark's questions alone, as the committed results were made;
         # the extra training questions of the default build (recipes/vqa.yaml) are the recipe's, measured apart.
-        build_qa(cohort, job, qa, BuildConfig(train_extra_k=(), train_patch_fields=0, train_slide_scale=False), progress=False)
+        build = build or BuildConfig(train_extra_k=(), train_patch_fields=0, train_slide_scale=False)
+        build_qa(cohort, job, qa, build, progress=False)
     return cohort, job, qa
 
 

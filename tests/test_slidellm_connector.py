@@ -132,6 +132,28 @@ def test_pooled_tokens_are_the_mean_outputs_of_each_group_and_ignore_padding() -
         _config("qformer", pooled_tokens=True)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "qformer"])
+def test_without_summaries_only_the_patches_reach_the_llm(kind: str) -> None:
+    torch.manual_seed(0)
+    pooled = {"pooled_tokens": True} if kind == "mlp" else {}
+    conn = build_connector(_config(kind, patch_dim=PATCH, use_summaries=False, **pooled)).eval()
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    patches, patch_valid = torch.randn(1, 3, PATCH), torch.ones(1, 3, dtype=torch.bool)
+    out = conn(torch.randn(1, 4, DIM), valid, patches, patch_valid)
+    # Other encoder tokens change nothing: the connector does not read them.
+    torch.testing.assert_close(conn(torch.randn(1, 4, DIM), valid, patches, patch_valid).embeds, out.embeds)
+    if kind == "mlp":
+        # The 3 patches and their mean; no summary rows, no pooled summary row.
+        assert out.embeds.shape == (1, 3 + 1, WIDTH) == (1, conn.output_length(4, 3), WIDTH)
+        torch.testing.assert_close(out.embeds[0, 3], out.embeds[0, :3].mean(0))
+    with pytest.raises(ValueError, match="at least one valid patch"):
+        conn(torch.randn(1, 4, DIM), valid, patches, torch.zeros(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="use_patches"):
+        _config(kind, use_summaries=False, use_patches=False)
+    with pytest.raises(ValueError, match="patch width"):
+        build_connector(_config(kind, use_summaries=False))
+
+
 def test_patch_inputs_must_match_the_config() -> None:
     tokens, valid = torch.randn(1, 4, DIM), torch.ones(1, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="pass patches"):

@@ -67,6 +67,11 @@ class ConnectorConfig(Config):
     ``vision_dim``. ``use_patches`` asks for that when a run fills in the widths;
     ``patch_dim`` is then the feature store's patch width.
 
+    ``use_summaries=False`` drops the encoder's tokens (the pack summaries and the global
+    token): the connector reads the patch features alone, in grid order and without the
+    encoder's 2-D context. It is the "no slide encoder" ablation of the spatial questions
+    and needs ``use_patches``.
+
     ``pooled_tokens`` (mlp only) appends the mean output over the summary tokens, and over
     the patches when they are read; ``None`` means on for a connector that can pool.
 
@@ -100,6 +105,7 @@ class ConnectorConfig(Config):
     dropout: float = 0.1
     use_global: bool = True
     use_patches: bool = True
+    use_summaries: bool = True
     patch_dim: int = 0
     max_patches: int = 1024
     pooled_tokens: bool | None = None
@@ -121,6 +127,9 @@ class ConnectorConfig(Config):
                 raise ConfigError(f"connector {name} must be >= 1, got {getattr(self, name)}")
         if self.patch_dim < 0:
             raise ConfigError(f"connector patch_dim must be >= 0, got {self.patch_dim}")
+        if not self.use_summaries and not self.use_patches:
+            raise ConfigError("a connector that reads no encoder tokens (use_summaries off) must read the patch features "
+                              "(use_patches on)")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"connector hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
@@ -224,6 +233,8 @@ class Connector(nn.Module):
 
     def __init__(self, config: ConnectorConfig) -> None:
         super().__init__()
+        if not config.use_summaries and not config.reads_patches:
+            raise ConfigError("a connector without the encoder's tokens needs the patch width (patch_dim > 0)")
         self.config = config
         self.standardize = TokenStandardizer(config.vision_dim)
         if config.reads_patches:
@@ -250,7 +261,10 @@ class Connector(nn.Module):
     def merged_inputs(
         self, tokens: Tensor, valid: Tensor, patches: Tensor | None, patch_valid: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """(B, T [+ N], vision_dim) standardised inputs and their validity, padding zeroed."""
+        """(B, T [+ N], vision_dim) standardised inputs and their validity, padding zeroed.
+
+        Without summaries (``use_summaries`` off) only the N projected patches are returned.
+        """
         _check_inputs(tokens, valid, self.config.vision_dim)
         valid = valid.to(torch.bool)
         # The attention mask already hides padded keys; zeroing them as well keeps a NaN or
@@ -272,6 +286,10 @@ class Connector(nn.Module):
         patch_valid = patch_valid.to(torch.bool)
         projected = self.patch_proj(self.patch_standardize(patches).masked_fill(~patch_valid[..., None], 0.0))
         projected = projected.masked_fill(~patch_valid[..., None], 0.0)
+        if not self.config.use_summaries:
+            if not bool(patch_valid.any(dim=1).all()):
+                raise ValueError("a connector without summary tokens needs at least one valid patch per sample")
+            return projected, patch_valid
         return torch.cat([tokens, projected], dim=1), torch.cat([valid, patch_valid], dim=1)
 
 
@@ -330,20 +348,22 @@ class MLPConnector(Connector):
     def forward(
         self, tokens: Tensor, valid: Tensor, patches: Tensor | None = None, patch_valid: Tensor | None = None
     ) -> ConnectorOutput:
-        n_summary = tokens.shape[1]
+        n_summary = tokens.shape[1] if self.config.use_summaries else 0
         tokens, valid = self.merged_inputs(tokens, valid, patches, patch_valid)
         embeds = self.mlp(tokens)
         if not self.config.pooled_tokens:
             return ConnectorOutput(embeds, valid)
-        groups = [slice(0, n_summary)] + ([slice(n_summary, tokens.shape[1])] if self.config.reads_patches else [])
+        groups = ([slice(0, n_summary)] if n_summary else []) + (
+            [slice(n_summary, tokens.shape[1])] if self.config.reads_patches else [])
         pooled, pooled_valid = zip(*(_masked_mean(embeds[:, g], valid[:, g]) for g in groups))
         return ConnectorOutput(torch.cat([embeds, torch.stack(pooled, 1)], 1),
                                torch.cat([valid, torch.stack(pooled_valid, 1)], 1))
 
     def output_length(self, n_tokens: int, n_patches: int = 0) -> int:
-        """Every token and patch, plus the pooled rows (summaries, and patches when read)."""
-        pooled = (1 + int(self.config.reads_patches)) if self.config.pooled_tokens else 0
-        return n_tokens + (n_patches if self.config.reads_patches else 0) + pooled
+        """Every token (when read) and patch, plus the pooled rows (summaries and patches, when read)."""
+        summaries = int(self.config.use_summaries)
+        pooled = (summaries + int(self.config.reads_patches)) if self.config.pooled_tokens else 0
+        return summaries * n_tokens + (n_patches if self.config.reads_patches else 0) + pooled
 
 
 def _masked_mean(x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:

@@ -91,6 +91,9 @@ class ConnectorChoice(Config):
     use_global: Optional[bool] = setting(None, help="Let the connector read the global token (default on).", flag="--global")
     use_patches: Optional[bool] = setting(
         None, help="Let the connector read the patch features under the question's box too (default on).", flag="--patches")
+    use_summaries: Optional[bool] = setting(
+        None, help="Let the connector read the encoder's tokens (default on); off reads the patch features alone "
+                   "(the no-slide-encoder ablation).", flag="--summaries")
     max_patches: Optional[int] = setting(
         None, help="Patch features per question at most; more are thinned evenly (default 1024).", min=1)
     pooled_tokens: Optional[bool] = setting(
