@@ -73,7 +73,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from vqa_probes import probe_features, render_probes
@@ -133,6 +133,24 @@ QUICK = Sizes(patients=8, slide_px=4096, mae_steps=20, moco_steps=10, warmup_epo
 
 def _log(message: str) -> None:
     print(f"[vqa_ablations {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sized(parser: argparse.ArgumentParser, sizes: Sizes, items: list[str]) -> Sizes:
+    """``sizes`` with the ``--set KEY=VALUE`` overrides applied (a bad item is a usage error)."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in Sizes.__dataclass_fields__:
+            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(Sizes.__dataclass_fields__)}")
+        sizes = replace(sizes, **{key: int(value)})
+    return sizes
+
+
+def write_result(name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> Path:
+    """``benchmarks/results/<name>.json`` and its rendering ``<name>.md``, each written atomically."""
+    from slidevl.atomic import write_json_atomic, write_text_atomic
+
+    write_json_atomic(RESULTS / f"{name}.json", result)
+    return write_text_atomic(RESULTS / f"{name}.md", render(result))
 
 
 def prepare_data(args: argparse.Namespace, sizes: Sizes, work: Path, *,
@@ -445,8 +463,6 @@ def merge_results(parts: list[str], name: str) -> Path:
     """Combine result files of runs that shared one work folder but split the variants
     (``--variants a,b --name p1`` and ``--variants c,d --name p2`` run side by side, one
     core each); the shared data, encoders and warm-up come from the first part."""
-    from slidevl.atomic import write_json_atomic, write_text_atomic
-
     results = [json.loads((RESULTS / f"{part}.json").read_text()) for part in parts]
     merged = dict(results[0])
     merged["variants"] = {}
@@ -459,9 +475,7 @@ def merge_results(parts: list[str], name: str) -> Path:
     merged["variants"] = dict(order)
     merged["seconds"] = max(r["seconds"] for r in results)
     merged["parts"] = {part: sorted(r["variants"]) for part, r in zip(parts, results)}
-    write_json_atomic(RESULTS / f"{name}.json", merged)
-    write_text_atomic(RESULTS / f"{name}.md", render_markdown(merged))
-    return RESULTS / f"{name}.md"
+    return write_result(name, merged, render_markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -497,17 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from slidevl.atomic import write_json_atomic, write_text_atomic
     from slidevl.qa.records import read_records
     from slidevl.vqa.textmetrics import TextScorer
 
     hf_logging.disable_progress_bar()
-    sizes = QUICK if args.quick else Sizes()
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in Sizes.__dataclass_fields__:
-            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(Sizes.__dataclass_fields__)}")
-        sizes = replace(sizes, **{key: int(value)})
+    sizes = sized(parser, QUICK if args.quick else Sizes(), args.set)
     work = Path(args.work)
     started = time.perf_counter()
     cohort, job, qa = prepare_data(args, sizes, work)
@@ -546,8 +554,7 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"variant {key}")
                 result["variants"][key] = run_variant(name, VARIANTS[name], ctx, seed)
             result["seconds"] = time.perf_counter() - started
-            write_json_atomic(RESULTS / f"{args.name}.json", result)
-            write_text_atomic(RESULTS / f"{args.name}.md", render_markdown(result))
+            write_result(args.name, result, render_markdown)
     _log(f"done in {(time.perf_counter() - started) / 60:.1f} min -> {RESULTS / (args.name + '.md')}")
     return 0
 

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from vqa_ablations import RESULTS, Sizes, _log, _train, answer_test, prepare_data, run_stage_once
+from vqa_ablations import RESULTS, Sizes, _log, _train, answer_test, prepare_data, run_stage_once, sized, write_result
 from vqa_probes import probe_features, template_key
 
 #: Each reader changes one thing from ``topo``: the encoder it reads, or the connector's inputs.
@@ -276,17 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
-    sizes = DEFAULT_SIZES
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in Sizes.__dataclass_fields__:
-            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(Sizes.__dataclass_fields__)}")
-        sizes = replace(sizes, **{key: int(value)})
+    sizes = sized(parser, DEFAULT_SIZES, args.set)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from slidevl.atomic import write_json_atomic, write_text_atomic
     from slidevl.qa.records import read_records
     from slidevl.slidellm.recipe import pretrain_encoder
     from slidevl.vqa.build import BuildConfig
@@ -324,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"reader {name}, seed {seed}")
             runs.append(run_reader(name, seed, ctx))
             result.update(runs=runs, summary=summarise(runs, spatial, cohort), seconds=time.perf_counter() - started)
-            write_json_atomic(RESULTS / f"{args.name}.json", result)
-            write_text_atomic(RESULTS / f"{args.name}.md", render_markdown(result))
+            write_result(args.name, result, render_markdown)
     _log(f"done in {(time.perf_counter() - started) / 60:.1f} min -> {RESULTS / (args.name + '.md')}")
     return 0
 
