@@ -9,7 +9,7 @@ edge, necrosis inside or next to tumour, the part of the tissue holding the larg
 tumour focus, that focus's size class; per slide and per ROI) have answers that depend on
 the layout of the slide, not on how much of each tissue it holds. Every reader below is
 the toolkit's VQA recipe (MLP connector with pooled tokens, two-stage tuning, ranked
-single-choice answers) trained on the same QA set, changing one thing:
+single-choice answers) trained on the same records, changing one thing:
 
     topo          the topo-pack encoder (3x3 packs, sparse mask, 2-D sin-cos positions)
     dense         the same encoder pretrained and used with dense attention
@@ -21,7 +21,13 @@ Pipeline (each step is skipped when its output exists, so a rerun continues)::
 
     cohort -> features -> QA (benchmark questions + extra training ROIs, so each spatial
     template has many training examples) -> encoders (MAE -> MoCo) -> language warm-up
-    -> per reader and seed: stage 1 -> stage 2 -> ranked answers to the spatial test questions
+    -> per reader and seed: stage 1 (captions) -> stage 2 (spatial questions) -> ranked
+       answers to the spatial test questions
+
+Stage 2 trains on the spatial questions alone by default, which isolates what each reader
+lets the model learn about layout and keeps a run near 10 CPU-minutes; ``--train-on all``
+trains both stages on the whole QA training set instead (the recipe's multi-task model,
+about 4x the stage-2 time), into its own run folders.
 
 Reported: spatial accuracy per reader (mean ± sd over the tuning seeds) and per template;
 each ablation's gap to ``topo`` with a 95% bootstrap CI and a Wilcoxon p over the test
@@ -73,15 +79,17 @@ DEFAULT_SIZES = replace(Sizes(), patients=40, stage2_epochs=2)
 
 
 def spatial_subset(qa: Path, out: Path) -> Path:
-    """``out/{train,test}.jsonl``: the spatial records of the QA set (what the probes and the answers use)."""
+    """``out/train.jsonl``: the QA set's captions (stage 1) and spatial questions; ``out/test.jsonl``: its spatial
+    questions (what the probes, the answers and ``--train-on spatial`` use)."""
     from slidevl.atomic import write_text_atomic
     from slidevl.qa.records import read_records, write_records
 
     out.mkdir(parents=True, exist_ok=True)
     for side in ("train", "test"):
         if not (out / f"{side}.jsonl").is_file():
-            records = [r for r in read_records(qa / f"{side}.jsonl") if r.category == "spatial"]
-            if not records:
+            records = [r for r in read_records(qa / f"{side}.jsonl")
+                       if r.category == "spatial" or (side == "train" and r.format == "caption")]
+            if not any(r.category == "spatial" for r in records):
                 raise SystemExit(f"{qa / f'{side}.jsonl'} holds no spatial question; rebuild the QA set with this version")
             write_records(out / f"{side}.jsonl", records)
     write_text_atomic(out / "README", f"The spatial records of {qa}, written by benchmarks/vqa_spatial.py.\n")
@@ -94,8 +102,8 @@ def run_reader(name: str, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
 
     sizes: Sizes = ctx["sizes"]
     spec = READERS[name]
-    folder: Path = ctx["work"] / "runs" / f"{name}_seed{seed}"
-    common = dict(records=str(ctx["qa"] / "train.jsonl"), job=str(ctx["job"]), encoder=str(ctx["encoders"][spec["encoder"]]))
+    folder: Path = ctx["runs"] / f"{name}_seed{seed}"
+    common = dict(records=str(ctx["train"]), job=str(ctx["job"]), encoder=str(ctx["encoders"][spec["encoder"]]))
     connector = {"kind": "mlp", "pooled_tokens": True, **spec.get("connector", {})}
     summaries = {"stage1": run_stage_once(dict(
         stage="stage1", out=str(folder / "stage1"), llm=str(ctx["llm"]), connector=connector,
@@ -130,7 +138,8 @@ def blind_baselines(spatial: Path) -> dict[str, dict[str, float]]:
     def text(r: Any) -> str:
         return r.options[OPTION_LETTERS.index(r.answer)]
 
-    train, test = (read_records(spatial / f"{side}.jsonl") for side in ("train", "test"))
+    train, test = ([r for r in read_records(spatial / f"{side}.jsonl") if r.category == "spatial"]
+                   for side in ("train", "test"))
     majority = {key: Counter(text(r) for r in train if template_key(r) == key).most_common(1) for key in
                 {template_key(r) for r in test}}
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"chance": [], "majority": []})
@@ -217,7 +226,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "# Spatial questions: does the slide VQA model see the layout?",
         "",
         f"Cohort: {result['data']['cohort']} ({result['sizes']['patients']} patients, {result['sizes']['slide_px']} px "
-        f"slides); QA: {result['data']['n_train']} training records ({result['data']['n_train_spatial']} spatial), "
+        f"slides); training records: {result['data']['n_train']} ({result['data']['n_train_spatial']} spatial; "
+        f"stage 2 on {'the spatial questions' if result['train_on'] == 'spatial' else 'every question'}), "
         f"{s['n_test']} spatial test questions on {s['test_patients']} held-out patients. Sizes: "
         f"`{json.dumps(result['sizes'])}`. Every reader is the VQA recipe (MLP connector with pooled tokens, "
         "ranked single-choice answers) changing one thing; see the benchmark's docstring.",
@@ -265,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the cohort, the QA split and the encoders")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one size (fields: " + ", ".join(Sizes.__dataclass_fields__) + ")")
+    parser.add_argument("--train-on", choices=("spatial", "all"), default="spatial",
+                        help="stage 1 on the captions and stage 2 on the spatial questions (default), or both stages "
+                             "on the whole QA training set (the recipe's model; about 4x the stage-2 time)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--name", default="vqa_spatial", help="result file stem under benchmarks/results")
     args = parser.parse_args(argv)
@@ -298,15 +311,17 @@ def main(argv: list[str] | None = None) -> int:
                                          moco_steps=sizes.moco_steps, seed=args.seed, progress=False, **ENCODERS[key])
     warm = run_stage_once(dict(stage="warmup", records=str(qa / "train.jsonl"), out=str(work / "warmup"),
                                train=_train(args.seed, 16, sizes.warmup_epochs, weight_decay=0.01)))
-    ctx = {"sizes": sizes, "work": work, "qa": qa, "spatial": spatial, "job": job, "encoders": encoders,
-           "llm": work / "warmup"}
+    train = spatial / "train.jsonl" if args.train_on == "spatial" else qa / "train.jsonl"
+    ctx = {"sizes": sizes, "runs": work / ("runs" if args.train_on == "all" else "runs_spatial"), "train": train,
+           "spatial": spatial, "job": job, "encoders": encoders, "llm": work / "warmup"}
     runs = []
     result: dict[str, Any] = {
         "benchmark": "vqa_spatial",
         "sizes": asdict(sizes),
         "build": {k: list(v) if isinstance(v, tuple) else v for k, v in BUILD.items()},
-        "data": {"cohort": str(cohort), "n_train": len(read_records(qa / "train.jsonl")),
-                 "n_train_spatial": len(read_records(spatial / "train.jsonl"))},
+        "train_on": args.train_on,
+        "data": {"cohort": str(cohort), "n_train": len(read_records(train)),
+                 "n_train_spatial": sum(r.category == "spatial" for r in read_records(train))},
         "blind": blind_baselines(spatial),
         "probe": probe_features(job, spatial, cohort),
         "warmup": {k: warm[k] for k in ("steps", "final_loss", "seconds")},
