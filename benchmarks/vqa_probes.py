@@ -21,6 +21,14 @@ record's box (the whole slide for WSI questions):
   need the shape of the tumour (nodule counts), stay below 1 even here.
 
 The per-template majority answer of the train records is the blind reference.
+
+:func:`layout_probes` reads the spatial questions the way their answers are made: a label
+map with one pixel per kept patch (glass elsewhere) is measured with
+:func:`slidevl.synth.spatial.measure` inside the record's box, and the layout's answer is
+the probe's (the train majority where the coarse map leaves it unclear). ``layout`` takes
+each patch's class from the patch tissue classifier above: what a reader of the patch
+features that knows where each patch lies could answer; ``layout_true`` takes each
+patch's dominant class from the label map: what patch resolution allows at best.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ class _Slide:
     fractions: np.ndarray  # (N, n_classes) true class fractions of each patch
     grade: int
     class_area: np.ndarray  # (n_classes,) level-0 px² of each class on the whole slide
+    mpp: float
     tissue_proba: np.ndarray | None = None  # (N, n_classes) from the patch classifier
 
     def under(self, bbox: Any) -> np.ndarray:
@@ -72,7 +81,7 @@ def _load_slides(job: Path, cohort: Path, slide_ids: set[str]) -> dict[str, _Sli
         labels = st.labels()
         fractions = np.stack([class_fractions(labels, box, st.label_downsample) for box in boxes.tolist()])
         area = np.bincount(labels.ravel(), minlength=fractions.shape[1])[: fractions.shape[1]] * st.label_downsample ** 2
-        out[sid] = _Slide(np.asarray(sf.patch_features, np.float32), boxes, step, fractions, st.grade, area)
+        out[sid] = _Slide(np.asarray(sf.patch_features, np.float32), boxes, step, fractions, st.grade, area, st.mpp)
     return out
 
 
@@ -187,6 +196,50 @@ def probe_features(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
         "by_key": {key: {"n": len(v["majority"]), **{name: round(float(np.mean(h)), 4) for name, h in v.items()}}
                    for key, v in hits.items()},
     }
+
+
+def _patch_map(s: _Slide, classes: np.ndarray) -> np.ndarray:
+    """A label map with one pixel per patch lattice cell: ``classes`` where a patch was kept, glass elsewhere."""
+    from slidevl.synth.classes import BACKGROUND
+
+    cells = (s.boxes[:, :2].numpy() // round(s.step)).astype(int)
+    labels = np.full((cells[:, 1].max() + 1, cells[:, 0].max() + 1), BACKGROUND, np.uint8)
+    labels[cells[:, 1], cells[:, 0]] = classes
+    return labels
+
+
+def layout_probes(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
+    """Accuracy of the ``layout`` and ``layout_true`` readers on the spatial single-choice records, per template."""
+    from slidevl.qa.records import OPTION_LETTERS, read_records
+    from slidevl.synth.spatial import measure
+    from slidevl.vqa.templates import spatial_answer
+
+    splits = {side: [r for r in read_records(qa / f"{side}.jsonl") if r.category == "spatial" and r.format == "single"]
+              for side in ("train", "test")}
+    train_ids = {r.slide for r in splits["train"]}
+    slides = _load_slides(job, cohort, train_ids | {r.slide for r in splits["test"]})
+    _fit_tissue_classifier(slides, train_ids)
+    assert all(s.tissue_proba is not None for s in slides.values())
+    maps = {name: {sid: _patch_map(s, pick(s)) for sid, s in slides.items()} for name, pick in
+            (("layout", lambda s: s.tissue_proba.argmax(1)), ("layout_true", lambda s: s.fractions.argmax(1)))}
+
+    def target(r: Any) -> str:
+        return r.options[OPTION_LETTERS.index(r.answer)]
+
+    best: dict[str, str] = {}  # each template's most common train answer
+    for (key, text), _ in Counter((template_key(r), target(r)) for r in splits["train"]).most_common():
+        best.setdefault(key, text)
+    hits: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in splits["test"]:
+        s, key = slides[r.slide], template_key(r)
+        box = r.bbox or (0, 0, *(np.array(maps["layout"][r.slide].shape[::-1]) * round(s.step)))
+        for name, by_slide in maps.items():
+            answer = spatial_answer(measure(by_slide[r.slide], box, round(s.step), s.mpp), r.meta["template"])
+            guess = answer if answer in r.options else best.get(key)
+            for k in (key, "all"):
+                hits[k][name].append(float(guess == target(r)))
+    return {key: {"n": len(v["layout"]), **{name: round(float(np.mean(h)), 4) for name, h in v.items()}}
+            for key, v in hits.items()}
 
 
 def render_probes(probe: dict[str, Any], fmt: Callable[[Any], str]) -> list[str]:

@@ -33,7 +33,9 @@ Reported: spatial accuracy per reader (mean ± sd over the tuning seeds) and per
 each ablation's gap to ``topo`` with a 95% bootstrap CI and a Wilcoxon p over the test
 patients (each patient's spatial accuracy, averaged over the seeds, is one pair); the
 ``topo`` model answering with another test slide's visual input; the blind baselines
-(chance, per-template majority answer) and the per-template probes of ``vqa_probes.py``.
+(chance, per-template majority answer) and the per-template probes of ``vqa_probes.py``,
+its ``layout`` probes among them (is the answer readable from the patch features laid out
+on the slide?).
 
 To use both cores, run the readers in two processes on one work folder (``--readers
 topo,dense --name _part_a`` and ``--readers no_positions,no_encoder --name _part_b``, one
@@ -56,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 from vqa_ablations import RESULTS, Sizes, _log, _train, answer_test, prepare_data, run_stage_once, sized, write_result
-from vqa_probes import probe_features, template_key
+from vqa_probes import layout_probes, probe_features, template_key
 
 #: Each reader changes one thing from ``topo``: the encoder it reads, or the connector's inputs.
 READERS: dict[str, dict[str, Any]] = {
@@ -220,7 +222,7 @@ def _gap(g: dict[str, Any] | None) -> str:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    s, blind, probe = result["summary"], result["blind"], result["probe"]["by_key"]
+    s, blind, probe, layout = result["summary"], result["blind"], result["probe"]["by_key"], result["layout"]
     readers = s["readers"]
     lines = [
         "# Spatial questions: does the slide VQA model see the layout?",
@@ -233,7 +235,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         "ranked single-choice answers) changing one thing; see the benchmark's docstring.",
         "",
         f"Blind baselines on these questions: chance {_fmt(blind['all']['chance'])}, the train split's most common "
-        f"answer per template {_fmt(blind['all']['majority'])}.",
+        f"answer per template {_fmt(blind['all']['majority'])}. A reader that classifies each patch (the `tissue` "
+        f"probe's classifier), lays the classes out on the patch lattice and measures the layout as the answers were "
+        f"measured (`layout` probe, `vqa_probes.layout_probes`): {_fmt(layout['all']['layout'])}; the same with each "
+        f"patch's true dominant class (the most one patch per 256 px cell allows): "
+        f"{_fmt(layout['all']['layout_true'])}.",
         "",
         "| reader | seeds | spatial accuracy (mean ± sd) | gap to topo, 95% CI over patients, Wilcoxon p |",
         "|---|---|---|---|",
@@ -249,12 +255,13 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += ["", "Per template (accuracy pooled over seeds; probes and baselines as in `vqa_probes.py`, fit per "
                   "template on the train patients' spatial records):", "",
               "| level / template | n | chance | majority | " + " | ".join(readers) + " | linear probe | tissue probe | "
-              "oracle probe |", "|---|---|---|---|" + "---|" * (len(readers) + 3)]
+              "oracle probe | layout probe | layout, true classes |", "|---|---|---|---|" + "---|" * (len(readers) + 5)]
     for key in keys:
         p = probe.get(key, {})
         lines.append(f"| {key} | {blind[key]['n']} | {_fmt(blind[key]['chance'])} | {_fmt(blind[key]['majority'])} | "
                      + " | ".join(_fmt(r["by_template"].get(key)) for r in readers.values())
-                     + f" | {_fmt(p.get('linear'))} | {_fmt(p.get('tissue'))} | {_fmt(p.get('oracle'))} |")
+                     + f" | {_fmt(p.get('linear'))} | {_fmt(p.get('tissue'))} | {_fmt(p.get('oracle'))}"
+                     + f" | {_fmt(layout.get(key, {}).get('layout'))} | {_fmt(layout.get(key, {}).get('layout_true'))} |")
     lines += ["", "Training (final loss = mean of the last 10 optimizer steps; minutes on one core):", "",
               "| reader | seed | stage 1 steps | stage 1 loss | stage 1 min | stage 2 steps | stage 2 loss | stage 2 min |",
               "|---|---|---|---|---|---|---|---|"]
@@ -324,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                  "n_train_spatial": sum(r.category == "spatial" for r in read_records(train))},
         "blind": blind_baselines(spatial),
         "probe": probe_features(job, spatial, cohort),
+        "layout": layout_probes(job, spatial, cohort),
         "warmup": {k: warm[k] for k in ("steps", "final_loss", "seconds")},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",

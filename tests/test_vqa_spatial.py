@@ -20,7 +20,7 @@ from slidevl.synth.model import Morphology
 from slidevl.synth.spatial import PART_NAMES, measure
 from slidevl.vqa.build import BuildConfig, build_qa
 from slidevl.vqa.evaluate import evaluate, report_table
-from slidevl.vqa.templates import NODULE_SIZE, Unit, Writer, roi_records, wsi_records
+from slidevl.vqa.templates import NODULE_SIZE, Unit, Writer, roi_records, spatial_answer, wsi_records
 from slidevl.vqa.templates_facts import Composition, RegionFacts, SlideFacts
 
 PX_MM2 = (LABEL_DS * MPP / 1000.0) ** 2  # one label pixel: 8 x 8 µm
@@ -62,6 +62,29 @@ def test_fragments_and_nodules_are_counted_with_areas_and_centroids():
     assert right.nodules[0].centroid == pytest.approx(((160 + 0.5) * 16, (60 + 0.5) * 16))
     with pytest.raises(ValueError, match="holds no label pixel"):
         measure(lab, [5000, 0, 6000, 100], LABEL_DS, MPP)
+
+
+def test_spatial_answer_reads_each_template_off_the_layout():
+    lab = np.zeros((120, 200), np.uint8)
+    lab[10:110, 10:110] = STROMA
+    lab[30:90, 130:190] = STROMA
+    _disc(lab, 60, 45, 20, TUMOUR)  # the largest nodule, in the middle left of the tissue
+    _disc(lab, 60, 45, 8, NECROSIS, within=TUMOUR)  # necrosis surrounded by tumour
+    _disc(lab, 60, 160, 10, TUMOUR)
+    s = _whole(lab)
+    answers = {t: spatial_answer(s, t) for t in ("nodules", "fragments", "tumour_edge", "necrosis_relation",
+                                                 "tumour_part", "nodule_size")}
+    assert answers["nodules"] == "two" and answers["fragments"] == "two"
+    assert answers["necrosis_relation"] == "inside the tumour"
+    assert answers["tumour_edge"] == "no"  # both nodules keep 15 label px (120 µm) of tissue to the glass
+    assert answers["tumour_part"] == "middle left"
+    assert answers["nodule_size"] == NODULE_SIZE[0][1]  # about 0.08 mm²
+    # No tumour: nothing to say about nodules, edges or necrosis.
+    plain = _whole(np.where(lab == BACKGROUND, BACKGROUND, STROMA).astype(np.uint8))
+    assert spatial_answer(plain, "nodules") is None and spatial_answer(plain, "tumour_edge") is None
+    assert spatial_answer(plain, "nodule_size") is None and spatial_answer(plain, "fragments") == "two"
+    with pytest.raises(ValueError, match="not a spatial template"):
+        spatial_answer(s, "grade")
 
 
 def test_merged_nodules_count_once_and_unclear_counts_are_none():

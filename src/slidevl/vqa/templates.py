@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from slidevl.qa.records import OPTION_LETTERS, VQARecord
-from slidevl.synth.spatial import PART_NAMES
+from slidevl.synth.spatial import PART_NAMES, Spatial
 from slidevl.vqa.templates_facts import (
     GRADE_MORPHOLOGY,
     GRADE_NAMES,
@@ -420,6 +420,26 @@ def _spatial(wr: Writer, unit: Unit, template: str, where: str, correct: str, op
     return wr.single(unit, template, "spatial", question, correct, options, truth, n_options)
 
 
+def spatial_answer(sp: Spatial, template: str) -> str | None:
+    """The option text that answers spatial ``template`` for the layout ``sp``; None where it is unclear.
+
+    The slide-level nodule count and nodule-size questions add conditions of their own
+    (see :func:`spatial_records`); this is the answer a reader of the layout gives.
+    """
+    if template in ("nodules", "fragments"):
+        n = sp.n_nodules if template == "nodules" else sp.n_fragments
+        return nodule_option(n) if n else None
+    if template == "tumour_edge":
+        return None if sp.tumour_at_edge is None else YES_NO[0] if sp.tumour_at_edge else YES_NO[1]
+    if template == "necrosis_relation":
+        return None if sp.necrosis_relation is None else NECROSIS_RELATIONS[sp.necrosis_relation]
+    if template == "tumour_part":
+        return sp.largest_nodule_part
+    if template == "nodule_size":
+        return scale_bin(sp.nodules[0].area_mm2, NODULE_SIZE) if sp.nodules else None
+    raise ValueError(f"{template!r} is not a spatial template ({', '.join(SPATIAL_WORDINGS)})")
+
+
 def spatial_records(wr: Writer, unit: Unit, where: str) -> list[VQARecord]:
     """The spatial questions about a slide or an ROI whose answers its facts make clear.
 
@@ -438,16 +458,16 @@ def spatial_records(wr: Writer, unit: Unit, where: str) -> list[VQARecord]:
     if sp is None:
         return out
     if slide and sp.n_fragments:
-        out.append(_spatial(wr, unit, "fragments", where, nodule_option(sp.n_fragments), NODULE_COUNTS,
+        out.append(_spatial(wr, unit, "fragments", where, spatial_answer(sp, "fragments"), NODULE_COUNTS,
                             {"n_fragments": sp.n_fragments,
                              "fragment_areas_mm2": [round(p.area_mm2, 4) for p in sp.fragments]}))
     if sp.tumour_at_edge is not None:
-        out.append(_spatial(wr, unit, "tumour_edge", where, YES_NO[0] if sp.tumour_at_edge else YES_NO[1], YES_NO,
+        out.append(_spatial(wr, unit, "tumour_edge", where, spatial_answer(sp, "tumour_edge"), YES_NO,
                             {"tumour_at_edge": sp.tumour_at_edge,
                              "contact_um": round(sp.tumour_edge_contact_um, 1),
                              "gap_um": _round(sp.tumour_edge_gap_um, 1)}))
     if sp.necrosis_relation is not None:
-        out.append(_spatial(wr, unit, "necrosis_relation", where, NECROSIS_RELATIONS[sp.necrosis_relation],
+        out.append(_spatial(wr, unit, "necrosis_relation", where, spatial_answer(sp, "necrosis_relation"),
                             list(NECROSIS_RELATIONS.values()),
                             {"relation": sp.necrosis_relation, "tumour_share_of_border": _round(sp.necrosis_tumour_share, 4),
                              "necrosis_mm2": round(sp.necrosis_mm2, 4)}))
@@ -458,7 +478,7 @@ def spatial_records(wr: Writer, unit: Unit, where: str) -> list[VQARecord]:
                              "tissue_bbox": list(sp.tissue_bbox or ())}))
     size = sp.nodules[0].area_mm2 if sp.nodules else None
     if slide and size is not None and all(abs(size - b) > SIZE_MARGIN * b for b, _ in NODULE_SIZE[:-1]):
-        out.append(_spatial(wr, unit, "nodule_size", where, scale_bin(size, NODULE_SIZE), [t for _, t in NODULE_SIZE],
+        out.append(_spatial(wr, unit, "nodule_size", where, spatial_answer(sp, "nodule_size"), [t for _, t in NODULE_SIZE],
                             {"area_mm2": round(size, 4)}))
     return out
 
