@@ -112,8 +112,8 @@ def demo_command(
     ),
     vqa: bool = typer.Option(
         True, "--vqa/--no-vqa",
-        help="Also build the QA set and train and score the slide VQA model: about 17.6 of the demo's 21 CPU-minutes "
-             "(training 13.6, answering the held-out questions 2.2, the other-slide control 1.5).",
+        help="Also build the QA set and train and score the slide VQA model: about 8.8 of the demo's 10.3 CPU-minutes "
+             "on a quiet machine (training 6.6, answering the held-out questions 1.1, the other-slide control 1.0).",
     ),
     encoder: str = typer.Option(
         "handcrafted", "--encoder",
