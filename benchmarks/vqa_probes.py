@@ -151,6 +151,13 @@ def _classifier(probe: str) -> Any:
     return HistGradientBoostingClassifier(max_depth=3, max_iter=100, random_state=0)
 
 
+def _target(record: Any) -> str:
+    """The correct option's text of a single-choice record: what the probes predict."""
+    from slidevl.qa.records import OPTION_LETTERS
+
+    return record.options[OPTION_LETTERS.index(record.answer)]
+
+
 def template_key(record: Any) -> str:
     """``level/template`` of a record: the unit the probes are fit and reported on."""
     return f"{record.level}/{record.meta.get('template', record.category)}"
@@ -158,16 +165,13 @@ def template_key(record: Any) -> str:
 
 def probe_features(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
     """Accuracy of every probe (and the majority answer) per level, per template and overall."""
-    from slidevl.qa.records import OPTION_LETTERS, read_records
+    from slidevl.qa.records import read_records
 
     splits = {side: [r for r in read_records(qa / f"{side}.jsonl") if r.format == "single"] for side in ("train", "test")}
     train_ids = {r.slide for r in splits["train"]}
     slides = _load_slides(job, cohort, train_ids | {r.slide for r in splits["test"]})
     patch_accuracy = _fit_tissue_classifier(slides, train_ids)
     summaries = _summaries(slides)
-
-    def target(r: Any) -> str:
-        return r.options[OPTION_LETTERS.index(r.answer)]
 
     groups: dict[tuple[str, str], dict[str, list[Any]]] = defaultdict(lambda: {"train": [], "test": []})
     for side, records in splits.items():
@@ -178,7 +182,7 @@ def probe_features(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
         train, test = group["train"], group["test"]
         if not train or not test:
             continue
-        y_train, y_test = [target(r) for r in train], np.array([target(r) for r in test])
+        y_train, y_test = [_target(r) for r in train], np.array([_target(r) for r in test])
         top = Counter(y_train).most_common(1)[0][0]
         predictions = {"majority": np.array([top] * len(test))}
         for probe in PROBES:
@@ -210,7 +214,7 @@ def _patch_map(s: _Slide, classes: np.ndarray) -> np.ndarray:
 
 def layout_probes(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
     """Accuracy of the ``layout`` and ``layout_true`` readers on the spatial single-choice records, per template."""
-    from slidevl.qa.records import OPTION_LETTERS, read_records
+    from slidevl.qa.records import read_records
     from slidevl.synth.spatial import measure
     from slidevl.vqa.templates import spatial_answer
 
@@ -223,11 +227,8 @@ def layout_probes(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
     maps = {name: {sid: _patch_map(s, pick(s)) for sid, s in slides.items()} for name, pick in
             (("layout", lambda s: s.tissue_proba.argmax(1)), ("layout_true", lambda s: s.fractions.argmax(1)))}
 
-    def target(r: Any) -> str:
-        return r.options[OPTION_LETTERS.index(r.answer)]
-
     best: dict[str, str] = {}  # each template's most common train answer
-    for (key, text), _ in Counter((template_key(r), target(r)) for r in splits["train"]).most_common():
+    for (key, text), _ in Counter((template_key(r), _target(r)) for r in splits["train"]).most_common():
         best.setdefault(key, text)
     hits: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in splits["test"]:
@@ -237,7 +238,7 @@ def layout_probes(job: Path, qa: Path, cohort: Path) -> dict[str, Any]:
             answer = spatial_answer(measure(by_slide[r.slide], box, round(s.step), s.mpp), r.meta["template"])
             guess = answer if answer in r.options else best.get(key)
             for k in (key, "all"):
-                hits[k][name].append(float(guess == target(r)))
+                hits[k][name].append(float(guess == _target(r)))
     return {key: {"n": len(v["layout"]), **{name: round(float(np.mean(h)), 4) for name, h in v.items()}}
             for key, v in hits.items()}
 

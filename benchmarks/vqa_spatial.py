@@ -53,7 +53,7 @@ import json
 import platform
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -139,23 +139,17 @@ def run_reader(name: str, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def blind_baselines(spatial: Path) -> dict[str, dict[str, float]]:
-    """Per test template: chance (1 / options) and the train split's most common answer text, scored on test."""
-    from slidevl.qa.records import OPTION_LETTERS, read_records
-
-    def text(r: Any) -> str:
-        return r.options[OPTION_LETTERS.index(r.answer)]
+    """Per test template and over all: chance and the train split's most common answer, as the QA build scores them."""
+    from slidevl.qa.records import read_records
+    from slidevl.vqa.build_summary import blind_baselines as build_baselines
 
     train, test = ([r for r in read_records(spatial / f"{side}.jsonl") if r.category == "spatial"]
                    for side in ("train", "test"))
-    majority = {key: Counter(text(r) for r in train if template_key(r) == key).most_common(1) for key in
-                {template_key(r) for r in test}}
-    rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"chance": [], "majority": []})
-    for r in test:
-        top = majority[template_key(r)]
-        for key in (template_key(r), "all"):
-            rows[key]["chance"].append(1 / len(r.options))
-            rows[key]["majority"].append(float(bool(top) and top[0][0] == text(r)))
-    return {key: {k: float(np.mean(v)) for k, v in row.items()} | {"n": len(row["chance"])} for key, row in rows.items()}
+    out = {}
+    for key in sorted({template_key(r) for r in test}) + ["all"]:
+        scored = build_baselines(train, test if key == "all" else [r for r in test if template_key(r) == key])
+        out[key] = {"chance": scored["chance"], "majority": scored["majority_text"], "n": scored["n_test_choice"]}
+    return out
 
 
 def summarise(runs: list[dict[str, Any]], spatial: Path, cohort: Path) -> dict[str, Any]:
