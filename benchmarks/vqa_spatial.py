@@ -18,6 +18,9 @@ single-choice answers) trained on the same records, changing one thing:
                   (in grid order) and their mean, nothing the encoder computed
     topo_tuned    the topo-pack encoder fine-tuned in stage 2 with the connector and LoRA (the
                   others keep the pretrained encoder frozen, as the recipe does)
+    qformer       the paper's connector, a 32-query Q-Former, instead of the MLP (from scratch:
+                  BLIP-2's representation stage is left out, as in ``vqa_ablations.py``'s ``full``)
+    qformer_500   the Q-Former with 500 queries (the paper's comparison of query counts)
 
 Pipeline (each step is skipped when its output exists, so a rerun continues)::
 
@@ -70,6 +73,8 @@ READERS: dict[str, dict[str, Any]] = {
     "no_positions": {"encoder": "topo_no_positions"},
     "no_encoder": {"encoder": "topo", "connector": {"use_summaries": False}},
     "topo_tuned": {"encoder": "topo", "train_encoder": True},
+    "qformer": {"encoder": "topo", "connector": {"kind": "qformer", "pooled_tokens": False}},
+    "qformer_500": {"encoder": "topo", "connector": {"kind": "qformer", "pooled_tokens": False, "num_queries": 500}},
 }
 #: How each encoder is pretrained (``pretrain_encoder`` keywords).
 ENCODERS: dict[str, dict[str, Any]] = {

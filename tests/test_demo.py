@@ -133,6 +133,13 @@ def _check_vqa(out: Path, output: str) -> None:
     assert other["overall"]["n"] == len(singles) and vqa["other_slide"] == other["by_format"]["single"]["accuracy"]
     assert vqa["chance"] == pytest.approx(sum(1 / len(r.options) for r in singles) / len(singles), abs=1e-4)
     assert all(0.0 <= vqa[k] <= 1.0 for k in ("model", "other_slide", "majority", "chance"))
+    # The spatial questions and the others, apart: together they are the single-choice set.
+    kinds = vqa["by_kind"]
+    spatial = [r for r in singles if r.category == "spatial"]
+    assert kinds.get("spatial", {"n": 0})["n"] == len(spatial) and kinds["not spatial"]["n"] == len(singles) - len(spatial)
+    for key in ("model", "other_slide", "chance"):
+        assert sum(p[key] * p["n"] for p in kinds.values()) / len(singles) == pytest.approx(vqa[key], abs=1e-3)
+    assert "not spatial (" in output
     assert "another slide's image" in output and "most common train answer" in output
     # The ask example is a held-out whole-slide single-choice question, shown with its options and truth.
     ask = vqa["ask"]

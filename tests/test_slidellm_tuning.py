@@ -391,3 +391,24 @@ def test_a_run_logged_to_a_file_reports_its_progress_in_lines(world: dict[str, P
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage1: step")]
     assert [line.split(",")[0] for line in lines] == ["stage1: step 1/2", "stage1: step 2/2"]
     assert all(" loss " in line and line.endswith(" min") for line in lines)
+
+
+@pytest.mark.parametrize("connector", [TINY_CONNECTOR, {"kind": "mlp", "dropout": 0.0}], ids=["qformer", "mlp"])
+def test_sequence_lengths_are_the_lengths_the_llm_sees(world: dict[str, Path], tmp_path: Path, connector) -> None:  # noqa: ANN001
+    # The length-grouped batches (on by default) sort records by these lengths: each must be
+    # the row the LLM gets once the image placeholder is replaced by the connector's output.
+    prepared = prepare_stage(stage_config(world, "stage2", tmp_path / "s2", train=tiny_train(max_steps=1), connector=connector))
+    module, dataset = prepared.module, prepared.dataset
+    assert prepared.lengths is not None and len(prepared.lengths) == len(dataset)
+    seen = []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            batch = prepared.collate([dataset[i]])
+            visual = [module.vlm.visual_input(module.visuals.get(s), box) for s, box in zip(batch.slides, batch.bboxes)]
+            _, mask, _ = module.vlm.splice(batch.input_ids, batch.attention_mask, [[v] for v in module.vlm.visual_embeds(visual)])
+            seen.append(int(mask.sum()))
+    assert prepared.lengths == seen
+    if connector["kind"] == "mlp":
+        assert len(set(seen)) > 1  # whole-slide and region questions read different numbers of tokens
+    off = prepare_stage(stage_config(world, "stage2", tmp_path / "off", train=tiny_train(max_steps=1, group_by_length=False)))
+    assert off.lengths is None

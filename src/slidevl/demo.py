@@ -317,12 +317,17 @@ def results_table(results: dict[str, Any]) -> Table:
     """Survival C-index and held-out VQA single-choice accuracy, each beside what it is to be read against.
 
     The VQA controls never see the question's own slide: the same model given another slide's
-    visual input, the option most often right in training, and a uniform guess.
+    visual input, the option most often right in training, and a uniform guess. Two more
+    columns give the VQA rows on the spatial questions and on the others apart.
     """
+    vqa = results["vqa"]
+    kinds = (vqa or {}).get("by_kind", {})
     table = Table(title="Demo results")
     table.add_column("task")
     table.add_column("model / control")
     table.add_column("score", justify="right")
+    for kind, part in kinds.items():
+        table.add_column(f"{kind} ({part['n']})", justify="right")
     survival = results["survival"]
     for task, (model, name) in zip(("survival: C-index", "(5-fold CV)"), (("abmil", "ABMIL"), ("hila", "HiLa"))):
         s = survival[model]
@@ -336,12 +341,11 @@ def results_table(results: dict[str, Any]) -> Table:
     oracle = survival["oracle_c_index"]
     table.add_row("", "planted risk (oracle)", "n/a" if oracle is None else f"{oracle:.3f}",
                   end_section=True)
-    vqa = results["vqa"]
     if vqa is not None:
-        table.add_row("VQA: single-choice", "model", f"{vqa['model']:.3f}")
-        table.add_row("accuracy on", "model, another slide's image", f"{vqa['other_slide']:.3f}")
-        table.add_row(f"{vqa['n_single']} held-out", "most common train answer", f"{vqa['majority']:.3f}")
-        table.add_row("questions", "chance", f"{vqa['chance']:.3f}")
+        rows = (("VQA: single-choice", "model", "model"), ("accuracy on", "model, another slide's image", "other_slide"),
+                (f"{vqa['n_single']} held-out", "most common train answer", "majority"), ("questions", "chance", "chance"))
+        for task, name, key in rows:
+            table.add_row(task, name, f"{vqa[key]:.3f}", *(f"{part[key]:.3f}" for part in kinds.values()))
     return table
 
 
@@ -394,6 +398,7 @@ def vqa_steps(cohort_dir: Path, job_dir: Path, qa_dir: Path, run_dir: Path, cons
         "other_slide": other["by_format"]["single"]["accuracy"],
         "majority": blind["majority"],
         "chance": blind["chance"],
+        "by_kind": _single_by_kind(single, read_records(qa_dir / "train.jsonl"), report, other),
         "overall_accuracy": report["overall"]["accuracy"],
         "ask": _ask_example(assistant, test, job_dir, trained.stage2, console),
     }
@@ -404,6 +409,27 @@ def vqa_steps(cohort_dir: Path, job_dir: Path, qa_dir: Path, run_dir: Path, cons
         "VQA predictions / metrics": run_dir / "metrics.json",
         "VQA with another slide's visual input": run_dir / "metrics_other_slide.json",
     }
+
+
+def _single_by_kind(single: list[Any], train: list[Any], report: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """The single-choice numbers and controls of the spatial questions and of the others, apart.
+
+    Spatial answers depend on where tissue lies, the others on what and how much there is;
+    the two are read against different baselines, so the demo shows them separately.
+    """
+    from slidevl.vqa.controls import blind_single_choice
+
+    model = {row["id"]: row["score"] for row in report["records"] if row["format"] == "single"}
+    shuffled = {row["id"]: row["score"] for row in other["records"]}
+    kinds: dict[str, Any] = {}
+    for kind, records in (("not spatial", [r for r in single if r.category != "spatial"]),
+                          ("spatial", [r for r in single if r.category == "spatial"])):
+        if records:
+            blind = blind_single_choice(train, records)
+            kinds[kind] = {"n": len(records), "model": sum(model[r.id] for r in records) / len(records),
+                           "other_slide": sum(shuffled[r.id] for r in records) / len(records),
+                           "majority": blind["majority"], "chance": blind["chance"]}
+    return kinds
 
 
 def _ask_example(assistant: Any, test: list[Any], job_dir: Path, checkpoint: Path, console: Console) -> dict[str, Any] | None:

@@ -223,6 +223,10 @@ class ChatDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def text_lengths(self) -> list[int]:
+        """Each record's token count as the first epoch sees it (later views reorder options, about as long)."""
+        return [len(self[i].input_ids) for i in range(len(self))]
+
     def __getitem__(self, index: int) -> Example:
         if self.examples:
             return self.examples[index]

@@ -55,6 +55,9 @@ class TrainSettings(Config):
     seed: int = setting(0, help="Seed of the data order and the fresh weights.")
     save_every: int = setting(200, help="Checkpoint every N optimizer steps (and at the end).", min=1)
     max_tokens: int = setting(1024, help="Text tokens kept per record (answers longer are cut).", min=16)
+    group_by_length: bool = setting(
+        True, help="Batch records of similar sequence length together (shuffled in spans of 50 batches): far less "
+                   "padding, so each step costs less.")
     bf16: bool = setting(False, help="bf16 mixed precision (accelerate).")
     cpu: bool = setting(False, help="Train on the CPU even when a GPU is present.")
 

@@ -59,12 +59,29 @@ def describe_checkpoint(run_dir: Path) -> str:
     return f"step {counters['step']} (epoch {counters['epoch'] + 1}) is checkpointed in {trainer.parent}"
 
 
-class EpochSampler(Sampler[int]):
-    """A fresh permutation per epoch, determined by ``(seed, epoch)`` alone."""
+#: Length grouping sorts the records within spans of this many batches of a shuffled epoch.
+GROUP_SPAN_BATCHES = 50
 
-    def __init__(self, size: int, seed: int) -> None:
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch, determined by ``(seed, epoch)`` alone.
+
+    With ``lengths`` (one per record) the permutation is grouped by length, as Hugging
+    Face's ``group_by_length`` does: the shuffled records are cut into spans of
+    :data:`GROUP_SPAN_BATCHES` batches of ``batch_size``, each span is sorted by length and
+    cut into batches, and the full batches are shuffled (a short last batch stays last, so
+    the loader, which cuts the order into batches itself, keeps them whole). A batch then
+    holds records of similar length and the padding that costs compute all but vanishes,
+    while every span still mixes records from the whole epoch.
+    """
+
+    def __init__(self, size: int, seed: int, *, lengths: Sequence[int] | None = None, batch_size: int = 1) -> None:
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"got {len(lengths)} lengths for {size} records")
         self.size = size
         self.seed = seed
+        self.lengths = lengths
+        self.batch_size = batch_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -72,7 +89,18 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
+        order = torch.randperm(self.size, generator=g).tolist()
+        if self.lengths is None:
+            return iter(order)
+        lengths, size = self.lengths, self.batch_size
+        span = size * GROUP_SPAN_BATCHES
+        batches = []
+        for start in range(0, len(order), span):
+            ranked = sorted(order[start : start + span], key=lambda i: -lengths[i])
+            batches += [ranked[j : j + size] for j in range(0, len(ranked), size)]
+        short = [batches.pop()] if len(batches[-1]) < size else []
+        shuffled = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()] + short
+        return iter([i for batch in shuffled for i in batch])
 
     def __len__(self) -> int:
         return self.size
@@ -147,6 +175,7 @@ def run_loop(
     resume: bool,
     description: str,
     device_placement: bool = True,
+    lengths: Sequence[int] | None = None,
 ) -> LoopResult:
     """Train the parameters of ``module`` that require grad; checkpoint into ``run_dir/checkpoint``.
 
@@ -154,13 +183,15 @@ def run_loop(
     ``save_model(folder, state)`` writes the model parts of a checkpoint into ``folder``
     from ``state``, the prepared module's state dict with the unwrapped module's keys
     (under FSDP gathered whole on the main process, the only place it is whole).
-    ``device_placement=False`` leaves parameters where they are (quantised LLMs).
+    ``device_placement=False`` leaves parameters where they are (quantised LLMs). ``lengths``
+    (each record's sequence length) groups the batches by length when ``settings.group_by_length``.
     """
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     if not trainable:
         raise ValueError("nothing to train: no parameter requires grad")
     n = len(dataset)  # type: ignore[arg-type]
-    sampler = EpochSampler(n, settings.seed)
+    grouped = lengths if settings.group_by_length else None
+    sampler = EpochSampler(n, settings.seed, lengths=grouped, batch_size=settings.batch_size)
     # The loader's own generator keeps iterator start-up from drawing on the global RNG,
     # whose state (dropout) a resumed run restores exactly.
     loader = DataLoader(

@@ -82,6 +82,8 @@ class PreparedRun:
     loss_fn: Callable[[nn.Module, ChatBatch], Tensor]
     save_model: Callable[[Path, dict[str, Tensor]], None]
     device_placement: bool = True
+    #: Each record's sequence length, for length-grouped batches (None: not grouped).
+    lengths: list[int] | None = None
 
     def run(self) -> LoopResult:
         return run_loop(
@@ -97,6 +99,7 @@ class PreparedRun:
             resume=self.resume,
             description=self.cfg.stage,
             device_placement=self.device_placement,
+            lengths=self.lengths,
         )
 
 
@@ -154,7 +157,9 @@ def prepare_warmup(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         llm.save_pretrained(folder / LLM_DIR, state_dict=state)
         tokenizer.save_pretrained(folder / LLM_DIR)
 
-    return PreparedRun(cfg, run_dir, resume, accelerator, llm, dataset, ChatCollator(tokenizer.pad_token_id), loss_fn, save_model)
+    lengths = dataset.text_lengths() if cfg.train.group_by_length else None
+    return PreparedRun(cfg, run_dir, resume, accelerator, llm, dataset, ChatCollator(tokenizer.pad_token_id), loss_fn, save_model,
+                       lengths=lengths)
 
 
 def _build_encoder(cfg: TuneConfig, store: FeatureStore, start: CheckpointFolder | None) -> TopoPackEncoder:
@@ -291,9 +296,23 @@ def prepare_stage(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
     def save_model(folder: Path, state: dict[str, Tensor]) -> None:
         model.save_pretrained(folder, tokenizer, config=config, encoder=encoder, state=state_part(state, "vlm."))
 
+    lengths = sequence_lengths(dataset, model, visuals) if cfg.train.group_by_length else None
     return PreparedRun(
-        cfg, run_dir, resume, accelerator, module, dataset, ChatCollator(tokenizer.pad_token_id), _module_loss, save_model, placed
+        cfg, run_dir, resume, accelerator, module, dataset, ChatCollator(tokenizer.pad_token_id), _module_loss, save_model, placed,
+        lengths=lengths,
     )
+
+
+def sequence_lengths(dataset: ChatDataset, vlm: SlideVLM, visuals: CachedVisuals | LiveVisuals) -> list[int]:
+    """Each record's length in the LLM: its text tokens, the image placeholder replaced by the connector's rows."""
+    with torch.no_grad():
+        slides = {s: visuals.get(s) for s in dict.fromkeys(r.slide for r in dataset.records)}
+    lengths = []
+    for record, n_text in zip(dataset.records, dataset.text_lengths()):
+        vis = vlm.visual_input(slides[record.slide], record.bbox)
+        n_patches = 0 if vis.patches is None else int(vis.patches.shape[0])
+        lengths.append(n_text - 1 + vlm.connector.output_length(int(vis.tokens.shape[0]), n_patches))
+    return lengths
 
 
 def fit_standardizers(connector: nn.Module, visuals: CachedVisuals | LiveVisuals, slide_ids: Iterable[str]) -> None:
