@@ -135,6 +135,11 @@ def sized(parser: argparse.ArgumentParser, sizes: Sizes, items: list[str]) -> Si
     return sizes
 
 
+def machine_line(result: dict[str, Any], reused: str) -> str:
+    """The closing line of a result file: the machine and how long this invocation took (``reused``: what it skipped)."""
+    return f"Machine: {result['machine']}. This invocation took {result['seconds'] / 60:.1f} min ({reused})."
+
+
 def write_result(name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> Path:
     """``benchmarks/results/<name>.json`` and its rendering ``<name>.md``, each written atomically."""
     from slidevl.atomic import write_json_atomic, write_text_atomic
@@ -444,8 +449,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     if probe and "by_key" in probe:  # older result files kept a different probe table
         lines += render_probes(probe, _fmt)
     parallel = f" The variants ran in {len(result['parts'])} processes side by side." if result.get("parts") else ""
-    lines += ["", f"Machine: {result['machine']}. This invocation took {result['seconds'] / 60:.1f} min (stages and "
-                  f"answers already in the work folder are reused; stage-2 times are in the training table).{parallel}", ""]
+    lines += ["", machine_line(result, "stages and answers already in the work folder are reused; stage-2 times are in "
+                                       "the training table") + parallel, ""]
     return "\n".join(lines)
 
 

@@ -66,7 +66,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from vqa_ablations import RESULTS, Sizes, _log, _train, answer_test, prepare_data, run_stage_once, sized, write_result
+from vqa_ablations import (RESULTS, Sizes, _log, _train, answer_test, machine_line, prepare_data, run_stage_once, sized,
+                           write_result)
 from vqa_probes import layout_probes, probe_features, template_key
 
 #: Each reader changes one thing from ``topo``: the encoder it reads, or the connector's inputs.
@@ -278,8 +279,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         cells = " | ".join(f"{st['steps']} | {_fmt(st['final_loss'])} | {st['seconds'] / 60:.1f}"
                            for st in (run["training"]["stage1"], run["training"]["stage2"]))
         lines.append(f"| {run['reader']} | {run['seed']} | {cells} |")
-    lines += ["", f"Machine: {result['machine']}. This invocation took {result['seconds'] / 60:.1f} min (finished "
-                  "stages and answers in the work folder are reused)."]
+    lines += ["", machine_line(result, "finished stages and answers in the work folder are reused")]
     return "\n".join(lines) + "\n"
 
 

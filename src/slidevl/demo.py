@@ -112,8 +112,8 @@ def demo_command(
     ),
     vqa: bool = typer.Option(
         True, "--vqa/--no-vqa",
-        help="Also build the QA set and train and score the slide VQA model: about 8.8 of the demo's 10.3 CPU-minutes "
-             "on a quiet machine (training 6.6, answering the held-out questions 1.1, the other-slide control 1.0).",
+        help="Also build the QA set and train and score the slide VQA model: 6.5 of the demo's 7.8 minutes on a quiet "
+             "2-core machine (training 5.2, answering the held-out questions 0.8, the other-slide control 0.6).",
     ),
     encoder: str = typer.Option(
         "handcrafted", "--encoder",
