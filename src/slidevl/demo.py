@@ -385,7 +385,8 @@ def vqa_steps(cohort_dir: Path, job_dir: Path, qa_dir: Path, run_dir: Path, cons
     with timings.step("VQA: another slide's visual input"):
         test = read_records(qa_dir / "test.jsonl")
         single = [r for r in test if r.format == "single"]
-        blind = blind_single_choice(read_records(qa_dir / "train.jsonl"), test)
+        train = read_records(qa_dir / "train.jsonl")
+        blind = blind_single_choice(train, test)
         single_gold = write_records(run_dir / "test_single.jsonl", single)
         other_path = run_dir / "predictions_other_slide.jsonl"
         if not other_path.is_file():
@@ -398,7 +399,7 @@ def vqa_steps(cohort_dir: Path, job_dir: Path, qa_dir: Path, run_dir: Path, cons
         "other_slide": other["by_format"]["single"]["accuracy"],
         "majority": blind["majority"],
         "chance": blind["chance"],
-        "by_kind": _single_by_kind(single, read_records(qa_dir / "train.jsonl"), report, other),
+        "by_kind": _single_by_kind(single, train, report, other),
         "overall_accuracy": report["overall"]["accuracy"],
         "ask": _ask_example(assistant, test, job_dir, trained.stage2, console),
     }
