@@ -87,3 +87,46 @@ def test_the_interrupted_line_counts_only_the_interrupted_encoders_slides(tmp_pa
     # A manifest written before the latest encoder was recorded counts every row, as it did.
     (tmp_path / "manifest.json").write_text(json.dumps({"slides": rows}))
     assert _finished(tmp_path).startswith("3 slide(s) complete, 1 failed, 1 interrupted")
+
+
+STALLED_READ = """
+import sys, time
+import typer
+from torch.utils.data import Dataset
+from slidevl.features.tiles import iterate_items
+from slidevl.interrupts import resumable
+
+class Stalled(Dataset):
+    # Item 0 comes back at once; item 1 stands for a read that hangs (a stalled network mount).
+    def __len__(self): return 4
+    def __getitem__(self, i):
+        if i > 0:
+            time.sleep(300)
+        return {"i": i}
+    def close(self): pass
+
+try:
+    with resumable(lambda: "nothing finished"):
+        for item in iterate_items(Stalled(), workers=1):
+            print("got", item["i"], flush=True)
+except typer.Exit as stop:  # what the CLI's app does with it
+    sys.exit(stop.exit_code)
+"""
+
+
+def test_ctrl_c_does_not_wait_for_a_worker_stuck_in_a_read() -> None:
+    # The worker ignores the group's SIGINT (ignore_interrupts), so only stop_workers can end it
+    # before its 300-s read returns: without it the interpreter's exit waits for the worker.
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_READ], start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "got 0\n"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted: nothing finished; rerun the same command to resume" in err
+    assert "Traceback" not in err + out, err + out

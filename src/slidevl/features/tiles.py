@@ -143,7 +143,8 @@ def ignore_interrupts(worker_id: int = 0) -> None:
     A terminal sends Ctrl-C to the whole process group; a worker that died of it would
     print its own traceback and make the loader raise "worker killed" over the main
     process's clean interrupt. Ignoring both, the main process shuts the workers down
-    when its iterator is closed (and PyTorch's watchdog ends them if the main one is killed).
+    when its iterator is closed (:func:`stop_workers`; PyTorch's watchdog ends them if the
+    main one is killed).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -186,7 +187,29 @@ def iterate_items(dataset: WorkItemDataset, workers: int, *, pin_memory: bool = 
         persistent_workers=False,
         worker_init_fn=ignore_interrupts if workers > 0 else None,
     )
+    batches = iter(loader)
     try:
-        yield from loader
+        yield from batches
     finally:
+        stop_workers(batches)
         dataset.close()
+
+
+def stop_workers(batches: Iterator[Any]) -> None:
+    """End a DataLoader iterator's workers now, and for certain.
+
+    PyTorch stops its workers when the iterator is collected, and only asks a straggler
+    (a worker still inside a slow read) to go with SIGTERM, which :func:`ignore_interrupts`
+    makes it ignore. After Ctrl-C the iterator may live on in the exception's traceback
+    until exit, where PyTorch skips its shutdown and the interpreter waits for the
+    workers. So shut them down here, then kill whatever is left: workers only read, and
+    nothing they hold is worth waiting for.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # absent with workers=0
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
