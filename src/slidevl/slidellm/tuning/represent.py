@@ -224,6 +224,9 @@ def prepare_represent(cfg: TuneConfig, *, resume: bool = False) -> PreparedRun:
         save_checkpoint_parts(folder, config, state_part(state, "connector."), encoder.state_dict(), tokenizer)
         save_state_dict(state_part(state, "heads."), folder / HEADS_NAME, metadata={"format": "pt"})
 
+    # No lengths, so group_by_length leaves this stage's batches shuffled: the contrastive and
+    # matching losses take their negatives from the batch, and batches of like-length captions
+    # would mostly hold one level's captions, which changes what those losses teach.
     return PreparedRun(cfg, run_dir, resume, accelerator, module, dataset, collate_captions, _loss, save_model)
 
 
