@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def own_group(command: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """``command`` running in a process group of its own, killed whole at the end if still alive.
+
+    Its own group lets :func:`interrupt` signal it and its workers, as a terminal's Ctrl-C does.
+    """
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def interrupt(proc: subprocess.Popen, signum: int = signal.SIGINT, timeout: float = 60.0) -> tuple[str, str]:
+    """Send ``signum`` to ``proc``'s whole group and wait for it to end: its (stdout, stderr)."""
+    os.killpg(proc.pid, signum)
+    return proc.communicate(timeout=timeout)
 
 
 def wait_until_running(job: Path, slide_id: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:

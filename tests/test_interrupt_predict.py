@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from process_helpers import interrupt, own_group
 from slidevl.qa.records import read_records, write_records
 from slidevl.vqa.cli import app
 from slidevl.vqa.partial import partial_path
@@ -45,20 +45,13 @@ def test_sigint_mid_run_keeps_the_answers_and_the_rerun_continues(checkpoint: Pa
     command = [sys.executable, "-c", RUNNER, "predict", "--checkpoint", str(checkpoint), "--records", str(many_records),
                "--out", str(out), "--max-new-tokens", "12", "--batch-size", "1"]
     env = {**os.environ, "COLUMNS": "240"}
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    try:
+    with own_group(command, env) as proc:
         deadline = time.monotonic() + 120
         while _answered(partial_path(out)) < 3:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no answer was saved"
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stdout, stderr = interrupt(proc)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr + stdout, stderr
     assert "loading checkpoint" in stderr and "answering 60 record(s)" in stderr  # progress without a terminal

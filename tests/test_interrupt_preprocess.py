@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from process_helpers import wait_until_reading
+from process_helpers import interrupt, own_group, wait_until_reading
 from slide_fixtures import write_aperio_slide
 from slidevl.features.store import FeatureStore
 
@@ -29,17 +29,9 @@ def test_interrupt_mid_slide_says_so_marks_the_slide_and_resumes(tmp_path: Path,
     command = [sys.executable, "-c", RUNNER, "preprocess", str(slides), "--out", str(job), "--workers", "2",
                "--batch-size", "8", "--no-progress"]
     env = {**os.environ, "COLUMNS": "240"}
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    try:
+    with own_group(command, env) as proc:
         wait_until_reading(job, "b", proc, workers=2)
-        # What a terminal's Ctrl-C does: the signal goes to the whole group, workers included.
-        os.killpg(proc.pid, signum)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        out, err = interrupt(proc, signum)  # to the whole group, workers included
     assert proc.returncode == (130 if signum == signal.SIGINT else 143), err
     assert "Traceback" not in err + out, err + out
     lines = [line for line in (err + out).splitlines() if "interrupted" in line]
@@ -117,16 +109,9 @@ except typer.Exit as stop:  # what the CLI's app does with it
 def test_ctrl_c_does_not_wait_for_a_worker_stuck_in_a_read() -> None:
     # The worker ignores the group's SIGINT (ignore_interrupts), so only stop_workers can end it
     # before its 300-s read returns: without it the interpreter's exit waits for the worker.
-    proc = subprocess.Popen([sys.executable, "-c", STALLED_READ], start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    with own_group([sys.executable, "-c", STALLED_READ]) as proc:
         assert proc.stdout is not None and proc.stdout.readline() == "got 0\n"
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        out, err = interrupt(proc, timeout=90)
     assert proc.returncode == 130, err
     assert "interrupted: nothing finished; rerun the same command to resume" in err
     assert "Traceback" not in err + out, err + out

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from process_helpers import interrupt, own_group
 from test_slidellm_fixtures import world  # noqa: F401  (fixture used by name)
 
 from slidevl.slidellm.tuning.state import load_state_entry
@@ -30,20 +30,13 @@ def test_sigint_mid_stage2_names_the_checkpoint_and_the_same_command_resumes(wor
         except Exception:  # not written yet, or replaced while read
             return 0
 
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    try:
+    with own_group(command, env) as proc:
         deadline = time.monotonic() + 240
         while saved_step() < 2:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no checkpoint was written"
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _, stderr = interrupt(proc, timeout=120)  # what Ctrl-C in a terminal does
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     step = saved_step()
