@@ -38,7 +38,7 @@ DEMO_ENCODER = {"d_model": 256, "n_layers": 2, "n_heads": 4, "ffn_dim": 1024}
 #: the connector first, is the best measured recipe's default (``recipes/vqa.yaml``).
 #: The demo's QA build: no extra training questions (see where it is used).
 DEMO_QA: dict[str, Any] = {"train_extra_k": (), "train_patch_fields": 0, "train_slide_scale": False}
-DEMO_RECIPE = {"mae_steps": 40, "moco_steps": 20, "stage1_epochs": 2, "stage2_epochs": 3, "encoder": DEMO_ENCODER}
+DEMO_RECIPE = {"mae_steps": 40, "moco_steps": 20, "stage1_epochs": 2, "stage2_epochs": 5, "encoder": DEMO_ENCODER}
 #: ``--train-clip`` settings: ClipTrainConfig's measured recipe with fewer tiles and epochs, so
 #: that training stays a few CPU-minutes on the demo cohort; ``--clip-epochs`` changes the epochs.
 DEMO_CLIP = {"tiles_per_class": 300, "epochs": 8}
