@@ -112,8 +112,8 @@ def demo_command(
     ),
     vqa: bool = typer.Option(
         True, "--vqa/--no-vqa",
-        help="Also build the QA set and train and score the slide VQA model: 6.5 of the demo's 7.8 minutes on a quiet "
-             "2-core machine (training 5.2, answering the held-out questions 0.8, the other-slide control 0.6).",
+        help="Also build the QA set and train and score the slide VQA model: 10.1 of the demo's 11.3 minutes on a "
+             "quiet 2-core machine (training 8.5, answering the held-out questions 0.9, the other-slide control 0.6).",
     ),
     encoder: str = typer.Option(
         "handcrafted", "--encoder",
