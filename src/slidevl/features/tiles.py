@@ -198,12 +198,12 @@ def iterate_items(dataset: WorkItemDataset, workers: int, *, pin_memory: bool = 
 def stop_workers(batches: Iterator[Any]) -> None:
     """End a DataLoader iterator's workers now, and for certain.
 
-    PyTorch stops its workers when the iterator is collected, and only asks a straggler
-    (a worker still inside a slow read) to go with SIGTERM, which :func:`ignore_interrupts`
-    makes it ignore. After Ctrl-C the iterator may live on in the exception's traceback
-    until exit, where PyTorch skips its shutdown and the interpreter waits for the
-    workers. So shut them down here, then kill whatever is left: workers only read, and
-    nothing they hold is worth waiting for.
+    PyTorch's own shutdown (run when the iterator is collected) waits a few seconds for each
+    worker, then asks a straggler (a worker still inside a slow read) to go with SIGTERM,
+    which :func:`ignore_interrupts` makes it ignore; the interpreter's exit then waits for
+    that read however long it takes (a stalled network mount: forever). So run the shutdown
+    here, then kill whatever is left: workers only read, and nothing they hold is worth
+    waiting for.
     """
     shutdown = getattr(batches, "_shutdown_workers", None)  # absent with workers=0
     if shutdown is None:
