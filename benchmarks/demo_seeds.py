@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": metrics,
         "ask_correct": [bool(s["vqa"]["ask"]["correct"]) for s in summaries],
         "demo_seconds_per_step": demo_steps,
+        "demo_per_patient": per_patient_scores[DEMO],
         "controls": {name: {"settings": CONTROLS[name], **c, "mean": float(np.mean(c["accuracy"])),
                             "sd": float(np.std(c["accuracy"], ddof=1)), "per_patient": per_patient_scores[name],
                             "n_patients": len(per_patient_scores[name]), "compared_with": BASELINES.get(name, DEMO),
