@@ -82,7 +82,7 @@ DEMO = "the demo"
 
 
 def control_stage2(folder: Path, name: str) -> tuple[dict[str, float], float]:
-    """Control ``name`` of a demo folder: its score per single-choice question and its stage-2 seconds per step."""
+    """Control ``name`` of a demo folder: its score per single-choice question and its seconds per step."""
     from slidevl.slidellm.recipe import run_stage_once
     from slidevl.slidellm.tuning.config import TuneConfig
     from slidevl.vqa.evaluate import evaluate
@@ -93,18 +93,18 @@ def control_stage2(folder: Path, name: str) -> tuple[dict[str, float], float]:
     config.out = str(folder / f"control_stage2_{name.replace(' ', '_')}")
     for key, value in CONTROLS[name].items():
         setattr(config.train, key, value)
-    summary = run_stage_once(config)
+    run_stage_once(config)
     gold = vqa / "test_single.jsonl"
     answers = Path(config.out) / "answers.jsonl"
     predict_records(Path(config.out), gold, answers, job=folder / "job", cache_root=Path(config.out) / "ask_cache",
                     resume=True)
     scores = {row["id"]: row["score"] for row in evaluate(answers, gold)["records"]}
-    return scores, summary["seconds"] / summary["steps"]
+    return scores, seconds_per_step(Path(config.out))
 
 
-def seconds_per_step(folder: Path) -> float:
-    """The demo's own stage-2 seconds per step."""
-    summary = json.loads((folder / "runs" / "vqa" / "stage2" / "summary.json").read_text())
+def seconds_per_step(stage: Path) -> float:
+    """Seconds per optimizer step of a finished training stage folder (its ``summary.json``)."""
+    summary = json.loads((stage / "summary.json").read_text())
     return summary["seconds"] / summary["steps"]
 
 
@@ -114,15 +114,20 @@ def demo_scores(folder: Path) -> dict[str, float]:
     return {row["id"]: row["score"] for row in metrics["records"] if row["format"] == "single"}
 
 
-def per_patient(scores: dict[str, float], folder: Path) -> list[float]:
-    """Mean score per held-out patient of a demo folder, in patient order."""
+def question_patients(folder: Path) -> dict[str, str]:
+    """The held-out patient of each single-choice question of a demo folder."""
     from slidevl.qa.records import read_records
     from slidevl.synth.truth import load_truth
 
     patient = {sid: s.patient_id for sid, s in load_truth(folder / "cohort").slides.items()}
+    return {r.id: patient[r.slide] for r in read_records(folder / "runs" / "vqa" / "test_single.jsonl")}
+
+
+def per_patient(scores: dict[str, float], patients: dict[str, str]) -> list[float]:
+    """Mean score per patient (``patients``: question id → patient), in patient order."""
     hits: dict[str, list[float]] = defaultdict(list)
-    for record in read_records(folder / "runs" / "vqa" / "test_single.jsonl"):
-        hits[patient[record.slide]].append(scores[record.id])
+    for question, patient in patients.items():
+        hits[patient].append(scores[question])
     return [float(np.mean(hits[p])) for p in sorted(hits)]
 
 
@@ -190,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         folder = work / f"demo_s{seed}"
         summaries.append(run_demo(folder, seed, args.threads))
-        per_patient_scores[DEMO] += per_patient(demo_scores(folder), folder)
-        demo_steps.append(seconds_per_step(folder))
+        patients = question_patients(folder)
+        per_patient_scores[DEMO] += per_patient(demo_scores(folder), patients)
+        demo_steps.append(seconds_per_step(folder / "runs" / "vqa" / "stage2"))
         for name, c in controls.items():
             scores, per_step = control_stage2(folder, name)
             c["accuracy"].append(float(np.mean(list(scores.values()))))
-            per_patient_scores[name] += per_patient(scores, folder)
+            per_patient_scores[name] += per_patient(scores, patients)
             c["seconds_per_step"].append(per_step)
     metrics = {}
     for label, keys in METRICS:
