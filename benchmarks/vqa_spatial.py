@@ -14,6 +14,8 @@ single-choice answers) trained on the same records, changing one thing:
     topo          the topo-pack encoder (3x3 packs, sparse mask, 2-D sin-cos positions)
     dense         the same encoder pretrained and used with dense attention
     no_positions  the topo-pack encoder without its 2-D positions
+    positions     the connector adds each summary token's and patch's place in the tissue in view
+                  (``ConnectorConfig.positions``): the LLM's own positions are 1-D
     no_encoder    no slide encoder: the connector reads the raw patch features under the box
                   (in grid order) and their mean, nothing the encoder computed
     topo_tuned    the topo-pack encoder fine-tuned in stage 2 with the connector and LoRA (the
@@ -75,6 +77,7 @@ READERS: dict[str, dict[str, Any]] = {
     "topo": {"encoder": "topo"},
     "dense": {"encoder": "dense"},
     "no_positions": {"encoder": "topo_no_positions"},
+    "positions": {"encoder": "topo", "connector": {"positions": True}},
     "no_encoder": {"encoder": "topo", "connector": {"use_summaries": False}},
     "topo_tuned": {"encoder": "topo", "train_encoder": True},
     "qformer": {"encoder": "topo", "connector": {"kind": "qformer", "pooled_tokens": False}},

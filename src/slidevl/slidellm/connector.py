@@ -33,7 +33,8 @@ embeddings differed between slides by 3e-4 of their norm).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Mapping
+import math
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +89,10 @@ class ConnectorConfig(Config):
     quiet dimensions, colour fractions among them, reach the linear map at a hundredth of
     unit size, where Adam's steps barely move their weights. A continued run may switch
     to ``per_dim``: the linear map is rescaled so the connector computes the same function.
+
+    ``positions`` adds to every summary token and patch its place in the tissue in view
+    (:class:`PositionEncoding`), so the LLM, whose own positions are the 1-D order of its
+    sequence, can tell where on the slide each row lies.
     """
 
     @property
@@ -110,6 +115,7 @@ class ConnectorConfig(Config):
     max_patches: int = 1024
     pooled_tokens: bool | None = None
     patch_scaling: str = "per_dim"
+    positions: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in CONNECTORS:
@@ -138,6 +144,22 @@ class ConnectorConfig(Config):
         # Saved configs keep the meaning they were written with: before patch_scaling existed
         # patches had one shared scale, and before pooled_tokens existed nothing was pooled.
         return super().from_dict({"patch_scaling": "shared", "pooled_tokens": False, **data}, source=source)
+
+
+class ConnectorInputs(NamedTuple):
+    """A padded batch, in the order of a connector's ``forward`` arguments.
+
+    ``tokens`` (B, T, vision_dim) and ``valid`` (B, T); ``patches`` (B, N, patch_dim) and
+    ``patch_valid`` (B, N) for a connector that reads patches; ``token_xy`` (B, T, 2) and
+    ``patch_xy`` (B, N, 2), places in the tissue in view, for one that reads positions.
+    """
+
+    tokens: Tensor
+    valid: Tensor
+    patches: Tensor | None = None
+    patch_valid: Tensor | None = None
+    token_xy: Tensor | None = None
+    patch_xy: Tensor | None = None
 
 
 @dataclass
@@ -211,6 +233,30 @@ class TokenStandardizer(nn.Module):
         return (tokens - self.mean.to(tokens.dtype)) / self.scale.to(tokens.dtype)
 
 
+class PositionEncoding(nn.Module):
+    """Sin-cos features of a place ``(x, y)`` in [0, 1]², through a linear map to ``dim``.
+
+    ``bands`` octaves per axis, from one period over the frame (where in the tissue) down
+    to 1/2**(bands-1) of it (which rows are neighbours). The map starts at zero, so
+    switching positions on leaves a connector's function unchanged until training moves
+    it. A place that is not finite (the global token's) gets no position.
+    """
+
+    def __init__(self, dim: int, bands: int = 6) -> None:
+        super().__init__()
+        self.register_buffer("frequencies", 2.0 ** torch.arange(bands) * math.pi, persistent=False)
+        self.proj = nn.Linear(4 * bands, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, xy: Tensor) -> Tensor:
+        """(..., dim) position embeddings of (..., 2) places; zero where a place is NaN."""
+        placed = torch.isfinite(xy).all(-1, keepdim=True)
+        angles = (xy.nan_to_num(0.0)[..., None] * self.frequencies.to(xy.dtype)).flatten(-2)
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1)
+        return self.proj(features) * placed.to(features.dtype)
+
+
 def _check_inputs(tokens: Tensor, valid: Tensor, dim: int) -> None:
     if tokens.dim() != 3 or tokens.shape[-1] != dim:
         raise ValueError(f"connector expects tokens of shape (B, T, {dim}), got {tuple(tokens.shape)}")
@@ -224,8 +270,8 @@ class Connector(nn.Module):
     """What every connector shares: standardised encoder tokens, plus projected patch features.
 
     A subclass builds its layers from a :class:`ConnectorConfig`, maps the merged inputs
-    to a :class:`ConnectorOutput` in ``forward(tokens, valid, patches=None,
-    patch_valid=None)``, and says in :meth:`output_length` how many rows that gives.
+    to a :class:`ConnectorOutput` in ``forward(*inputs)`` (a :class:`ConnectorInputs`),
+    and says in :meth:`output_length` how many rows that gives.
     """
 
     #: ``pooled_tokens`` applies: the connector can append mean outputs (one row per token group).
@@ -240,6 +286,8 @@ class Connector(nn.Module):
         if config.reads_patches:
             self.patch_standardize = TokenStandardizer(config.patch_dim, per_dim=config.patch_scaling == "per_dim")
             self.patch_proj = nn.Linear(config.patch_dim, config.vision_dim)
+        if config.positions:
+            self.position = PositionEncoding(config.vision_dim)
 
     def output_length(self, n_tokens: int, n_patches: int = 0) -> int:  # pragma: no cover - interface
         """Rows of ``embeds`` for one slide of ``n_tokens`` encoder tokens and ``n_patches`` patch features.
@@ -259,17 +307,18 @@ class Connector(nn.Module):
         self.config = replace(self.config, patch_scaling="per_dim")
 
     def merged_inputs(
-        self, tokens: Tensor, valid: Tensor, patches: Tensor | None, patch_valid: Tensor | None
+        self, tokens: Tensor, valid: Tensor, patches: Tensor | None, patch_valid: Tensor | None,
+        token_xy: Tensor | None = None, patch_xy: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(B, T [+ N], vision_dim) standardised inputs and their validity, padding zeroed.
+        """(B, T [+ N], vision_dim) standardised inputs, with their places when configured, and their validity.
 
-        Without summaries (``use_summaries`` off) only the N projected patches are returned.
+        Padding is zeroed. Without summaries (``use_summaries`` off) only the N projected patches are returned.
         """
         _check_inputs(tokens, valid, self.config.vision_dim)
         valid = valid.to(torch.bool)
         # The attention mask already hides padded keys; zeroing them as well keeps a NaN or
         # inf left in a padded slot from leaking through 0 * inf in the value product.
-        tokens = self.standardize(tokens).masked_fill(~valid[..., None], 0.0)
+        tokens = self._placed(self.standardize(tokens), token_xy, "token").masked_fill(~valid[..., None], 0.0)
         if not self.config.reads_patches:
             if patches is not None:
                 raise ValueError("this connector reads no patch features (patch_dim=0), but patches were given")
@@ -285,12 +334,24 @@ class Connector(nn.Module):
             )
         patch_valid = patch_valid.to(torch.bool)
         projected = self.patch_proj(self.patch_standardize(patches).masked_fill(~patch_valid[..., None], 0.0))
-        projected = projected.masked_fill(~patch_valid[..., None], 0.0)
+        projected = self._placed(projected, patch_xy, "patch").masked_fill(~patch_valid[..., None], 0.0)
         if not self.config.use_summaries:
             if not bool(patch_valid.any(dim=1).all()):
                 raise ValueError("a connector without summary tokens needs at least one valid patch per sample")
             return projected, patch_valid
         return torch.cat([tokens, projected], dim=1), torch.cat([valid, patch_valid], dim=1)
+
+    def _placed(self, rows: Tensor, xy: Tensor | None, what: str) -> Tensor:
+        """``rows`` plus their position embeddings, for a connector that reads positions."""
+        if not self.config.positions:
+            if xy is not None:
+                raise ValueError(f"this connector reads no positions (positions off), but {what} places were given")
+            return rows
+        if xy is None or xy.shape != (*rows.shape[:2], 2):
+            got = None if xy is None else tuple(xy.shape)
+            raise ValueError(f"this connector reads positions: pass {what} places of shape "
+                             f"({rows.shape[0]}, {rows.shape[1]}, 2), got {got}")
+        return rows + self.position(xy.to(rows.dtype))
 
 
 @CONNECTORS.register("qformer")
@@ -314,9 +375,10 @@ class QFormerConnector(Connector):
         self.proj = nn.Linear(config.hidden_size, config.llm_dim)
 
     def forward(
-        self, tokens: Tensor, valid: Tensor, patches: Tensor | None = None, patch_valid: Tensor | None = None
+        self, tokens: Tensor, valid: Tensor, patches: Tensor | None = None, patch_valid: Tensor | None = None,
+        token_xy: Tensor | None = None, patch_xy: Tensor | None = None,
     ) -> ConnectorOutput:
-        tokens, valid = self.merged_inputs(tokens, valid, patches, patch_valid)
+        tokens, valid = self.merged_inputs(tokens, valid, patches, patch_valid, token_xy, patch_xy)
         queries = self.queries.expand(tokens.shape[0], -1, -1)
         out = self.qformer(
             query_embeds=queries,
@@ -346,10 +408,11 @@ class MLPConnector(Connector):
         )
 
     def forward(
-        self, tokens: Tensor, valid: Tensor, patches: Tensor | None = None, patch_valid: Tensor | None = None
+        self, tokens: Tensor, valid: Tensor, patches: Tensor | None = None, patch_valid: Tensor | None = None,
+        token_xy: Tensor | None = None, patch_xy: Tensor | None = None,
     ) -> ConnectorOutput:
         n_summary = tokens.shape[1] if self.config.use_summaries else 0
-        tokens, valid = self.merged_inputs(tokens, valid, patches, patch_valid)
+        tokens, valid = self.merged_inputs(tokens, valid, patches, patch_valid, token_xy, patch_xy)
         embeds = self.mlp(tokens)
         if not self.config.pooled_tokens:
             return ConnectorOutput(embeds, valid)

@@ -37,7 +37,8 @@ from slidevl.slidellm.checkpoint_layout import (
     open_checkpoint,
     save_checkpoint_parts,
 )
-from slidevl.slidellm.connector import ConnectorConfig, ConnectorOutput, MLPConnector, QFormerConnector, build_connector
+from slidevl.slidellm.connector import (ConnectorConfig, ConnectorInputs, ConnectorOutput, MLPConnector, QFormerConnector,
+                                       build_connector)
 from slidevl.slidellm.encoder import TopoPackBatch, TopoPackEncoder, batch_from_slide_features
 from slidevl.slidellm.llm import LLMLoadOptions, freeze, load_llm, load_lora
 from slidevl.slidellm.tokenizer import image_token_id, load_tokenizer
@@ -160,18 +161,52 @@ class VisualTokens:
         More than ``limit`` patches are thinned to ``limit`` evenly spaced ones in grid
         order, so a whole-slide question still sees every part of the slide.
         """
+        return self.patch_features[self._patch_rows(bbox, limit)].float()  # type: ignore[index]
+
+    def positions_in(
+        self, bbox: Sequence[int] | None, limit: int | None = None, *, use_global: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """Where each connector input lies in the tissue under ``bbox``: ``(x, y)`` in [0, 1].
+
+        Returns one row per token of :meth:`select` (the global token, which has no place,
+        is NaN) and one per patch of :meth:`patches_in` (None without patch features). The
+        frame is the bounding box of the tissue in view, the patches under ``bbox`` clipped
+        to it (the packs when the tokens carry no patches): the frame in which the spatial
+        questions name a part of the tissue. A pack that reaches past the box is placed at
+        its centre clipped to the frame.
+        """
+        packs = self.pack_boxes if bbox is None else self.pack_boxes[self.packs_in(bbox)]
+        patches = None if self.patch_boxes is None else self.patch_boxes[self._patch_rows(bbox, None)]
+        frame = (packs if patches is None else patches).to(torch.float64)
+        lo, hi = frame[:, :2].amin(0), frame[:, 2:].amax(0)
+        if bbox is not None:
+            lo = lo.clamp(min=torch.tensor([float(bbox[0]), float(bbox[1])], dtype=torch.float64, device=lo.device))
+            hi = hi.clamp(max=torch.tensor([float(bbox[2]), float(bbox[3])], dtype=torch.float64, device=hi.device))
+        size = (hi - lo).clamp(min=1.0)
+
+        def place(boxes: Tensor) -> Tensor:
+            centre = (boxes[:, :2] + boxes[:, 2:]).to(torch.float64) / 2
+            return ((torch.minimum(torch.maximum(centre, lo), hi) - lo) / size).float()
+
+        token_xy = place(packs)
+        if use_global:
+            token_xy = torch.cat([token_xy, token_xy.new_full((1, 2), float("nan"))])
+        patch_xy = None if self.patch_boxes is None else place(self.patch_boxes[self._patch_rows(bbox, limit)])
+        return token_xy, patch_xy
+
+    def _patch_rows(self, bbox: Sequence[int] | None, limit: int | None) -> Tensor:
+        """Indices of the patches under ``bbox`` (all when None), thinned evenly to at most ``limit``."""
         if self.patch_features is None or self.patch_boxes is None:
             raise SlideVLMError(
                 f"slide {self.slide_id!r}: these visual tokens carry no patch features; encode the slide again "
                 "(delete its visual cache) with this version of slidevl"
             )
-        features = self.patch_features
+        rows = torch.arange(self.patch_boxes.shape[0], device=self.patch_boxes.device)
         if bbox is not None:
-            features = features[boxes_intersecting(self.patch_boxes, bbox)]
-        if limit is not None and features.shape[0] > limit:
-            keep = torch.linspace(0, features.shape[0] - 1, limit, device=features.device).round().long()
-            features = features[keep]
-        return features.float()
+            rows = boxes_intersecting(self.patch_boxes, bbox)
+        if limit is not None and rows.shape[0] > limit:
+            rows = rows[torch.linspace(0, rows.shape[0] - 1, limit, device=rows.device).round().long()]
+        return rows
 
     def tensors(self) -> dict[str, Tensor]:
         """Contiguous CPU tensors, for the safetensors cache."""
@@ -192,13 +227,20 @@ class VisualTokens:
 
 @dataclass
 class VisualInput:
-    """The connector input of one question: summary tokens (T, d), and patch features (n, d_patch) or None."""
+    """The connector input of one question: summary tokens (T, d), and patch features (n, d_patch) or None.
+
+    For a connector that reads positions, ``token_xy`` (T, 2) and ``patch_xy`` (n, 2) place
+    each row in the tissue in view (:meth:`VisualTokens.positions_in`; NaN: no place).
+    """
 
     tokens: Tensor
     patches: Tensor | None = None
+    token_xy: Tensor | None = None
+    patch_xy: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "VisualInput":
-        return VisualInput(self.tokens.to(device), None if self.patches is None else self.patches.to(device))
+        return VisualInput(*(None if t is None else t.to(device)
+                             for t in (self.tokens, self.patches, self.token_xy, self.patch_xy)))
 
 
 def encode_slide(encoder: TopoPackEncoder, sf: SlideFeatures, *, device: torch.device | str = "cpu") -> VisualTokens:
@@ -255,21 +297,33 @@ def connector_input(config: ConnectorConfig, visual: VisualTokens, bbox: Sequenc
     """What a connector with ``config`` reads for a question about ``bbox`` (the whole slide when None)."""
     tokens = visual.select(bbox, use_global=config.use_global)
     patches = visual.patches_in(bbox, config.max_patches) if config.reads_patches else None
-    return VisualInput(tokens, patches)
+    if not config.positions:
+        return VisualInput(tokens, patches)
+    token_xy, patch_xy = visual.positions_in(bbox, config.max_patches, use_global=config.use_global)
+    return VisualInput(tokens, patches, token_xy, patch_xy if config.reads_patches else None)
 
 
-def batch_connector_inputs(
-    config: ConnectorConfig, inputs: Sequence[VisualInput]
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Padded ``tokens, valid, patches, patch_valid`` of a batch, as the connector's forward takes them."""
+def batch_connector_inputs(config: ConnectorConfig, inputs: Sequence[VisualInput]) -> ConnectorInputs:
+    """The padded batch of ``inputs``, as the connector's forward takes it."""
     padded, valid = pad_visual([x.tokens for x in inputs])
+    token_xy = _padded_positions(config, [x.token_xy for x in inputs], "token")
     if not config.reads_patches:
-        return padded, valid, None, None
+        return ConnectorInputs(padded, valid, token_xy=token_xy)
     missing = [i for i, x in enumerate(inputs) if x.patches is None]
     if missing:
         raise SlideVLMError(f"the connector reads patch features, but sample(s) {missing} have none")
     patches, patch_valid = pad_visual([x.patches for x in inputs])  # type: ignore[misc]
-    return padded, valid, patches, patch_valid
+    patch_xy = _padded_positions(config, [x.patch_xy for x in inputs], "patch")
+    return ConnectorInputs(padded, valid, patches, patch_valid, token_xy, patch_xy)
+
+
+def _padded_positions(config: ConnectorConfig, rows: Sequence[Tensor | None], what: str) -> Tensor | None:
+    if not config.positions:
+        return None
+    missing = [i for i, x in enumerate(rows) if x is None]
+    if missing:
+        raise SlideVLMError(f"the connector reads positions, but sample(s) {missing} have no {what} positions")
+    return pad_visual(rows)[0]  # type: ignore[arg-type]
 
 
 class SlideVLM(nn.Module):

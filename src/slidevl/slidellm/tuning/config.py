@@ -105,6 +105,9 @@ class ConnectorChoice(Config):
     patch_scaling: Optional[str] = setting(
         None, help="Standardise patch features per dimension ('per_dim', default) or with one shared scale ('shared'). "
                    "A run continuing an older 'shared' checkpoint may switch it to 'per_dim'; its weights are converted.")
+    positions: Optional[bool] = setting(
+        None, help="Add to each summary token and patch its place in the tissue in view, so the LLM can tell where on "
+                   "the slide each visual row lies (default off).")
 
     def given(self) -> dict[str, Any]:
         """The options that were set, as :class:`ConnectorConfig` keyword arguments."""
