@@ -16,6 +16,10 @@ single-choice answers) trained on the same records, changing one thing:
     no_positions  the topo-pack encoder without its 2-D positions
     positions     the connector adds each summary token's and patch's place in the tissue in view
                   (``ConnectorConfig.positions``): the LLM's own positions are 1-D
+    more_rois     more training data: each training slide partitioned again into 16 and 24 ROIs
+                  besides 11 (the QA build's ``train_extra_k``), about 3.6x the ROI spatial
+                  questions; the test questions are the same
+    positions_more_rois  both
     no_encoder    no slide encoder: the connector reads the raw patch features under the box
                   (in grid order) and their mean, nothing the encoder computed
     topo_tuned    the topo-pack encoder fine-tuned in stage 2 with the connector and LoRA (the
@@ -78,6 +82,8 @@ READERS: dict[str, dict[str, Any]] = {
     "dense": {"encoder": "dense"},
     "no_positions": {"encoder": "topo_no_positions"},
     "positions": {"encoder": "topo", "connector": {"positions": True}},
+    "more_rois": {"encoder": "topo", "train_extra_k": (11, 16, 24)},
+    "positions_more_rois": {"encoder": "topo", "connector": {"positions": True}, "train_extra_k": (11, 16, 24)},
     "no_encoder": {"encoder": "topo", "connector": {"use_summaries": False}},
     "topo_tuned": {"encoder": "topo", "train_encoder": True},
     "qformer": {"encoder": "topo", "connector": {"kind": "qformer", "pooled_tokens": False}},
@@ -123,7 +129,8 @@ def run_reader(name: str, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
     sizes: Sizes = ctx["sizes"]
     spec = READERS[name]
     folder: Path = ctx["runs"] / f"{name}_seed{seed}"
-    common = dict(records=str(ctx["train"]), job=str(ctx["job"]), encoder=str(ctx["encoders"][spec["encoder"]]))
+    records = ctx["train"][spec.get("train_extra_k", BUILD["train_extra_k"])]
+    common = dict(records=str(records), job=str(ctx["job"]), encoder=str(ctx["encoders"][spec["encoder"]]))
     connector = {"kind": "mlp", "pooled_tokens": True, **spec.get("connector", {})}
     summaries = {"stage1": run_stage_once(dict(
         stage="stage1", out=str(folder / "stage1"), llm=str(ctx["llm"]), connector=connector,
@@ -245,7 +252,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"stage 2 on {'the spatial questions' if result['train_on'] == 'spatial' else 'every question'}), "
         f"{s['n_test']} spatial test questions on {s['test_patients']} held-out patients. Sizes: "
         f"`{json.dumps(result['sizes'])}`. Every reader is the VQA recipe (MLP connector with pooled tokens, "
-        "ranked single-choice answers) changing one thing; see the benchmark's docstring.",
+        "ranked single-choice answers) changing one thing; see the benchmark's docstring. Spatial training "
+        "questions by the training slides' extra ROI partitions: "
+        + ", ".join(f"{k}: {n}" for k, n in result["data"].get("n_train_spatial_by_extra_rois", {}).items()) + ".",
         "",
         f"Blind baselines on these questions: chance {_fmt(blind['all']['chance'])}, the train split's most common "
         f"answer per template {_fmt(blind['all']['majority'])}. A reader that classifies each patch (the `tissue` "
@@ -324,6 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     data_args = argparse.Namespace(cohort=None, job=None, qa=None, seed=args.seed)
     cohort, job, qa = prepare_data(data_args, sizes, work, build=BuildConfig(**BUILD, seed=args.seed))
     spatial = spatial_subset(qa, work / "qa_spatial")
+    train = {BUILD["train_extra_k"]: spatial / "train.jsonl" if args.train_on == "spatial" else qa / "train.jsonl"}
+    for extra in sorted({READERS[name].get("train_extra_k", BUILD["train_extra_k"]) for name in wanted} - set(train)):
+        # A reader with more training ROIs has its own QA build (same cohort, split and test questions).
+        suffix = "_rois" + "-".join(map(str, extra))
+        more = argparse.Namespace(cohort=cohort, job=job, qa=work / f"qa{suffix}", seed=args.seed)
+        more_qa = prepare_data(more, sizes, work, build=BuildConfig(**{**BUILD, "train_extra_k": extra}, seed=args.seed))[2]
+        train[extra] = (spatial_subset(more_qa, work / f"qa_spatial{suffix}") / "train.jsonl" if args.train_on == "spatial"
+                        else more_qa / "train.jsonl")
     encoders = {}
     for key in sorted({READERS[name]["encoder"] for name in wanted}):
         _log(f"{key} encoder: {sizes.mae_steps} MAE + {sizes.moco_steps} MoCo steps (skipped when done)")
@@ -331,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
                                          moco_steps=sizes.moco_steps, seed=args.seed, progress=False, **ENCODERS[key])
     warm = run_stage_once(dict(stage="warmup", records=str(qa / "train.jsonl"), out=str(work / "warmup"),
                                train=_train(args.seed, 16, sizes.warmup_epochs, weight_decay=0.01)))
-    train = spatial / "train.jsonl" if args.train_on == "spatial" else qa / "train.jsonl"
     ctx = {"sizes": sizes, "runs": work / ("runs" if args.train_on == "all" else "runs_spatial"), "train": train,
            "spatial": spatial, "job": job, "encoders": encoders, "llm": work / "warmup"}
     runs = []
@@ -340,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": asdict(sizes),
         "build": {k: list(v) if isinstance(v, tuple) else v for k, v in BUILD.items()},
         "train_on": args.train_on,
-        "data": {"cohort": str(cohort), "n_train": len(read_records(train)),
-                 "n_train_spatial": sum(r.category == "spatial" for r in read_records(train))},
+        "data": {"cohort": str(cohort), "n_train": len(read_records(train[BUILD["train_extra_k"]])),
+                 "n_train_spatial": sum(r.category == "spatial" for r in read_records(train[BUILD["train_extra_k"]])),
+                 "n_train_spatial_by_extra_rois": {
+                     ",".join(map(str, extra)): sum(r.category == "spatial" for r in read_records(path))
+                     for extra, path in train.items()}},
         "blind": blind_baselines(spatial),
         "probe": probe_features(job, spatial, cohort),
         "layout": layout_probes(job, spatial, cohort),
