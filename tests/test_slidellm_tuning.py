@@ -412,3 +412,13 @@ def test_sequence_lengths_are_the_lengths_the_llm_sees(world: dict[str, Path], t
         assert len(set(seen)) > 1  # whole-slide and region questions read different numbers of tokens
     off = prepare_stage(stage_config(world, "stage2", tmp_path / "off", train=tiny_train(max_steps=1, group_by_length=False)))
     assert off.lengths is None
+
+
+def test_a_connector_with_positions_learns_them_and_keeps_them(world: dict[str, Path], tmp_path: Path) -> None:
+    connector = {"kind": "mlp", "dropout": 0.0, "positions": True}
+    prepared = prepare_stage(stage_config(world, "stage1", tmp_path / "s1", train=tiny_train(max_steps=2), connector=connector))
+    prepared.run()
+    weight = prepared.module.vlm.connector.position.proj.weight
+    assert weight.abs().sum() > 0  # moved from its zero start: the places reach the loss
+    loaded = load_vlm(tmp_path / "s1").model.connector
+    assert loaded.config.positions and torch.equal(loaded.position.proj.weight, weight)
