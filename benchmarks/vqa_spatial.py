@@ -14,22 +14,27 @@ single-choice answers) trained on the same records, changing one thing:
     topo          the topo-pack encoder (3x3 packs, sparse mask, 2-D sin-cos positions)
     dense         the same encoder pretrained and used with dense attention
     no_positions  the topo-pack encoder without its 2-D positions
+    no_encoder    no slide encoder: the connector reads the raw patch features under the box
+                  (in grid order) and their mean, nothing the encoder computed
+    qformer       the paper's connector, a 32-query Q-Former, instead of the MLP (from scratch:
+                  BLIP-2's representation stage is left out, as in ``vqa_ablations.py``'s ``full``)
     positions     the connector adds each summary token's and patch's place in the tissue in view
                   (``ConnectorConfig.positions``): the LLM's own positions are 1-D
     more_rois     more training data: each training slide partitioned again into 16 and 24 ROIs
-                  besides 11 (the QA build's ``train_extra_k``), about 3.6x the ROI spatial
+                  besides 11 (the QA build's ``train_extra_k``), 2.7x the ROI spatial
                   questions; the test questions are the same
     positions_more_rois  both
-    no_encoder    no slide encoder: the connector reads the raw patch features under the box
-                  (in grid order) and their mean, nothing the encoder computed
+
+Not in the default set (``--readers NAME`` runs one):
+
     topo_tuned    the topo-pack encoder fine-tuned in stage 2 with the connector and LoRA (the
-                  others keep the pretrained encoder frozen, as the recipe does)
-    qformer       the paper's connector, a 32-query Q-Former, instead of the MLP (from scratch:
-                  BLIP-2's representation stage is left out, as in ``vqa_ablations.py``'s ``full``)
-    qformer_500   the Q-Former with 500 queries (the paper's comparison of query counts); not in
-                  the default set: on one CPU core its stage-1 step takes 8.1 s against 0.75 s
-                  with 32 queries (500 visual rows in every LLM sequence), about 2 h a seed.
-                  Run it with ``--readers qformer_500`` where a GPU is at hand
+                  others keep the pretrained encoder frozen, as the recipe does). Its stage 2
+                  took 35 CPU-minutes a seed against 5-8, and changed nothing: 0.472 ± 0.042
+                  against topo's 0.474 ± 0.018 (``docs/results-history.md``)
+    qformer_500   the Q-Former with 500 queries (the paper's comparison of query counts): on
+                  one CPU core its stage-1 step takes 8.1 s against 0.75 s with 32 queries
+                  (500 visual rows in every LLM sequence), about 2 h a seed. Run it where a
+                  GPU is at hand
 
 Pipeline (each step is skipped when its output exists, so a rerun continues)::
 
@@ -51,11 +56,12 @@ patients (each patient's spatial accuracy, averaged over the seeds, is one pair)
 its ``layout`` probes among them (is the answer readable from the patch features laid out
 on the slide?).
 
-To use both cores, run the readers in processes side by side on one work folder
-(``--readers topo,dense --name _part_a``, ``--readers no_positions,no_encoder --name
-_part_b``, ``--readers topo_tuned --name _part_c``, one thread each), then the command
-above, which reuses every finished stage and answer. Delete the ``_part`` result files
-afterwards. A run is about 9 CPU-minutes (stage 1 3, stage 2 5; ``topo_tuned`` more).
+To use both cores, run the readers in processes side by side on one work folder, once
+its shared steps (cohort to warm-up) are done (``--readers topo,dense,no_positions,no_encoder,qformer
+--name _part_a`` and ``--readers positions,more_rois,positions_more_rois --name _part_b``,
+one thread each), then the command above, which reuses every finished stage and answer.
+Delete the ``_part`` result files afterwards. A run is about 5 CPU-minutes (stage 1 2,
+stage 2 3); with more ROIs about 11.
 """
 
 from __future__ import annotations
@@ -81,16 +87,16 @@ READERS: dict[str, dict[str, Any]] = {
     "topo": {"encoder": "topo"},
     "dense": {"encoder": "dense"},
     "no_positions": {"encoder": "topo_no_positions"},
-    "positions": {"encoder": "topo", "connector": {"positions": True}},
-    "more_rois": {"encoder": "topo", "train_extra_k": (11, 16, 24)},
-    "positions_more_rois": {"encoder": "topo", "connector": {"positions": True}, "train_extra_k": (11, 16, 24)},
     "no_encoder": {"encoder": "topo", "connector": {"use_summaries": False}},
     "topo_tuned": {"encoder": "topo", "train_encoder": True},
     "qformer": {"encoder": "topo", "connector": {"kind": "qformer", "pooled_tokens": False}},
     "qformer_500": {"encoder": "topo", "connector": {"kind": "qformer", "pooled_tokens": False, "num_queries": 500}},
+    "positions": {"encoder": "topo", "connector": {"positions": True}},
+    "more_rois": {"encoder": "topo", "train_extra_k": (11, 16, 24)},
+    "positions_more_rois": {"encoder": "topo", "connector": {"positions": True}, "train_extra_k": (11, 16, 24)},
 }
-#: The readers of the canonical result (``qformer_500`` costs hours of CPU a seed; see the docstring).
-DEFAULT_READERS = tuple(name for name in READERS if name != "qformer_500")
+#: The readers of the canonical result (the others cost many times a reader's CPU; see the docstring).
+DEFAULT_READERS = tuple(name for name in READERS if name not in ("topo_tuned", "qformer_500"))
 #: How each encoder is pretrained (``pretrain_encoder`` keywords).
 ENCODERS: dict[str, dict[str, Any]] = {
     "topo": {"mask_variant": "topo"},
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/slidevl_vqa_spatial", help="folder for every intermediate")
     parser.add_argument("--readers", default=",".join(DEFAULT_READERS),
-                        help="comma-separated subset of " + ", ".join(READERS) + " (default: all but qformer_500)")
+                        help="comma-separated subset of " + ", ".join(READERS) + " (default: all but topo_tuned and qformer_500)")
     parser.add_argument("--seeds", default="0,1,2", help="tuning seeds (same data, encoders and warm-up)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the cohort, the QA split and the encoders")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
