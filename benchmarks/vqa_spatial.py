@@ -146,8 +146,8 @@ def run_reader(name: str, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
         train=_train(seed, sizes.batch_size, sizes.stage1_epochs), **common))}
     summaries["stage2"] = run_stage_once(dict(
         stage="stage2", out=str(folder / "stage2"), init=str(folder / "stage1"),
-        train_encoder=spec.get("train_encoder", False), train=_train(seed, sizes.batch_size, spec.get("stage2_epochs", sizes.stage2_epochs)),
-        **common))
+        train_encoder=spec.get("train_encoder", False),
+        train=_train(seed, sizes.batch_size, spec.get("stage2_epochs", sizes.stage2_epochs)), **common))
     test = ctx["spatial"] / "test.jsonl"
     scored = {}
     for stem, shuffled in (("answers", False), ("answers_other_slide", True)):
@@ -342,14 +342,20 @@ def main(argv: list[str] | None = None) -> int:
     data_args = argparse.Namespace(cohort=None, job=None, qa=None, seed=args.seed)
     cohort, job, qa = prepare_data(data_args, sizes, work, build=BuildConfig(**BUILD, seed=args.seed))
     spatial = spatial_subset(qa, work / "qa_spatial")
-    train = {BUILD["train_extra_k"]: spatial / "train.jsonl" if args.train_on == "spatial" else qa / "train.jsonl"}
+
+    def training_records(build_qa: Path, suffix: str = "") -> Path:
+        """The records the tuning stages train on, from one QA build."""
+        if args.train_on == "all":
+            return build_qa / "train.jsonl"
+        return spatial_subset(build_qa, work / f"qa_spatial{suffix}") / "train.jsonl"
+
+    train = {BUILD["train_extra_k"]: training_records(qa)}
     for extra in sorted({READERS[name].get("train_extra_k", BUILD["train_extra_k"]) for name in wanted} - set(train)):
         # A reader with more training ROIs has its own QA build (same cohort, split and test questions).
         suffix = "_rois" + "-".join(map(str, extra))
         more = argparse.Namespace(cohort=cohort, job=job, qa=work / f"qa{suffix}", seed=args.seed)
         more_qa = prepare_data(more, sizes, work, build=BuildConfig(**{**BUILD, "train_extra_k": extra}, seed=args.seed))[2]
-        train[extra] = (spatial_subset(more_qa, work / f"qa_spatial{suffix}") / "train.jsonl" if args.train_on == "spatial"
-                        else more_qa / "train.jsonl")
+        train[extra] = training_records(more_qa, suffix)
     encoders = {}
     for key in sorted({READERS[name]["encoder"] for name in wanted}):
         _log(f"{key} encoder: {sizes.mae_steps} MAE + {sizes.moco_steps} MoCo steps (skipped when done)")
@@ -360,16 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     ctx = {"sizes": sizes, "runs": work / ("runs" if args.train_on == "all" else "runs_spatial"), "train": train,
            "spatial": spatial, "job": job, "encoders": encoders, "llm": work / "warmup"}
     runs = []
+    train_records = {extra: read_records(path) for extra, path in train.items()}
+    n_spatial = {extra: sum(r.category == "spatial" for r in records) for extra, records in train_records.items()}
     result: dict[str, Any] = {
         "benchmark": "vqa_spatial",
         "sizes": asdict(sizes),
         "build": {k: list(v) if isinstance(v, tuple) else v for k, v in BUILD.items()},
         "train_on": args.train_on,
-        "data": {"cohort": str(cohort), "n_train": len(read_records(train[BUILD["train_extra_k"]])),
-                 "n_train_spatial": sum(r.category == "spatial" for r in read_records(train[BUILD["train_extra_k"]])),
-                 "n_train_spatial_by_extra_rois": {
-                     ",".join(map(str, extra)): sum(r.category == "spatial" for r in read_records(path))
-                     for extra, path in train.items()}},
+        "data": {"cohort": str(cohort), "n_train": len(train_records[BUILD["train_extra_k"]]),
+                 "n_train_spatial": n_spatial[BUILD["train_extra_k"]],
+                 "n_train_spatial_by_extra_rois": {",".join(map(str, extra)): n for extra, n in n_spatial.items()}},
         "blind": blind_baselines(spatial),
         "probe": probe_features(job, spatial, cohort),
         "layout": layout_probes(job, spatial, cohort),

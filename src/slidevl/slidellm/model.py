@@ -161,7 +161,7 @@ class VisualTokens:
         More than ``limit`` patches are thinned to ``limit`` evenly spaced ones in grid
         order, so a whole-slide question still sees every part of the slide.
         """
-        return self.patch_features[self._patch_rows(bbox, limit)].float()  # type: ignore[index]
+        return self.patch_features[_thinned(self._patch_rows(bbox), limit)].float()  # type: ignore[index]
 
     def positions_in(
         self, bbox: Sequence[int] | None, limit: int | None = None, *, use_global: bool = True
@@ -176,8 +176,8 @@ class VisualTokens:
         its centre clipped to the frame.
         """
         packs = self.pack_boxes if bbox is None else self.pack_boxes[self.packs_in(bbox)]
-        patches = None if self.patch_boxes is None else self.patch_boxes[self._patch_rows(bbox, None)]
-        frame = (packs if patches is None else patches).to(torch.float64)
+        under = None if self.patch_boxes is None else self._patch_rows(bbox)
+        frame = (packs if under is None else self.patch_boxes[under]).to(torch.float64)  # type: ignore[index]
         lo, hi = frame[:, :2].amin(0), frame[:, 2:].amax(0)
         if bbox is not None:
             lo = lo.clamp(min=torch.tensor([float(bbox[0]), float(bbox[1])], dtype=torch.float64, device=lo.device))
@@ -191,11 +191,11 @@ class VisualTokens:
         token_xy = place(packs)
         if use_global:
             token_xy = torch.cat([token_xy, token_xy.new_full((1, 2), float("nan"))])
-        patch_xy = None if self.patch_boxes is None else place(self.patch_boxes[self._patch_rows(bbox, limit)])
+        patch_xy = None if under is None else place(self.patch_boxes[_thinned(under, limit)])  # type: ignore[index]
         return token_xy, patch_xy
 
-    def _patch_rows(self, bbox: Sequence[int] | None, limit: int | None) -> Tensor:
-        """Indices of the patches under ``bbox`` (all when None), thinned evenly to at most ``limit``."""
+    def _patch_rows(self, bbox: Sequence[int] | None) -> Tensor:
+        """Indices of the patches under ``bbox`` (all when None)."""
         if self.patch_features is None or self.patch_boxes is None:
             raise SlideVLMError(
                 f"slide {self.slide_id!r}: these visual tokens carry no patch features; encode the slide again "
@@ -204,8 +204,6 @@ class VisualTokens:
         rows = torch.arange(self.patch_boxes.shape[0], device=self.patch_boxes.device)
         if bbox is not None:
             rows = boxes_intersecting(self.patch_boxes, bbox)
-        if limit is not None and rows.shape[0] > limit:
-            rows = rows[torch.linspace(0, rows.shape[0] - 1, limit, device=rows.device).round().long()]
         return rows
 
     def tensors(self) -> dict[str, Tensor]:
@@ -293,6 +291,13 @@ def pad_visual(tokens: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return out, valid
 
 
+def _thinned(rows: Tensor, limit: int | None) -> Tensor:
+    """At most ``limit`` of ``rows``, evenly spaced in their order (all when ``limit`` is None)."""
+    if limit is None or rows.shape[0] <= limit:
+        return rows
+    return rows[torch.linspace(0, rows.shape[0] - 1, limit, device=rows.device).round().long()]
+
+
 def connector_input(config: ConnectorConfig, visual: VisualTokens, bbox: Sequence[int] | None = None) -> VisualInput:
     """What a connector with ``config`` reads for a question about ``bbox`` (the whole slide when None)."""
     tokens = visual.select(bbox, use_global=config.use_global)
@@ -306,24 +311,20 @@ def connector_input(config: ConnectorConfig, visual: VisualTokens, bbox: Sequenc
 def batch_connector_inputs(config: ConnectorConfig, inputs: Sequence[VisualInput]) -> ConnectorInputs:
     """The padded batch of ``inputs``, as the connector's forward takes it."""
     padded, valid = pad_visual([x.tokens for x in inputs])
-    token_xy = _padded_positions(config, [x.token_xy for x in inputs], "token")
+    token_xy = _padded_required([x.token_xy for x in inputs], "token positions")[0] if config.positions else None
     if not config.reads_patches:
         return ConnectorInputs(padded, valid, token_xy=token_xy)
-    missing = [i for i, x in enumerate(inputs) if x.patches is None]
-    if missing:
-        raise SlideVLMError(f"the connector reads patch features, but sample(s) {missing} have none")
-    patches, patch_valid = pad_visual([x.patches for x in inputs])  # type: ignore[misc]
-    patch_xy = _padded_positions(config, [x.patch_xy for x in inputs], "patch")
+    patches, patch_valid = _padded_required([x.patches for x in inputs], "patch features")
+    patch_xy = _padded_required([x.patch_xy for x in inputs], "patch positions")[0] if config.positions else None
     return ConnectorInputs(padded, valid, patches, patch_valid, token_xy, patch_xy)
 
 
-def _padded_positions(config: ConnectorConfig, rows: Sequence[Tensor | None], what: str) -> Tensor | None:
-    if not config.positions:
-        return None
+def _padded_required(rows: Sequence[Tensor | None], what: str) -> tuple[Tensor, Tensor]:
+    """``pad_visual`` of rows the connector reads (``what``), which every sample must have."""
     missing = [i for i, x in enumerate(rows) if x is None]
     if missing:
-        raise SlideVLMError(f"the connector reads positions, but sample(s) {missing} have no {what} positions")
-    return pad_visual(rows)[0]  # type: ignore[arg-type]
+        raise SlideVLMError(f"the connector reads {what}, but sample(s) {missing} have none")
+    return pad_visual(rows)  # type: ignore[arg-type]
 
 
 class SlideVLM(nn.Module):
